@@ -1,0 +1,33 @@
+# The two commands a newcomer runs: `make serve` and `make test`. Each creates the venv it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU by default; on a CUDA machine: `make serve CONSTRAINTS=` takes a CUDA torch from pyproject's range.
+CONSTRAINTS ?= constraints-cpu.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+
+.PHONY: setup setup-test serve test lint clean
+
+$(VENV)/.runtime: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(PIP_C) -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
+	$(PY) -m pip install -q $(PIP_C) -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.runtime
+setup-test: $(VENV)/.test
+
+serve: setup
+	$(VENV)/bin/glm-serve $(ARGS)
+
+lint: setup-test
+	$(PY) -m ruff check .
+
+test: lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV)
