@@ -1,0 +1,21 @@
+"""Engine configuration: what the CLI settings hand to the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class EngineConfig:
+    model: Path
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float32 | bfloat16
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    kv_cache_tokens: int | None = None  # None: sized from kv_cache_memory_fraction
+    kv_cache_memory_fraction: float = 0.2  # of free device memory (CPU: of available RAM)
+    block_size: int = 16
+    num_speculative_tokens: int = 0
+    seed: int = 0
