@@ -1,0 +1,95 @@
+"""Multi-head Latent Attention in its absorbed (MQA) form, with DSA top-k selection.
+
+Per token only the normed latent c_kv (kv_lora_rank) and the rotated shared rope key (qk_rope_head_dim) are
+cached. Keys and values are never expanded: W_UK is folded into the query (q~_h = W_UK,h^T q_h^nope scores
+directly against c_kv) and W_UV is applied after the weighted sum of latents. The same path serves prefill,
+chunked prefill, decode and speculative verification; it is exact, not an approximation of the expanded form.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .batch import ForwardBatch
+from .config import ModelConfig
+from .indexer import Indexer
+from .layers import ColumnParallelLinear, ReplicatedLinear, RMSNorm, Rotary, RowParallelLinear
+
+# At most this many query tokens per sequence gather only their top-k latents (decode, speculative verify);
+# longer query blocks mask the dense scores instead, which costs less memory than a [Q, k] gather.
+SPARSE_GATHER_MAX_Q = 8
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads = cfg.num_attention_heads
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        self.scale = cfg.attention_scale
+        self.interleave = cfg.rope_interleave
+        bias = cfg.attention_bias
+        H, nh = cfg.hidden_size, self.n_heads
+        if cfg.q_lora_rank:
+            self.q_a_proj = ReplicatedLinear(H, cfg.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)
+            self.q_b_proj = ColumnParallelLinear(cfg.q_lora_rank, nh * cfg.qk_head_dim)
+        else:
+            self.q_proj = ColumnParallelLinear(H, nh * cfg.qk_head_dim)
+        self.kv_a_proj_with_mqa = ReplicatedLinear(H, cfg.latent_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=1e-6)
+        self.kv_b_proj = ColumnParallelLinear(cfg.kv_lora_rank, nh * (self.nope + self.v_dim))
+        self.o_proj = RowParallelLinear(nh * self.v_dim, H, bias=bias)
+        self.indexer = Indexer(cfg, layer) if cfg.use_indexer and cfg.has_own_indexer(layer) else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch,
+                prev_topk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [N, hidden] -> ([N, hidden], this layer's top-k indices for a following shared-indexer layer)."""
+        N, nh = x.shape[0], self.n_heads
+        if hasattr(self, "q_a_proj"):
+            q_lat = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(q_lat)
+        else:
+            q_lat, q = None, self.q_proj(x)
+        q_nope, q_rope = q.view(N, nh, -1).split([self.nope, self.rope], dim=-1)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        cos_t, sin_t = cos, sin
+        q_rope = Rotary.apply(q_rope, cos_t, sin_t, self.interleave)
+        k_rope = Rotary.apply(k_rope, cos_t, sin_t, self.interleave)
+
+        store = fb.cache.latent if fb.cache is not None else None
+        ctx = fb.context(store, self.layer, torch.cat([c_kv, k_rope], dim=-1))  # [B, T, kv_rank + rope]
+
+        topk, index_scores = prev_topk, None
+        if self.indexer is not None:
+            topk, index_scores = self.indexer(x, q_lat, cos, sin, fb)
+
+        w_kv = self.kv_b_proj.weight.view(nh, self.nope + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]
+        q_abs = torch.einsum("nhd,hdc->nhc", q_nope, w_uk)  # [N, nh, kv_rank]
+        qp = fb.to_padded(torch.cat([q_abs, q_rope], dim=-1)).float()  # [B, Q, nh, C]
+        ctx32 = ctx.float()
+        mask = fb.key_mask
+        if topk is not None and qp.shape[1] <= SPARSE_GATHER_MAX_Q:
+            # Read only the selected latents: O(k) per query instead of O(T).
+            B, Q, k = topk.shape
+            b = torch.arange(B, device=x.device)[:, None, None]
+            keys = ctx32[b, topk]  # [B, Q, k, C]
+            mask = mask.gather(2, topk)
+            scores = torch.einsum("bqhc,bqkc->bhqk", qp, keys) * self.scale
+            probs = torch.softmax(scores.masked_fill(~mask[:, None], float("-inf")), dim=-1)
+            o_lat = torch.einsum("bhqk,bqkc->bqhc", probs, keys[..., : self.kv_rank])
+        else:
+            if topk is not None:
+                mask = mask & torch.zeros_like(mask).scatter_(2, topk, True)
+            scores = torch.einsum("bqhc,btc->bhqt", qp, ctx32) * self.scale
+            probs = torch.softmax(scores.masked_fill(~mask[:, None], float("-inf")), dim=-1)
+            o_lat = torch.einsum("bhqt,btc->bqhc", probs, ctx32[..., : self.kv_rank])
+            if fb.collect is not None:
+                fb.collect.append({"layer": self.layer, "attn": probs, "index": index_scores, "topk": topk})
+        o = torch.einsum("bqhc,hvc->bqhv", o_lat.to(x.dtype), w_uv)  # [B, Q, nh, v_dim]
+        out = self.o_proj(fb.to_flat(o).reshape(N, nh * self.v_dim))
+        return out, topk

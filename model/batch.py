@@ -1,0 +1,143 @@
+"""The flat, ragged batch the network runs on, and the paged cache it reads and writes.
+
+The engine packs the new tokens of several sequences into one flat tensor ``[N]``. Token-wise work (projections,
+norms, MoE) runs on that flat tensor; attention needs each sequence's context, so `ForwardBatch` also holds the
+index maps, built once per step, that scatter the flat queries into a padded ``[B, Q]`` view and gather each
+sequence's cached keys into a padded ``[B, T]`` view (through its block table).
+
+Without a cache (training, or a whole-prompt forward) the context of a sequence is just its own new tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ModelConfig
+
+
+class KVCache:
+    """Paged cache: per layer, the MLA latent (kv_lora_rank + rope dim) and the DSA indexer key of every token.
+
+    Slot ``s`` of a layer lives in block ``s // block_size``; a sequence's block table maps its logical
+    positions to blocks. Layers ``num_hidden_layers ..`` are the MTP layers.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        slots = num_blocks * block_size
+        layers = range(cfg.num_cache_layers)
+        self.latent = [torch.zeros(slots, cfg.latent_dim, dtype=dtype, device=device) for _ in layers]
+        # MTP layers always score with their own indexer; shared main layers store nothing.
+        self.index = [
+            torch.zeros(slots, cfg.index_head_dim, dtype=dtype, device=device)
+            if cfg.use_indexer and (i >= cfg.num_hidden_layers or cfg.has_own_indexer(i)) else None
+            for i in layers
+        ]
+
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+        size = torch.empty((), dtype=dtype).element_size()
+        per_layer = cfg.latent_dim
+        total = 0
+        for i in range(cfg.num_cache_layers):
+            total += per_layer
+            if cfg.use_indexer and (i >= cfg.num_hidden_layers or cfg.has_own_indexer(i)):
+                total += cfg.index_head_dim
+        return total * size
+
+
+@dataclass
+class ForwardBatch:
+    """Metadata of one forward over a ragged batch of B sequences and N new tokens.
+
+    positions: [N] position of every new token; tokens of a sequence are contiguous and in order.
+    query_lens: new tokens per sequence (sums to N).
+    context_lens: per sequence, tokens in its context after this step (cached + new). Key ``t`` of a
+        sequence is the token at position ``t``; a query at position ``p`` sees keys ``t <= p``.
+    block_tables / slot_mapping / cache: the paged cache; None for a cache-free forward.
+    """
+
+    positions: torch.Tensor
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: torch.Tensor | None = None
+    slot_mapping: torch.Tensor | None = None
+    cache: KVCache | None = None
+    # Filled by __post_init__ (once per step, shared by every layer).
+    q_index: torch.Tensor = field(init=False)  # [B, Q] flat index of each padded query (0 where padding)
+    q_valid: torch.Tensor = field(init=False)  # [B, Q]
+    flat_to_padded: torch.Tensor = field(init=False)  # [N] index into the flattened [B*Q] view
+    key_slots: torch.Tensor | None = field(init=False)  # [B, T] cache slot of each context key
+    key_mask: torch.Tensor = field(init=False)  # [B, Q, T] query may attend key (causal, in-context)
+    # Set by training to collect attention / indexer distributions for the indexer's KL loss.
+    collect: list | None = None
+
+    def __post_init__(self) -> None:
+        device = self.positions.device
+        B = len(self.query_lens)
+        Q = max(self.query_lens)
+        starts = torch.tensor([0] + self.query_lens[:-1], device=device).cumsum(0)
+        qlens = torch.tensor(self.query_lens, device=device)
+        j = torch.arange(Q, device=device)
+        self.q_valid = j[None, :] < qlens[:, None]
+        self.q_index = torch.where(self.q_valid, starts[:, None] + j[None, :], 0)
+        self.flat_to_padded = (torch.arange(B, device=device)[:, None] * Q + j[None, :])[self.q_valid]
+        q_pos = self.positions[self.q_index]  # [B, Q]
+        if self.cache is None:
+            # The context is this step's tokens: key t is query t.
+            T = Q
+            k_pos = q_pos
+            k_valid = self.q_valid
+            self.key_slots = None
+        else:
+            T = max(self.context_lens)
+            bs = self.cache.block_size
+            t = torch.arange(T, device=device)
+            ctx = torch.tensor(self.context_lens, device=device)
+            k_valid = t[None, :] < ctx[:, None]
+            blocks = self.block_tables[:, torch.clamp(t // bs, max=self.block_tables.shape[1] - 1)]
+            self.key_slots = torch.where(k_valid, blocks * bs + t % bs, 0)
+            k_pos = t[None, :].expand(B, T)
+        mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :] & self.q_valid[:, :, None]
+        # Padding query rows see key 0 only, so their softmax stays finite; their outputs are discarded.
+        mask[:, :, 0] |= ~self.q_valid
+        self.key_mask = mask
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    def to_padded(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, ...] -> [B, Q, ...] (padding rows hold token 0's values; key_mask hides them)."""
+        return x[self.q_index]
+
+    def to_flat(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, Q, ...] -> [N, ...]."""
+        return x.flatten(0, 1)[self.flat_to_padded]
+
+    def context(self, store: list[torch.Tensor | None] | None, layer: int, new: torch.Tensor) -> torch.Tensor:
+        """Write this step's per-token values [N, D] into `store[layer]` and return the context [B, T, D]."""
+        if self.cache is None or store is None:
+            return self.to_padded(new)
+        buf = store[layer]
+        buf.index_copy_(0, self.slot_mapping, new.to(buf.dtype))
+        return buf[self.key_slots]
+
+    def last_token_index(self) -> torch.Tensor:
+        """Flat index of each sequence's last new token (where the next-token logits come from)."""
+        ends = torch.tensor(self.query_lens, device=self.positions.device).cumsum(0)
+        return ends - 1
+
+    @classmethod
+    def single(cls, num_tokens: int, start: int = 0, cache: KVCache | None = None, device: str | torch.device = "cpu"
+               ) -> ForwardBatch:
+        """One sequence whose cache blocks are 0, 1, 2, ... (reference generate and tests)."""
+        positions = torch.arange(start, start + num_tokens, device=device)
+        if cache is None:
+            return cls(positions, [num_tokens], [start + num_tokens])
+        table = torch.arange(cache.num_blocks, device=device)[None, :]
+        return cls(positions, [num_tokens], [start + num_tokens], table, positions.clone(), cache)

@@ -1,0 +1,58 @@
+"""DSA lightning indexer: picks, for every query, the `index_topk` past tokens the main attention may read.
+
+I(p, s) = sum_j w_j(p) * ReLU(u_j(p) . k(s) / sqrt(d)), with a LayerNorm'd key k cached per token (the only
+indexer state), few heads, and fp32 scoring. Contexts no longer than `index_topk` are dense by definition, so
+scoring is skipped there unless training asks for the scores.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batch import ForwardBatch
+from .config import ModelConfig
+from .layers import ReplicatedLinear, Rotary
+
+
+class Indexer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads = cfg.index_n_heads
+        self.head_dim = cfg.index_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.topk = cfg.index_topk
+        self.interleave = cfg.indexer_rope_interleave
+        self.wq_b = ReplicatedLinear(cfg.q_lora_rank, self.n_heads * self.head_dim)
+        self.wk = ReplicatedLinear(cfg.hidden_size, self.head_dim)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = ReplicatedLinear(cfg.hidden_size, self.n_heads)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # The rope slice comes first in the indexer (last in MLA).
+        rot, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat([Rotary.apply(rot, cos, sin, self.interleave), rest], dim=-1)
+
+    def forward(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                fb: ForwardBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Returns (top-k indices [B, Q, k] into the padded context, or None when dense; scores [B, Q, T] when
+        computed). Inputs are detached: the indexer learns only from its own KL loss."""
+        x, q_lat = x.detach(), q_lat.detach()
+        N = x.shape[0]
+        k = self._rope(self.k_norm(self.wk(x)), cos, sin)  # [N, D]
+        store = fb.cache.index if fb.cache is not None else None
+        keys = fb.context(store, self.layer, k)  # [B, T, D]
+        T = keys.shape[1]
+        if T <= self.topk and fb.collect is None:
+            return None, None
+        q = self._rope(self.wq_b(q_lat).view(N, self.n_heads, self.head_dim), cos, sin)
+        w = self.weights_proj(x).float() * self.n_heads**-0.5  # [N, H]; may be negative
+        qp, wp = fb.to_padded(q).float(), fb.to_padded(w)  # [B, Q, H, D], [B, Q, H]
+        s = F.relu(torch.einsum("bqhd,btd->bqht", qp, keys.float()) * self.head_dim**-0.5)
+        scores = torch.einsum("bqht,bqh->bqt", s, wp)
+        scores = scores.masked_fill(~fb.key_mask, float("-inf"))
+        if T <= self.topk:
+            return None, scores
+        return scores.topk(self.topk, dim=-1).indices, scores

@@ -1,0 +1,111 @@
+"""The GLM-5 decoder (`GlmMoeDsaForCausalLM`) and its MTP layer, on the flat ragged batch of `ForwardBatch`.
+
+Module names follow the Hugging Face checkpoint, so a state dict maps one to one except the experts, which are
+stacked (see loader). The MTP layer sits at ``model.layers.{num_hidden_layers}`` as in the checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import MLAttention
+from .batch import ForwardBatch
+from .config import ModelConfig
+from .layers import MLP, ReplicatedLinear, RMSNorm, Rotary
+from .moe import MoE
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAttention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch,
+                prev_topk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h, topk = self.self_attn(self.input_layernorm(x), cos, sin, fb, prev_topk)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, topk
+
+
+class SharedHead(nn.Module):
+    def __init__(self, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.norm = RMSNorm(hidden, eps)
+
+
+class MTPLayer(DecoderLayer):
+    """Predicts token i+2 from the main model's (final-normed) hidden state at i and the embedding of token i+1.
+
+    z = eh_proj([enorm(emb(t_{i+1})), hnorm(h_i)]); z' = decoder block(z); out = shared_head.norm(z').
+    `out` feeds the shared LM head, and is also the hidden state carried into the next recursive draft step
+    (GLM's convention: every step sees a normed state, like the main model's output it was trained on).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__(cfg, layer)
+        H = cfg.hidden_size
+        self.enorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.eh_proj = ReplicatedLinear(2 * H, H)
+        self.shared_head = SharedHead(H, cfg.rms_norm_eps)
+
+    def forward_mtp(self, emb: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    fb: ForwardBatch) -> torch.Tensor:
+        z = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(hidden)], dim=-1))
+        z, _ = super().forward(z, cos, sin, fb)
+        return self.shared_head.norm(z)
+
+
+class GlmModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        L = cfg.num_hidden_layers
+        self.layers = nn.ModuleList(
+            [DecoderLayer(cfg, i) for i in range(L)] + [MTPLayer(cfg, L + i) for i in range(cfg.num_mtp_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class GlmMoeDsaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = GlmModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.qk_rope_head_dim, cfg.rope_theta)
+
+    @property
+    def has_mtp(self) -> bool:
+        return self.config.num_mtp_layers > 0
+
+    def forward(self, input_ids: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        """input_ids [N] -> final-normed hidden states [N, hidden] (apply `logits` to the rows you need)."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(fb.positions)
+        topk = None
+        for layer in self.model.layers[: self.config.num_hidden_layers]:
+            x, topk = layer(x, cos, sin, fb, topk)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor, fb: ForwardBatch, depth: int = 0) -> torch.Tensor:
+        """One MTP step. next_ids [N]: the token after each position; hidden [N, H]: the main model's normed
+        hidden state at that position (or the previous MTP step's output). Runs at the positions in `fb`
+        (those of `hidden`), in the MTP layer's own cache. Returns the normed state for `logits`."""
+        layer: MTPLayer = self.model.layers[self.config.num_hidden_layers + depth % self.config.num_mtp_layers]
+        embed = getattr(layer, "embed_tokens", self.model.embed_tokens)
+        cos, sin = self.rotary.cos_sin(fb.positions)
+        return layer.forward_mtp(embed(next_ids), hidden, cos, sin, fb)
+
+    def mtp_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        layer = self.model.layers[self.config.num_hidden_layers + depth % self.config.num_mtp_layers]
+        head = getattr(layer.shared_head, "head", self.lm_head)
+        return head(hidden).float()
