@@ -34,6 +34,7 @@ class RequestOutput:
     num_generated_tokens: int = 0  # cumulative over all choices (usage.completion_tokens)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # sent once, with the first output
     error: str | None = None  # set when an engine fault failed this request
+    queue_time_s: float | None = None  # set on the first output: arrival -> first scheduled
 
 
 @dataclass
