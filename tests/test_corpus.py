@@ -1,0 +1,136 @@
+"""Corpus builder: deterministic, split by file, chat pairs well formed, unwanted sources left out."""
+
+from __future__ import annotations
+
+import ast
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from model.build_tokenizer import ENDOFTEXT
+from model.corpus import MAX_PAIR_CODE_CHARS, build, iter_sources, split_of
+
+FUNC = '''\
+def {name}(a, b=2):
+    """Combine a and b into something useful for {name}."""
+    total = a + b
+    return total * {k}
+'''
+CLASS = '''\
+class Box{k}:
+    """A box."""
+
+    def __init__(self, item):
+        self.item = item
+        self.opened = {k}
+
+    def open_box(self) -> object:
+        self.opened = True
+        return self.item, {k}
+
+    def tiny(self): return 1
+'''
+
+
+def fake_stdlib(root: Path, n_files: int = 40) -> Path:
+    for i in range(n_files):
+        sub = root / ("pkg" if i % 3 == 0 else "") / f"mod{i}.py"
+        sub.parent.mkdir(parents=True, exist_ok=True)
+        sub.write_text(FUNC.format(name=f"f{i}", k=i) + "\n\n" + CLASS.format(k=i))
+    for skipped in ("test/test_x.py", "site-packages/thirdparty/m.py", "idlelib/shell.py", "pkg/tests/t.py",
+                    "encodings/cp999.py", "__pycache__/x.py"):
+        (root / skipped).parent.mkdir(parents=True, exist_ok=True)
+        (root / skipped).write_text(FUNC.format(name="leaked", k=0))
+    (root / "dup.py").write_text(FUNC.format(name="f1", k=1))  # the same function as mod1.py
+    (root / "py2.py").write_text("print 'python 2'\n")
+    (root / "special.py").write_text("X = '<|user|>'\n")
+    (root / "long.py").write_text("def long_one():\n" + "    x = 1\n" * (MAX_PAIR_CODE_CHARS // 8))
+    (root / "empty.py").write_text("")
+    (root / "LICENSE.txt").write_text("PSF LICENSE AGREEMENT")
+    return root
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = fake_stdlib(tmp_path_factory.mktemp("stdlib"))
+    out = tmp_path_factory.mktemp("data")
+    return out, build(root, out, heldout_permille=250)
+
+
+def test_deterministic(built: tuple[Path, dict], tmp_path: Path) -> None:
+    out, stats = built
+    again = build(Path(stats["stdlib"]), tmp_path, heldout_permille=250)
+    for name in ("train.jsonl", "heldout.jsonl"):
+        assert (out / name).read_bytes() == (tmp_path / name).read_bytes()
+    assert again["splits"] == stats["splits"]
+    assert (tmp_path / "LICENSE-PSF.txt").read_text() == "PSF LICENSE AGREEMENT"
+
+
+def test_split_by_file_and_disjoint(built: tuple[Path, dict]) -> None:
+    out, stats = built
+    files = {s: {d["source"].split(":")[0] for d in read(out / f"{s}.jsonl")} for s in ("train", "heldout")}
+    assert files["train"] and files["heldout"] and not files["train"] & files["heldout"]
+    for split, paths in files.items():
+        assert all(split_of(p, 250) == split for p in paths)
+    for split in ("train", "heldout"):
+        docs = read(out / f"{split}.jsonl")
+        for kind in ("code", "chat"):
+            mine = [d for d in docs if d["kind"] == kind]
+            assert stats["splits"][split][kind]["docs"] == len(mine)
+            assert stats["splits"][split][kind]["bytes"] == sum(len(d["text"].encode()) for d in mine)
+    assert split_of("json/decoder.py") == "train" and split_of("locale.py") == "heldout"  # pinned: keep held-out stable
+
+
+def test_sources_left_out(built: tuple[Path, dict]) -> None:
+    out, stats = built
+    docs = read(out / "train.jsonl") + read(out / "heldout.jsonl")
+    sources = {d["source"].split(":")[0] for d in docs}
+    assert not any("leaked" in d["text"] for d in docs)
+    assert not sources & {"py2.py", "special.py", "empty.py"}
+    assert stats["files_skipped"] == {"syntax_error": 1, "special_token_text": 1, "empty": 1}
+    assert stats["files_kept"] == 42  # 40 modules + dup.py + long.py
+
+
+def test_chat_pairs_well_formed(built: tuple[Path, dict]) -> None:
+    out, _ = built
+    chats = [d for s in ("train", "heldout") for d in read(out / f"{s}.jsonl") if d["kind"] == "chat"]
+    names = set()
+    for d in chats:
+        text, n = d["text"], d["prompt_chars"]
+        prompt, answer = text[:n], text[n:]
+        assert prompt.startswith("[gMASK]<sop>") and prompt.endswith("<|assistant|>\n")
+        assert "<|user|>\n" in prompt and prompt.count("<|assistant|>") == 1
+        assert answer.startswith("```python\n") and answer.endswith(f"\n```{ENDOFTEXT}")
+        code = answer[len("```python\n"):-len(f"\n```{ENDOFTEXT}")]
+        fn = ast.parse(code).body[0]
+        qualname = d["source"].split(":")[1]
+        assert isinstance(fn, ast.FunctionDef) and fn.name == qualname.split(".")[-1]
+        assert f"`{fn.name}" in prompt  # the request names what it asks for
+        names.add(qualname)
+    # 40 functions (dup.py's copy is dropped), 2 methods per class; one-liners and over-long functions skipped
+    assert len(chats) == 40 * 3
+    assert "Box3.open_box" in names and "Box3.tiny" not in names and "long_one" not in names
+    docstring_requests = [d for d in chats if "Combine a and b" in d["text"][:d["prompt_chars"]]]
+    assert len(docstring_requests) == 40
+    assert any("<|system|>\n" in d["text"] for d in chats) and any("<|system|>" not in d["text"] for d in chats)
+
+
+def test_code_docs_are_the_files(built: tuple[Path, dict]) -> None:
+    out, stats = built
+    root = Path(stats["stdlib"])
+    for d in read(out / "heldout.jsonl"):
+        if d["kind"] == "code":
+            assert d["text"] == f"[gMASK]<sop>{(root / d['source']).read_text()}{ENDOFTEXT}"
+
+
+def test_real_stdlib_walk_skips_tests_and_third_party() -> None:
+    paths = [p for p, _ in iter_sources(Path(sysconfig.get_paths()["stdlib"]))]
+    assert "json/decoder.py" in paths and "asyncio/tasks.py" in paths and paths == sorted(paths)
+    assert not [p for p in paths if p.split("/")[0] in {"test", "site-packages", "idlelib", "tkinter"}]
+    assert not [p for p in paths if "/tests/" in p or "/test/" in p]
