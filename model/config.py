@@ -130,16 +130,17 @@ class ModelConfig:
 
         archs = d.get("architectures") or []
         model_type = d.get("model_type")
-        if not isinstance(archs, list) or not any(a in SUPPORTED for a in archs):
-            if model_type not in SUPPORTED.values():
-                raise ConfigError(
-                    f"{source}: field 'architectures' is {archs!r} (model_type {model_type!r}); "
-                    f"glm-serve supports {sorted(SUPPORTED)}"
-                )
+        known_arch = isinstance(archs, list) and any(a in SUPPORTED for a in archs)
+        if not known_arch and model_type not in SUPPORTED.values():
+            raise ConfigError(
+                f"{source}: field 'architectures' is {archs!r} (model_type {model_type!r}); "
+                f"glm-serve supports {sorted(SUPPORTED)}"
+            )
         if model_type is None:
             model_type = next(SUPPORTED[a] for a in archs if a in SUPPORTED)
         if model_type not in SUPPORTED.values():
-            raise ConfigError(f"{source}: field 'model_type' is {model_type!r}; expected one of {sorted(SUPPORTED.values())}")
+            expected = sorted(SUPPORTED.values())
+            raise ConfigError(f"{source}: field 'model_type' is {model_type!r}; expected one of {expected}")
 
         rope = d.get("rope_parameters") or {}
         rope_scaling = d.get("rope_scaling")

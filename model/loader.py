@@ -102,7 +102,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     if problems:
         raise CheckpointError(f"{path}: checkpoint does not match config.json:\n  " + "\n  ".join(problems))
     # One conversion; the router's selection bias stays fp32 (it only ranks experts).
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         p.data = p.data.to(dtype)
     return model.eval()
 
