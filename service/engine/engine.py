@@ -1,0 +1,230 @@
+"""The synchronous engine: requests in, one step at a time, delta outputs out (nano-vllm's LLMEngine shape).
+
+step() = schedule -> run the model -> postprocess (append tokens, detokenize, check stops, fork n>1 choices,
+free finished sequences) -> one RequestOutput per request that has news. It is not thread-safe: the async
+engine calls every method from its one loop thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig
+from model.loader import load_model
+from model.network import GlmMoeDsaForCausalLM
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .model_runner import ModelRunner, StepResult, num_cache_blocks, resolve_device_dtype
+from .outputs import CompletionOutput, EngineStats, RequestOutput
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerOutput
+from .sequence import Sequence, SequenceGroup, SequenceStatus
+
+log = logging.getLogger("glm_serve.engine")
+
+
+class LLMEngine:
+    def __init__(self, model: GlmMoeDsaForCausalLM, config: EngineConfig, tokenizer=None) -> None:
+        self.config = config
+        self.model = model
+        self.model_config: ModelConfig = model.config
+        self.tokenizer = tokenizer
+        device, dtype = resolve_device_dtype(config)
+        cfg = self.model_config
+        max_len = config.max_model_len or cfg.max_position_embeddings
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings "
+                             f"{cfg.max_position_embeddings}")
+        num_blocks = num_cache_blocks(config, model, max_len, dtype, device)
+        capacity = num_blocks * config.block_size
+        if capacity < max_len:  # one sequence must always fit, or preemption could never make room for it
+            log.warning("kv cache holds %d tokens: max_model_len lowered from %d", capacity, max_len)
+            max_len = capacity
+        self.max_model_len = max_len
+        generator = torch.Generator(device).manual_seed(config.seed)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, device, dtype, generator)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, SequenceGroup] = {}
+        self.eos_token_ids = set(cfg.eos_token_id) | set(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.fault_injector: Callable[[SchedulerOutput], None] | None = None  # tests: raise inside a step
+        self.dsa_tokens_read = 0
+        self.dsa_tokens_cached = 0
+        log.info("engine: %s %s, %d cache blocks x %d tokens, max_model_len %d", device, dtype, num_blocks,
+                 config.block_size, max_len)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
+        """Load the checkpoint (and its tokenizer, when it has a tokenizer.json) named by `config.model`."""
+        device, dtype = resolve_device_dtype(config)
+        model = load_model(config.model, dtype, device)
+        tokenizer = None
+        if (Path(config.model) / "tokenizer.json").is_file():
+            from model.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_dir(config.model)
+        return cls(model, config, tokenizer)
+
+    # -- requests ------------------------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError for a request the engine cannot serve. Reads only fixed settings: any thread may call it."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        V = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < V for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {V})")
+        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"the maximum model length of {self.max_model_len} tokens")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({self.config.max_num_seqs})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this checkpoint has none")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate(prompt_token_ids, params)
+        group = SequenceGroup(request_id, list(prompt_token_ids), params, arrival_time or time.monotonic())
+        for i in range(params.n):
+            generator = None
+            if params.seed is not None:  # choice i of a seeded request draws from seed + i, whatever the batch
+                generator = torch.Generator(self.runner.device).manual_seed(params.seed + i)
+            detok = IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids, params) if self.tokenizer else None
+            seq = Sequence(group, i, generator, detok)
+            if i > 0:
+                seq.status = SequenceStatus.FORKING
+            group.seqs.append(seq)
+        self.requests[request_id] = group
+        self.scheduler.add(group.seqs[0])
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; its final output (finish_reason "abort") comes with the next
+        step. Returns False for an unknown or finished request."""
+        group = self.requests.get(request_id)
+        if group is None:
+            return False
+        for seq in group.seqs:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                seq.finish("abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step ------------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        touched = {id(g): g for g in self.requests.values() if g.is_finished}  # aborted since the last step
+        sched = SchedulerOutput()
+        try:
+            sched = self.scheduler.schedule()
+            now = time.monotonic()
+            for seq, _ in sched.scheduled:
+                touched[id(seq.group)] = seq.group
+                if seq.group.first_scheduled_time is None:
+                    seq.group.first_scheduled_time = now
+            if self.fault_injector is not None:
+                self.fault_injector(sched)
+            if not sched.is_empty:
+                self._postprocess(sched, self.runner.execute(sched.scheduled))
+        except Exception as e:  # fail this step's requests, keep serving the rest
+            log.exception("engine step failed")
+            # The step's requests; all of them when scheduling itself broke (its state is then unknown).
+            failed = {id(s.group): s.group for s, _ in sched.scheduled} or {id(g): g for g in self.requests.values()}
+            for group in failed.values():
+                for seq in group.seqs:
+                    self.scheduler.remove(seq)
+                    if not seq.finish_reported:
+                        seq.finish("error")
+            touched.update(failed)
+            return [self._output(g, error=f"{type(e).__name__}: {e}") for g in touched.values()]
+        return [out for g in touched.values() if (out := self._output(g)) is not None]
+
+    def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> None:
+        topk = self.model_config.index_topk if self.model_config.use_indexer else None
+        for seq, n in sched.scheduled:
+            seq.num_computed_tokens += n
+            if topk is not None and n == 1 and seq.num_computed_tokens == seq.num_tokens:  # a decode query
+                self.dsa_tokens_read += min(topk, seq.num_computed_tokens)
+                self.dsa_tokens_cached += seq.num_computed_tokens
+        for group, first, lps in result.prompt_logprobs:
+            if group.prompt_logprobs is None:
+                group.prompt_logprobs = [None]
+            assert len(group.prompt_logprobs) == first, "prompt logprobs out of order"
+            group.prompt_logprobs.extend(lps)
+        children: dict[int, list[Sequence]] = {}
+        for seq, _, _ in result.samples:
+            if seq.status is SequenceStatus.FORKING:
+                children.setdefault(id(seq.group), []).append(seq)
+        for kids in children.values():
+            self.runner.copy_blocks(self.scheduler.fork(kids[0].group.seqs[0], kids))
+        for seq, token, logprob in result.samples:
+            seq.output_token_ids.append(token)
+            seq.new_token_ids.append(token)
+            if logprob is not None:
+                seq.new_logprobs.append(logprob)
+            self._check_stop(seq, token)
+            if seq.is_finished:
+                self.scheduler.remove(seq)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        params = seq.params
+        stop_token = (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids
+        if seq.detokenizer is not None and (not stop_token or params.include_stop_str_in_output):
+            out = seq.detokenizer.push([token])
+            seq.new_text += out.text_delta
+            if out.stop_string is not None:
+                seq.finish("stop", out.stop_string)
+                return
+        if stop_token:
+            seq.finish("stop", token if token in params.stop_token_ids else None)
+        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish("length")
+        if seq.is_finished and seq.detokenizer is not None:
+            seq.new_text += seq.detokenizer.flush()
+
+    def _output(self, group: SequenceGroup, error: str | None = None) -> RequestOutput | None:
+        """The delta since the last output of `group`, or None when nothing changed."""
+        outputs = []
+        for seq in group.seqs:
+            ended = seq.is_finished and not seq.finish_reported
+            if not (seq.new_token_ids or seq.new_text or ended):
+                continue
+            want_lp = group.params.logprobs is not None
+            outputs.append(CompletionOutput(
+                index=seq.index, text=seq.new_text, token_ids=seq.new_token_ids,
+                logprobs=seq.new_logprobs if want_lp else None,
+                finish_reason=seq.finish_reason if ended else None, stop_reason=seq.stop_reason if ended else None))
+            seq.new_token_ids, seq.new_text, seq.new_logprobs = [], "", []
+            seq.finish_reported |= ended
+        if not outputs:
+            return None
+        out = RequestOutput(group.request_id, group.prompt_token_ids, outputs, finished=group.is_finished,
+                            num_generated_tokens=group.num_generated_tokens, error=error)
+        if not group.queue_time_reported:
+            group.queue_time_reported = True
+            start = group.first_scheduled_time or time.monotonic()
+            out.queue_time_s = max(0.0, start - group.arrival_time)
+        if group.prompt_logprobs is not None and not group.prompt_logprobs_reported:
+            group.prompt_logprobs_reported = True
+            out.prompt_logprobs = group.prompt_logprobs
+        if out.finished:
+            self.requests.pop(group.request_id, None)
+        return out
+
+    # -- metrics -------------------------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        running = sum(any(s.status is SequenceStatus.RUNNING for s in g.seqs) for g in self.requests.values())
+        return EngineStats(
+            num_running=running, num_waiting=len(self.requests) - running,
+            kv_cache_usage=self.block_manager.usage, num_preemptions=self.scheduler.num_preemptions,
+            dsa_tokens_read=self.dsa_tokens_read, dsa_tokens_cached=self.dsa_tokens_cached)
