@@ -1,0 +1,314 @@
+"""Train the embedded default model: a small GLM-5 (MLA + DSA + MoE + MTP) on the Python stdlib corpus.
+
+    python -m model.corpus --out runs/data
+    python -m model.build_tokenizer --corpus runs/data --out runs/tokenizer
+    python -m model.train --data runs/data --tokenizer runs/tokenizer --out runs/train --export model/weights/glm-5-tiny-py
+
+Three stages, the DeepSeek-V3.2 recipe adapted to training from scratch:
+1. dense: next-token loss + MTP loss (predict t+2 from h_t and t+1), dense attention, indexer idle;
+2. warm-up: everything frozen but the indexer, which learns KL(attention || softmax(index scores)), dense;
+3. sparse: top-k selection on; the indexer learns its KL on the selected set, the rest the LM + MTP losses.
+The indexer's inputs are detached, so its loss never reaches the main model and the LM loss never reaches it.
+Experts are balanced without an auxiliary loss (DeepSeek-V3): the selection bias moves against the load.
+Seeded, resumable (`--resume`), a progress line, CUDA when present, bf16 autocast where it is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .batch import ForwardBatch
+from .config import ModelConfig
+from .indexer import Indexer
+from .loader import save_checkpoint
+from .moe import MoE
+from .network import GlmMoeDsaForCausalLM
+from .train_data import TokenStream
+
+
+def default_config(vocab_size: int, bos: int, eos: list[int], pad: int | None) -> dict:
+    """config.json of the shipped model: ~9M parameters, 4 layers (1 dense + 3 MoE) + 1 MTP layer."""
+    return {
+        "architectures": ["GlmMoeDsaForCausalLM"], "model_type": "glm_moe_dsa",
+        "vocab_size": vocab_size, "hidden_size": 256, "intermediate_size": 640, "moe_intermediate_size": 160,
+        "num_hidden_layers": 4, "first_k_dense_replace": 1, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
+        "routed_scaling_factor": 2.5, "norm_topk_prob": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+        "kv_lora_rank": 64, "q_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32,
+        "index_topk": 64, "index_head_dim": 32, "index_n_heads": 4, "indexer_rope_interleave": True,
+        "rope_interleave": True, "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"},
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "hidden_act": "silu", "attention_bias": False,
+        "attention_dropout": 0.0, "tie_word_embeddings": False, "initializer_range": 0.02, "use_cache": True,
+        "num_nextn_predict_layers": 1, "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad,
+    }
+
+
+@dataclass
+class TrainArgs:
+    data: str = "runs/data"
+    tokenizer: str = "runs/tokenizer"
+    out: str = "runs/train"
+    export: str | None = None
+    steps: int = 3000
+    batch: int = 16
+    seq_len: int = 256
+    lr: float = 2e-3
+    indexer_lr: float = 1e-3
+    warmup_frac: float = 0.05  # of stage-1 steps: learning-rate warm-up
+    dense_frac: float = 0.7  # stage 1 share of steps
+    indexer_warmup_frac: float = 0.05  # stage 2 share
+    mtp_weight: float = 0.3
+    bias_update: float = 1e-3  # aux-loss-free balancing step
+    seed: int = 0
+    device: str = "auto"
+    autocast: str = "auto"  # auto | bf16 | off
+    save_every: int = 200
+    resume: bool = False
+    config_json: str | None = None  # override default_config (tests use a tiny one)
+
+
+def stage_of(step: int, a: TrainArgs) -> str:
+    s1 = int(a.steps * a.dense_frac)
+    s2 = s1 + max(1, int(a.steps * a.indexer_warmup_frac))
+    return "dense" if step < s1 else "warmup" if step < s2 else "sparse"
+
+
+def init_weights(model: GlmMoeDsaForCausalLM, std: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or ".k_norm." in name:
+                p.copy_(torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p))
+            elif name.endswith("k_norm.bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
+
+
+def set_sparse(model: GlmMoeDsaForCausalLM, on: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, Indexer):
+            m.topk = model.config.index_topk if on else 1 << 30
+
+
+def indexer_kl(collected: list[dict], sparse: bool) -> torch.Tensor:
+    """KL(p || softmax(I)) per query, where p = attention summed over heads, L1-normalised (detached); in the
+    sparse stage both are restricted to the selected keys."""
+    losses = []
+    for c in collected:
+        if c["index"] is None:
+            continue
+        p = c["attn"].detach().sum(1)  # [B, Q, T]
+        scores = c["index"]
+        allowed = torch.isfinite(scores)
+        if sparse and c["topk"] is not None:
+            sel = torch.zeros_like(allowed).scatter_(2, c["topk"], True)
+            allowed = allowed & sel
+        p = p * allowed
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-9)
+        logq = torch.log_softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        kl = (p * (torch.log(p.clamp_min(1e-9)) - logq.masked_fill(~allowed, 0.0))).sum(-1)
+        losses.append(kl.mean())
+    return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
+def mtp_batch(B: int, S: int, device: torch.device) -> ForwardBatch:
+    """The MTP layer runs at positions 0..S-2 of each sequence (those of h_i)."""
+    return ForwardBatch(torch.arange(S - 1, device=device).repeat(B), [S - 1] * B, [S - 1] * B)
+
+
+def losses(model: GlmMoeDsaForCausalLM, tokens: torch.Tensor, stage: str, mtp_weight: float
+           ) -> dict[str, torch.Tensor]:
+    """tokens [B, S+1] -> LM, MTP and indexer-KL losses for one batch."""
+    B, S1 = tokens.shape
+    S = S1 - 1
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    fb = ForwardBatch(torch.arange(S, device=tokens.device).repeat(B), [S] * B, [S] * B)
+    fb.collect = [] if stage != "dense" else None
+    h = model(x.reshape(-1), fb)  # [B*S, H]
+    lm = F.cross_entropy(model.logits(h), y.reshape(-1))
+    out = {"lm": lm, "kl": indexer_kl(fb.collect or [], stage == "sparse")}
+    if model.has_mtp:
+        hh = h.view(B, S, -1)[:, :-1].reshape(-1, h.shape[-1])  # h_i for i < S-1
+        z = model.mtp(x[:, 1:].reshape(-1), hh, mtp_batch(B, S, tokens.device))
+        logits = model.mtp_logits(z).view(B, S - 1, -1)[:, :-1]  # predicts t_{i+2}; needs i+2 <= S
+        out["mtp"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 2:S].reshape(-1))
+    else:
+        out["mtp"] = torch.zeros((), device=tokens.device)
+    out["total"] = (lm + mtp_weight * out["mtp"]) if stage != "warmup" else out["kl"]
+    if stage == "sparse":
+        out["total"] = out["total"] + out["kl"]
+    return out
+
+
+@torch.no_grad()
+def indexer_recall(model: GlmMoeDsaForCausalLM, tokens: torch.Tensor) -> float:
+    """Share of the dense attention mass (summed over heads) inside the indexer's top-k, averaged over the
+    queries that have more than index_topk keys."""
+    B, S = tokens.shape
+    k = model.config.index_topk
+    set_sparse(model, False)
+    fb = ForwardBatch(torch.arange(S, device=tokens.device).repeat(B), [S] * B, [S] * B)
+    fb.collect = []
+    model(tokens.reshape(-1), fb)
+    recalls = []
+    for c in fb.collect:
+        if c["index"] is None:
+            continue
+        p = c["attn"].sum(1)
+        p = p / p.sum(-1, keepdim=True)
+        top = c["index"].topk(k, dim=-1).indices
+        recalls.append(p.gather(2, top).sum(-1)[:, k:].mean())
+    return float(torch.stack(recalls).mean())
+
+
+def balance_experts(model: GlmMoeDsaForCausalLM, step_size: float) -> None:
+    for m in model.modules():
+        if isinstance(m, MoE) and m.last_load is not None:
+            load = m.last_load.float()
+            m.gate.e_score_correction_bias += step_size * torch.sign(load.mean() - load)
+
+
+def lr_at(step: int, a: TrainArgs) -> float:
+    warm = max(1, int(a.steps * a.dense_frac * a.warmup_frac))
+    if step < warm:
+        return a.lr * (step + 1) / warm
+    return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, a.steps - warm))))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train(a: TrainArgs) -> dict:
+    torch.manual_seed(a.seed)
+    device = pick_device(a.device)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(a.tokenizer)
+    eos = sorted(tok.eos_token_ids)
+    cfg_dict = (json.loads(Path(a.config_json).read_text()) if a.config_json
+                else default_config(tok.vocab_size, tok.token_to_id("[gMASK]"), eos, tok.token_to_id("<|endoftext|>")))
+    cfg = ModelConfig.from_dict(cfg_dict, "default_config")
+    model = GlmMoeDsaForCausalLM(cfg).to(device)
+    init_weights(model, cfg.initializer_range, a.seed)
+    train_data = TokenStream.from_jsonl(Path(a.data) / "train.jsonl", tok, out / "train_tokens.pt")
+    held = TokenStream.from_jsonl(Path(a.data) / "heldout.jsonl", tok, out / "heldout_tokens.pt")
+
+    indexer_params = [p for n, p in model.named_parameters() if ".indexer." in n]
+    main_params = [p for n, p in model.named_parameters() if ".indexer." not in n]
+    opt = torch.optim.AdamW([{"params": main_params, "lr": a.lr, "weight_decay": 0.1},
+                             {"params": indexer_params, "lr": a.indexer_lr, "weight_decay": 0.0}],
+                            betas=(0.9, 0.95))
+    state_file = out / "train_state.pt"
+    start, log, report = 0, [], {}
+    if a.resume and state_file.exists():
+        st = torch.load(state_file, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        start, log, report = st["step"], st["log"], st["report"]
+    use_bf16 = a.autocast == "bf16" or (a.autocast == "auto" and device.type == "cpu")
+    eval_tokens = held.sequential(8, a.seq_len).to(device)
+    if "recall_initial" not in report:
+        report["recall_initial"] = indexer_recall(model, eval_tokens[:4])
+    t0, tokens_seen = time.perf_counter(), 0
+    for step in range(start, a.steps):
+        stage = stage_of(step, a)
+        if stage == "sparse" and "recall_after_warmup" not in report:
+            report["recall_after_warmup"] = indexer_recall(model, eval_tokens[:4])
+        set_sparse(model, stage == "sparse")
+        for p in main_params:
+            p.requires_grad_(stage != "warmup")
+        for p in indexer_params:
+            p.requires_grad_(stage != "dense")
+        frac = lr_at(step, a) / a.lr
+        opt.param_groups[0]["lr"] = a.lr * frac
+        opt.param_groups[1]["lr"] = a.indexer_lr * (1.0 if stage == "warmup" else frac)
+        model.train()
+        batch = train_data.batch(a.batch, a.seq_len + 1, a.seed, step).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            ls = losses(model, batch, stage, a.mtp_weight)
+        opt.zero_grad(set_to_none=True)
+        ls["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if stage != "warmup":
+            balance_experts(model, a.bias_update)
+        tokens_seen += batch.numel()
+        row = {"step": step + 1, "stage": stage, **{k: round(float(v.detach()), 4) for k, v in ls.items()}}
+        log.append(row)
+        rate = tokens_seen / (time.perf_counter() - t0)
+        eta = (a.steps - step - 1) * a.batch * (a.seq_len + 1) / rate
+        print(f"\r[{step + 1}/{a.steps}] {stage:6s} lm {row['lm']:.3f} mtp {row['mtp']:.3f} kl {row['kl']:.3f}"
+              f" | {rate:.0f} tok/s | eta {eta / 60:.1f} min", end="", file=sys.stderr, flush=True)
+        if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1, "log": log,
+                        "report": report}, state_file)
+    print(file=sys.stderr)
+    model.eval()
+    report["recall_final"] = indexer_recall(model, eval_tokens[:4])
+    report["heldout"] = evaluate_loss(model, eval_tokens)
+    report["train_seconds_this_run"] = round(time.perf_counter() - t0, 1)
+    report["args"] = asdict(a)
+    report["parameters"] = sum(p.numel() for p in model.parameters())
+    report["device"] = str(device)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    if a.export:
+        export(model, a.tokenizer, a.export)
+    return report
+
+
+@torch.no_grad()
+def evaluate_loss(model: GlmMoeDsaForCausalLM, tokens: torch.Tensor) -> dict[str, float]:
+    set_sparse(model, True)
+    ls = losses(model, tokens, "dense", 0.0)
+    return {"lm_loss": round(float(ls["lm"]), 4), "mtp_loss": round(float(ls["mtp"]), 4),
+            "lm_ppl": round(math.exp(float(ls["lm"])), 2)}
+
+
+def export(model: GlmMoeDsaForCausalLM, tokenizer_dir: str | Path, dest: str | Path) -> None:
+    """Hugging Face layout: bf16 safetensors, config, tokenizer files, generation config."""
+    dest = Path(dest)
+    save_checkpoint(model, dest, dtype=torch.bfloat16)
+    for f in Path(tokenizer_dir).iterdir():
+        if f.is_file() and f.name != "generation_config.json":
+            shutil.copy(f, dest / f.name)
+    cfg = model.config
+    gen = {"eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id, "bos_token_id": cfg.bos_token_id,
+           "temperature": 0.7, "top_p": 0.95, "do_sample": True}
+    (dest / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.splitlines()[0])
+    for name, default in asdict(TrainArgs()).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            ap.add_argument(flag, action="store_true")
+        else:
+            kind = type(default) if default is not None else str
+            ap.add_argument(flag, type=kind, default=default)
+    report = train(TrainArgs(**vars(ap.parse_args(argv))))
+    print(json.dumps({k: v for k, v in report.items() if k != "args"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

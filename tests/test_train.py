@@ -1,0 +1,115 @@
+"""The trainer: the indexer KL loss, the MTP target shift, the stage switch, and a smoke run that learns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.batch import ForwardBatch
+from model.config import ModelConfig
+from model.indexer import Indexer
+from model.network import GlmMoeDsaForCausalLM
+from model.train import TrainArgs, default_config, indexer_kl, init_weights, losses, set_sparse, stage_of, train
+
+TINY = {**default_config(64, 1, [0], 0), "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
+        "num_hidden_layers": 2, "kv_lora_rank": 16, "q_lora_rank": 24, "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 8, "v_head_dim": 8, "index_topk": 4, "index_head_dim": 16, "index_n_heads": 2,
+        "num_attention_heads": 2, "initializer_range": 0.1}
+
+
+def tiny_model(seed: int = 0) -> GlmMoeDsaForCausalLM:
+    model = GlmMoeDsaForCausalLM(ModelConfig.from_dict(TINY))
+    init_weights(model, 0.1, seed)
+    return model
+
+
+def test_indexer_kl_is_zero_when_distributions_agree_and_positive_otherwise():
+    p = torch.tensor([[[0.7, 0.2, 0.1]]])  # [B=1, Q=1, T=3]
+    attn = p[:, None].expand(1, 2, 1, 3) / 2  # two heads, each half the mass
+    same = {"attn": attn, "index": torch.log(p), "topk": None}
+    assert indexer_kl([same], sparse=False).item() == pytest.approx(0.0, abs=1e-6)
+    flat = {"attn": attn, "index": torch.zeros(1, 1, 3), "topk": None}
+    expected = (p * (p.log() - torch.log(torch.full_like(p, 1 / 3)))).sum()
+    assert indexer_kl([flat], sparse=False).item() == pytest.approx(expected.item(), rel=1e-5)
+    # Sparse: both distributions restricted to the selected keys {0, 1}.
+    sel = {"attn": attn, "index": torch.zeros(1, 1, 3), "topk": torch.tensor([[[0, 1]]])}
+    p2 = torch.tensor([0.7, 0.2]) / 0.9
+    expected2 = (p2 * (p2.log() - torch.log(torch.tensor(0.5)))).sum()
+    assert indexer_kl([sel], sparse=True).item() == pytest.approx(expected2.item(), rel=1e-5)
+    # Masked (future) keys carry no mass and no loss.
+    masked = {"attn": attn, "index": torch.tensor([[[0.0, 0.0, float("-inf")]]]), "topk": None}
+    assert torch.isfinite(indexer_kl([masked], sparse=False))
+
+
+def test_mtp_loss_targets_the_token_after_next():
+    """The MTP logits at position i must be scored against t_{i+2}: compare with a hand-computed loss."""
+    model = tiny_model()
+    tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    out = losses(model, tokens, "dense", 0.3)
+    B, S = 2, 8
+    x = tokens[:, :-1]
+    h = model(x.reshape(-1), ForwardBatch(torch.arange(S).repeat(B), [S] * B, [S] * B)).view(B, S, -1)
+    z = model.mtp(x[:, 1:].reshape(-1), h[:, :-1].reshape(-1, h.shape[-1]),
+                  ForwardBatch(torch.arange(S - 1).repeat(B), [S - 1] * B, [S - 1] * B))
+    logits = model.mtp_logits(z).view(B, S - 1, -1)
+    want = F.cross_entropy(logits[:, : S - 2].reshape(-1, 64), tokens[:, 2:S].reshape(-1))
+    assert out["mtp"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert out["total"].item() == pytest.approx((out["lm"] + 0.3 * out["mtp"]).item(), rel=1e-5)
+
+
+def test_stage_switch_and_which_parameters_learn():
+    a = TrainArgs(steps=100, dense_frac=0.6, indexer_warmup_frac=0.1)
+    assert [stage_of(s, a) for s in (0, 59, 60, 69, 70, 99)] == ["dense", "dense", "warmup", "warmup", "sparse",
+                                                                "sparse"]
+    model = tiny_model()
+    tokens = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(1))  # 12 > index_topk
+    for stage in ("dense", "warmup", "sparse"):
+        set_sparse(model, stage == "sparse")
+        model.zero_grad()
+        losses(model, tokens, stage, 0.3)["total"].backward()
+        idx_grad = any(p.grad is not None and p.grad.abs().sum() > 0
+                       for n, p in model.named_parameters() if ".indexer." in n)
+        main_grad = any(p.grad is not None and p.grad.abs().sum() > 0
+                        for n, p in model.named_parameters() if ".indexer." not in n)
+        assert (idx_grad, main_grad) == {"dense": (False, True), "warmup": (True, False),
+                                         "sparse": (True, True)}[stage]
+    set_sparse(model, True)
+    assert all(m.topk == TINY["index_topk"] for m in model.modules() if isinstance(m, Indexer))
+
+
+def test_smoke_training_lowers_the_loss_and_exports(tmp_path):
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from model.loader import load_model
+
+    text = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n"] * 40
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "heldout"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in text))
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=64, special_tokens=["<|endoftext|>", "[gMASK]"]))
+    tdir = tmp_path / "tok"
+    tdir.mkdir()
+    tok.save(str(tdir / "tokenizer.json"))
+    (tdir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>",
+                                                            "chat_template": "{{ messages[0]['content'] }}"}))
+    cfg = {**TINY, "vocab_size": tok.get_vocab_size()}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    args = TrainArgs(data=str(data), tokenizer=str(tdir), out=str(tmp_path / "run"), export=str(tmp_path / "exp"),
+                     steps=30, batch=4, seq_len=16, lr=3e-3, dense_frac=0.6, indexer_warmup_frac=0.2,
+                     autocast="off", config_json=str(tmp_path / "cfg.json"), save_every=10)
+    report = train(args)
+    log = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert log["heldout"]["lm_loss"] < 3.0  # ln(vocab) ~ 4.1 at the start
+    assert 0.0 <= report["recall_final"] <= 1.0
+    model = load_model(tmp_path / "exp")
+    assert model.has_mtp and (tmp_path / "exp" / "tokenizer.json").exists()
+    # Resuming a finished run changes nothing and reloads the same weights.
+    again = train(TrainArgs(**{**args.__dict__, "resume": True, "export": None}))
+    assert again["heldout"] == report["heldout"]
