@@ -2,7 +2,7 @@
 
     python -m model.corpus --out runs/data
     python -m model.build_tokenizer --corpus runs/data --out runs/tokenizer
-    python -m model.train --data runs/data --tokenizer runs/tokenizer --out runs/train --export model/weights/glm-5-tiny-py
+    python -m model.train --out runs/train --export model/weights/glm-5-tiny-py
 
 Three stages, the DeepSeek-V3.2 recipe adapted to training from scratch:
 1. dense: next-token loss + MTP loss (predict t+2 from h_t and t+1), dense attention, indexer idle;
