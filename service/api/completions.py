@@ -1,0 +1,156 @@
+"""POST /v1/completions: one engine request per prompt (string, strings, token ids, lists of token ids).
+
+Choice `index` is `prompt_index * n + choice` (OpenAI's convention for batched prompts). `echo` puts the
+prompt in front of the completion text and, with `logprobs`, the prompt tokens' logprobs in front of the
+completion's (the first prompt token has none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from service.api.body import read_json_body
+from service.api.context import ServingContext
+from service.api.errors import from_validation_error
+from service.api.generation import Collected, collect, merge
+from service.api.job import Job, new_id, run_job, usage
+from service.api.logprobs import CompletionLogprobs, TokenNamer
+from service.api.protocol import CompletionRequest
+from service.engine.outputs import RequestOutput
+
+
+@dataclass
+class _Prompt:
+    ids: list[int]
+    text: str  # for echo
+
+
+def _join(a: dict[str, list[Any]], b: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    return {k: a[k] + b[k] for k in a}
+
+
+async def create_completion(request: Request) -> Response:
+    ctx: ServingContext = request.app.state.ctx
+    data = await read_json_body(request, ctx.settings.max_request_body_bytes)
+    try:
+        req = CompletionRequest.model_validate(data)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+    ctx.check_model(req.model)
+    ctx.check_n(req.n)
+    ctx.check_token_ids(req.stop_token_ids or [], "stop_token_ids")
+    for p in req.prompts():
+        if not isinstance(p, str):
+            ctx.check_token_ids(p, "prompt")
+
+    async def body(job: Job) -> Response | AsyncIterator[dict[str, Any]]:
+        prompts = []
+        for p in req.prompts():
+            if isinstance(p, str):
+                prompts.append(_Prompt(await ctx.encode(p, req.add_special_tokens), p))
+            else:
+                text = ctx.tokenizer.decode(p, skip_special_tokens=False) if req.echo and ctx.tokenizer else ""
+                prompts.append(_Prompt(p, text))
+        max_tokens = [ctx.resolve_max_tokens(len(p.ids), req.max_tokens, chat=False) for p in prompts]
+        prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
+        response_id = new_id("cmpl")
+        job.log_prompt(response_id, req.prompt)
+        streams = []
+        for i, (p, mt) in enumerate(zip(prompts, max_tokens, strict=True)):
+            params = job.params(lambda mt=mt: req.sampling_params(mt, req.logprobs, prompt_logprobs,
+                                                                  ctx.sampling_defaults))
+            rid = response_id if len(prompts) == 1 else f"{response_id}-{i}"
+            streams.append(job.submit(rid, p.ids, params))
+        namer = TokenNamer(ctx.tokenizer, req.return_tokens_as_token_ids)
+        created = int(time.time())
+        if req.stream:
+            merged = merge(streams)
+            job.streams.append(merged)  # closed with the job, which cancels its pumps
+            first = await job.wait(anext(merged))
+            return _chunks(job, req, response_id, created, namer, prompts, first, merged)
+        results: list[Collected] = await job.wait(asyncio.gather(*(collect(s, req.n) for s in streams)))
+        choices = []
+        for p, r in zip(prompts, results, strict=True):
+            for c in r.choices:
+                lp = None
+                if req.logprobs is not None:
+                    fmt = CompletionLogprobs(namer)
+                    lp = fmt.format(c.token_ids, list(c.logprobs))
+                    if req.echo:
+                        fmt = CompletionLogprobs(namer)
+                        lp = _join(fmt.format(p.ids, list(r.prompt_logprobs or [None] * len(p.ids))),
+                                   CompletionLogprobs(namer, fmt.offset).format(c.token_ids, list(c.logprobs)))
+                choices.append({"index": len(choices), "text": (p.text if req.echo else "") + c.text,
+                                "logprobs": lp, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+        prompt_tokens = sum(len(p.ids) for p in prompts)
+        completion_tokens = sum(r.num_generated_tokens for r in results)
+        job.log_done(response_id, prompt_tokens, completion_tokens, [str(c["finish_reason"]) for c in choices])
+        return JSONResponse({"id": response_id, "object": "text_completion", "created": created,
+                             "model": ctx.model_name, "choices": choices,
+                             "usage": usage(prompt_tokens, completion_tokens)})
+
+    return await run_job(ctx, request, body)
+
+
+async def _chunks(job: Job, req: CompletionRequest, response_id: str, created: int, namer: TokenNamer,
+                  prompts: list[_Prompt], first: tuple[int, RequestOutput],
+                  merged: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[dict[str, Any]]:
+    base = {"id": response_id, "object": "text_completion", "created": created, "model": job.ctx.model_name}
+    prompt_tokens = sum(len(p.ids) for p in prompts)
+    generated = [0] * len(prompts)
+    formatters: dict[int, CompletionLogprobs] = {}
+    finished: dict[int, str] = {}
+
+    def chunk(choice: dict[str, Any]) -> dict[str, Any]:
+        out = {**base, "choices": [choice]}
+        if req.continuous_usage:
+            out["usage"] = usage(prompt_tokens, sum(generated))
+        return out
+
+    async def outputs() -> AsyncIterator[tuple[int, RequestOutput]]:
+        yield first
+        async for item in merged:
+            yield item
+
+    prompt_lps: dict[int, list[Any]] = {}
+    async for i, out in outputs():
+        generated[i] = out.num_generated_tokens
+        p = prompts[i]
+        if out.prompt_logprobs is not None:
+            prompt_lps[i] = list(out.prompt_logprobs)
+        for o in out.outputs:
+            index = i * req.n + o.index
+            if index in finished:
+                continue
+            text, lp, head = o.text, None, None
+            if index not in formatters:  # this choice's first chunk: echo the prompt in front
+                offset = 0
+                if req.echo:
+                    text = p.text + text
+                    if req.logprobs is not None:
+                        head_fmt = CompletionLogprobs(namer)
+                        head = head_fmt.format(p.ids, prompt_lps.get(i) or [None] * len(p.ids))
+                        offset = head_fmt.offset
+                formatters[index] = CompletionLogprobs(namer, offset)
+            if req.logprobs is not None:
+                lp = formatters[index].format(o.token_ids, list(o.logprobs or []))
+                if head is not None:
+                    lp = _join(head, lp)
+            if not text and not (lp and lp["tokens"]) and o.finish_reason is None:
+                continue
+            choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": o.finish_reason}
+            if o.finish_reason is not None:
+                finished[index] = o.finish_reason
+                choice["stop_reason"] = o.stop_reason
+            yield chunk(choice)
+    if req.include_usage:
+        yield {**base, "choices": [], "usage": usage(prompt_tokens, sum(generated))}
+    job.log_done(response_id, prompt_tokens, sum(generated), list(finished.values()))

@@ -1,0 +1,86 @@
+"""Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`, with the right status.
+
+Every failure a client can cause becomes an APIError (400/401/404/405/413/503/504); FastAPI's 422 and
+Starlette's `{"detail": ...}` bodies are replaced here; anything else is a bug and gets a 500 whose body
+names no internals (the traceback goes to the log only).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
+          503: "service_unavailable", 504: "timeout"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None, type: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+        self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def from_validation_error(e: ValidationError | RequestValidationError) -> APIError:
+    """Pydantic's error list as one readable 400; `param` is the first offending field's path."""
+    errors = e.errors()
+    parts, param = [], None
+    for err in errors[:5]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        # for union types pydantic appends the member type to loc (e.g. prompt.str); callers validate those
+        # fields themselves, so the plain field path is enough here
+        param = param or loc or None
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")  # our own validators' ValueErrors
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return bad_request("; ".join(parts) + more, param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return from_validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            err = APIError(404, f"{request.method} {request.url.path} not found", code="not_found")
+        elif exc.status_code == 405:
+            err = APIError(405, f"method {request.method} not allowed on {request.url.path}",
+                           code="method_not_allowed", headers=dict(exc.headers or {}))
+        else:
+            err = APIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+        return err.response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error serving %s %s", request.method, request.url.path)
+        return APIError(500, "Internal server error; the server log has the details.").response()

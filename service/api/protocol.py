@@ -1,0 +1,243 @@
+"""Request models: OpenAI's chat/completions parameters plus vLLM's extensions, validated strictly.
+
+Strict mode means no silent coercion: `"0.5"` is not a temperature, `true` is not an `n`, NaN and infinity
+are refused. Unknown fields are ignored (as vLLM and OpenAI's newer fields require), but known OpenAI features
+we do not implement (logit_bias, suffix, best_of > 1, structured output, forced tool calls) are refused rather
+than silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage in every chunk
+
+
+class _SamplingRequest(_Strict):
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    temperature: float | None = Field(None, ge=0.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=20.0)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    return_tokens_as_token_ids: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, Any] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    @model_validator(mode="after")
+    def _common(self) -> _SamplingRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options can only be set when stream is true")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        return self
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
+                        defaults: dict[str, Any]) -> SamplingParams:
+        """Request values first, then the checkpoint's generation_config.json, then SamplingParams' own."""
+
+        def pick(name: str, fallback: Any) -> Any:
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, fallback)
+
+        return SamplingParams(
+            n=self.n, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0), top_k=pick("top_k", 0),
+            min_p=pick("min_p", 0.0), seed=self.seed, max_tokens=max_tokens, stop=list(self.stop or []),
+            stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
+            include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=pick("repetition_penalty", 1.0),
+            skip_special_tokens=self.skip_special_tokens)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+
+def _check_content(content: Any, role: str) -> Any:
+    if content is None:
+        if role not in ("assistant",):
+            raise ValueError(f"content is required for role {role!r}")
+        return None
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError("content must be a string or a list of content parts")
+    for i, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise ValueError(f"content[{i}] must be an object with a 'type'")
+        if part["type"] != "text":
+            raise ValueError(f"content[{i}]: content part type {part['type']!r} is not supported (text only)")
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"content[{i}]: a text part needs a string 'text'")
+    return content
+
+
+class ChatMessage(_Strict):
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)  # templates may read extras
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _content(self) -> ChatMessage:
+        if self.content is None and self.role == "assistant" and not self.tool_calls:
+            raise ValueError("an assistant message needs content or tool_calls")
+        self.content = _check_content(self.content, self.role)
+        return self
+
+    def for_template(self) -> dict[str, Any]:
+        message = self.model_dump(exclude_none=True)
+        if message["role"] == "developer":  # OpenAI's newer name for the system role; templates know system
+            message["role"] = "system"
+        message.setdefault("content", None)
+        return message
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _chat(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise ValueError("tool_choice must be 'none' or 'auto' (forced tool calls are not supported)")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise ValueError("response_format: only {'type': 'text'} is supported")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+PromptInput = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: Any
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    add_special_tokens: bool = True
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, v: Any) -> Any:
+        return check_prompt(v)
+
+    @model_validator(mode="after")
+    def _completion(self) -> CompletionRequest:
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is not supported (it must equal n when given)")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per engine request: a string, or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [list(p)]
+        return list(p)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_prompt(v: Any) -> Any:
+    """A string, a list of strings, a list of token ids or a list of lists of token ids; never empty."""
+    if isinstance(v, str):
+        return v
+    if not isinstance(v, list) or not v:
+        raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of lists "
+                         "of token ids, and not empty")
+    if all(isinstance(x, str) for x in v) or all(_is_int(x) for x in v):
+        return v
+    if all(isinstance(x, list) and x and all(_is_int(t) for t in x) for x in v):
+        return v
+    raise ValueError("prompt lists must hold only strings, only token ids, or only non-empty lists of token ids")
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: either `prompt` (text) or `messages` (rendered with the chat template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: True for prompt, False for messages (vLLM)
+    add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages must not be empty")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]

@@ -1,0 +1,73 @@
+"""Server-sent events as OpenAI (and vLLM) frame them.
+
+Each event is `data: {json}\\n\\n`; the stream always ends with `data: [DONE]\\n\\n`, also after an error,
+which is sent as `data: {"error": {...}}` (clients cannot tell truncation from completion otherwise, vLLM
+#52852). The response runs a cleanup callback however it ends, including when the client disconnects
+before the first byte (the body generator then never starts, so its own `finally` would not run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from service.api.errors import APIError
+from service.api.generation import EngineFault
+
+log = logging.getLogger(__name__)
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(data: dict[str, Any]) -> str:
+    return "data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+
+def error_event(err: APIError) -> str:
+    return sse(err.body())
+
+
+async def sse_events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    """Frame `chunks` as SSE, turning failures into an error event; `[DONE]` always comes last."""
+    try:
+        async for chunk in chunks:
+            yield sse(chunk)
+    except APIError as e:
+        yield error_event(e)
+    except EngineFault as e:
+        log.error("engine fault mid-stream: %s", e)
+        yield error_event(APIError(500, f"The engine failed while generating: {e}", code="engine_error"))
+    except Exception:
+        log.exception("error while streaming")
+        yield error_event(APIError(500, "Internal server error while streaming; the server log has the details."))
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            with anyio.CancelScope(shield=True):
+                await aclose()
+    yield DONE
+
+
+class SSEResponse(StreamingResponse):
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content, media_type=self.media_type,
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                await self._on_close()

@@ -1,0 +1,153 @@
+"""Server settings: one pydantic-settings model, filled from flags, then `GLM_SERVE_*` env vars, then defaults.
+
+Every field is a flag (`max_queue_size` -> `--max-queue-size`) and an environment variable
+(`GLM_SERVE_MAX_QUEUE_SIZE`). The argparse parser is generated from the fields so the two can never drift.
+List fields take repeated flags or a comma-separated env value (`GLM_SERVE_API_KEY=k1,k2`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.engine.config import EngineConfig
+
+ENV_PREFIX = "GLM_SERVE_"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "model" / "weights"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    model: Path | None = Field(None, description="Hugging Face-format checkpoint directory (default: the shipped "
+                                                 "model under model/weights/)")
+    served_model_name: str | None = Field(None, description="model id in /v1/models and responses "
+                                                            "(default: the directory name)")
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="bind port")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when present, else cpu")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto = bfloat16 on cuda, "
+                                                                              "float32 on cpu")
+    max_model_len: int | None = Field(None, ge=1, description="longest prompt + completion (default: the "
+                                                              "checkpoint's max_position_embeddings)")
+    max_num_seqs: int = Field(64, ge=1, description="sequences batched per engine step")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="tokens per engine step (chunked prefill budget)")
+    kv_cache_tokens: int | None = Field(None, ge=1, description="paged KV cache size in tokens (default: sized "
+                                                                "from --kv-cache-memory-fraction)")
+    kv_cache_memory_fraction: float = Field(0.2, gt=0.0, le=1.0, description="share of free device memory "
+                                                                             "for the KV cache")
+    block_size: int = Field(16, ge=1, description="tokens per KV cache block")
+    num_speculative_tokens: int = Field(0, ge=0, description="MTP draft length; 0 disables speculative decoding")
+    seed: int = Field(0, description="engine seed for requests without their own")
+    max_queue_size: int = Field(256, ge=1, description="requests waiting for their first token before new "
+                                                       "ones get 503")
+    retry_after: int = Field(1, ge=0, description="seconds in the Retry-After header of a 503")
+    request_timeout: float | None = Field(None, gt=0, description="abort a request that runs longer than this "
+                                                                  "many seconds (default: no limit)")
+    max_request_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    api_key: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
+                                          "(repeat the flag or comma-separate for several keys)")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description="allowed CORS "
+                                                         "origins (default: CORS off)")
+    shutdown_timeout: float = Field(30.0, ge=0, description="on SIGTERM, drain in-flight requests for up to "
+                                                            "this many seconds, then exit 0")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_format: Literal["text", "json"] = Field("text", description="log line format")
+    log_prompts: bool = Field(False, description="log prompts and completions (off: they may hold user data)")
+
+    @field_validator("api_key", "cors_origins", mode="before")
+    @classmethod
+    def _split_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list | tuple):  # every item may itself be a comma list (env and flags alike)
+            return [p.strip() for item in v for p in str(item).split(",") if p.strip()]
+        return v
+
+    @field_validator("log_level", "log_format", "device", "dtype", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+    # -- derived ---------------------------------------------------------------------------------------------------
+    def model_dir(self) -> Path:
+        """The checkpoint to serve: --model, else the one directory under model/weights/ with a config.json."""
+        if self.model is not None:
+            if not (self.model / "config.json").is_file():
+                raise SettingsError(f"--model {self.model}: no config.json there (expected a Hugging Face-format "
+                                    "checkpoint directory)")
+            return self.model
+        found = sorted(p.parent for p in WEIGHTS_DIR.glob("*/config.json")) if WEIGHTS_DIR.is_dir() else []
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise SettingsError(f"no default model: {WEIGHTS_DIR} holds no checkpoint directory with a "
+                                "config.json; pass --model DIR (or set GLM_SERVE_MODEL)")
+        names = ", ".join(p.name for p in found)
+        raise SettingsError(f"several checkpoints under {WEIGHTS_DIR} ({names}); choose one with --model")
+
+    def model_name(self, model_dir: Path) -> str:
+        return self.served_model_name or model_dir.resolve().name
+
+    def engine_config(self, model_dir: Path) -> EngineConfig:
+        return EngineConfig(
+            model=model_dir, device=self.device, dtype=self.dtype, max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            kv_cache_tokens=self.kv_cache_tokens, kv_cache_memory_fraction=self.kv_cache_memory_fraction,
+            block_size=self.block_size, num_speculative_tokens=self.num_speculative_tokens, seed=self.seed)
+
+
+class SettingsError(ValueError):
+    """Settings that cannot start a server; the message names the flag."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse flags generated from Settings; values stay strings/None so pydantic does all validation."""
+    parser = argparse.ArgumentParser(
+        prog="glm-serve", description="OpenAI-compatible server for GLM-5-class models. Every flag also reads "
+                                      f"the environment variable {ENV_PREFIX}<FLAG_IN_CAPS>.")
+    for name, field in Settings.model_fields.items():
+        env = ENV_PREFIX + name.upper()
+        default = field.default if field.default_factory is None else field.default_factory()
+        helptext = f"{field.description} [env {env}; default {json.dumps(default, default=str)}]"
+        annotation = field.annotation
+        if annotation is bool:
+            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=helptext)
+        elif get_origin(annotation) is list:
+            parser.add_argument(_flag(name), dest=name, action="append", default=None, metavar="VALUE",
+                                help=helptext)
+        else:
+            choices = _literal_choices(annotation)
+            # choices are checked by pydantic (case-insensitively), argparse only shows them
+            metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
+            parser.add_argument(_flag(name), dest=name, default=None, metavar=metavar, help=helptext)
+    return parser
+
+
+def _literal_choices(annotation: Any) -> list[str] | None:
+    if get_origin(annotation) is Literal:
+        return [str(a) for a in get_args(annotation)]
+    return None
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    """Flags override env vars, which override defaults. Raises SettingsError with flag names on bad values."""
+    args = build_parser().parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as e:
+        problems = "; ".join(f"{_flag(str(err['loc'][0])) if err['loc'] else 'settings'}: {err['msg']}"
+                             for err in e.errors())
+        raise SettingsError(problems) from None
