@@ -1,17 +1,21 @@
-"""Tiny random GLM-MoE-DSA checkpoints for the engine tests, written by transformers (the oracle).
+"""Engine test fixtures: a tiny random checkpoint (written by transformers, via tests/model_fixtures.py) with a
+byte-level BPE tokenizer, and helpers that run an engine to completion and check it leaked nothing.
 
 `initializer_range` 0.1 makes random logits peaked, so greedy choices are decisive; 16 indexer heads make an
 exact zero-score tie in the DSA top-k (all heads' ReLU at zero) rare enough not to flip a comparison; a small
-`index_topk` puts most prompts in the sparse regime. The MTP layer is added the way DESIGN.md §4 describes.
+`index_topk` (8) puts most prompts in the sparse regime; 320 tokens leave room for the tokenizer's vocabulary.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import torch
-from safetensors.torch import load_file, save_file
+
+from tests import model_fixtures
 
 TINY = dict(
     vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
@@ -19,7 +23,7 @@ TINY = dict(
     kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
     first_k_dense_replace=1, index_topk=8, index_head_dim=16, index_n_heads=16, max_position_embeddings=256,
     initializer_range=0.1, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
-    bos_token_id=None, eos_token_id=[0], pad_token_id=0,
+    bos_token_id=None, eos_token_id=0, pad_token_id=0,
 )
 SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>"]
 CORPUS = [
@@ -47,38 +51,19 @@ def build_tokenizer(out: Path, vocab_size: int) -> None:
 
 
 def make_checkpoint(out: Path, *, seed: int = 0, mtp: bool = True, tokenizer: bool = True, **overrides) -> Path:
-    """Write a transformers checkpoint of `TINY` (+ `overrides`) to `out`; with `mtp`, a random MTP layer too."""
-    from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
-
-    params = {**TINY, **overrides}
-    L = params["num_hidden_layers"]
-    torch.manual_seed(seed)
-    config = GlmMoeDsaConfig(**{**params, "num_hidden_layers": L + 1 if mtp else L})
-    GlmMoeDsaForCausalLM(config).save_pretrained(out)
-    if mtp:
-        cfg = json.loads((out / "config.json").read_text())
-        cfg["num_hidden_layers"] = L
-        cfg["num_nextn_predict_layers"] = 1
-        for key in ("mlp_layer_types", "layer_types", "indexer_types"):
-            cfg.pop(key, None)
-        (out / "config.json").write_text(json.dumps(cfg, indent=2))
-        sd = load_file(out / "model.safetensors")
-        H, g = params["hidden_size"], torch.Generator().manual_seed(seed + 1)
-        for name in ("enorm", "hnorm", "shared_head.norm"):
-            sd[f"model.layers.{L}.{name}.weight"] = 1 + 0.1 * torch.randn(H, generator=g)
-        sd[f"model.layers.{L}.eh_proj.weight"] = 0.1 * torch.randn(H, 2 * H, generator=g)
-        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    """A transformers checkpoint of `TINY` (+ `overrides`), with an MTP layer and a tokenizer unless told not to."""
+    model_fixtures.make_checkpoint(out, mtp=mtp, seed=seed, **{**TINY, **overrides})
     if tokenizer:
-        build_tokenizer(out, params["vocab_size"])
+        build_tokenizer(out, overrides.get("vocab_size", TINY["vocab_size"]))
     return out
 
 
 def hf_model(path: Path):
-    """The transformers oracle in fp32 eager (MTP weights, if any, are ignored by transformers)."""
-    from transformers import GlmMoeDsaForCausalLM
+    """The transformers oracle in fp32 eager (it ignores the MTP layer's weights, and says so: silenced)."""
+    from transformers.utils import logging as hf_logging
 
-    model = GlmMoeDsaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
-    return model.eval()
+    hf_logging.set_verbosity_error()
+    return model_fixtures.hf_model(path)
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
@@ -93,3 +78,80 @@ def prompts(n: int, lengths: list[int], vocab: int = 320, seed: int = 0) -> list
     """`n` random prompts cycling through `lengths` (token 0, the eos, is avoided)."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, vocab, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
+
+
+# -- engine helpers -----------------------------------------------------------------------------------------------
+@dataclass
+class Choice:
+    """One choice of a request, accumulated from its delta outputs."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_outputs: int = 0
+
+
+def accumulate(results: dict[str, dict[int, Choice]], outputs) -> None:
+    for out in outputs:
+        choices = results.setdefault(out.request_id, {})
+        for c in out.outputs:
+            ch = choices.setdefault(c.index, Choice())
+            assert ch.finish_reason is None, f"{out.request_id}#{c.index}: output after its finish"
+            ch.token_ids += c.token_ids
+            ch.text += c.text
+            ch.logprobs += c.logprobs or []
+            ch.finish_reason, ch.stop_reason = c.finish_reason, c.stop_reason
+            ch.num_outputs += 1
+
+
+def make_engine(path: Path, **overrides):
+    from service.engine.config import EngineConfig
+    from service.engine.engine import LLMEngine
+
+    settings = dict(device="cpu", dtype="float32", kv_cache_tokens=4096, block_size=4)
+    return LLMEngine.from_config(EngineConfig(model=path, **{**settings, **overrides}))
+
+
+def run_engine(engine, max_steps: int = 10_000) -> dict[str, dict[int, Choice]]:
+    """Step until every request has finished; returns the accumulated choices."""
+    results: dict[str, dict[int, Choice]] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return results
+        accumulate(results, engine.step())
+    raise AssertionError("the engine did not finish")
+
+
+def assert_no_leaks(engine) -> None:
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not any(bm.ref_counts), "cache blocks leaked"
+    assert not engine.scheduler.running and not engine.scheduler.waiting and not engine.requests
+
+
+def greedy(max_tokens: int, **kw):
+    from service.engine.sampling_params import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+# Fixtures are imported by the test modules under their function names and requested under `name`.
+@pytest.fixture(scope="session", name="engine_ckpt")
+def engine_ckpt_fixture(tmp_path_factory) -> Path:
+    """The tiny checkpoint shared by the engine tests (with an MTP layer and a tokenizer)."""
+    return make_checkpoint(tmp_path_factory.mktemp("engine_ckpt"))
+
+
+@pytest.fixture(scope="session", name="hf_oracle")
+def hf_oracle_fixture(engine_ckpt):
+    return hf_model(engine_ckpt)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny matmuls gain nothing from threads, and on a shared 2-core box OpenMP spin-waits cost 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
