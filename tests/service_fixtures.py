@@ -294,10 +294,10 @@ class FakeAsyncEngine:
             if c.finish_reason is None and (len(c.token_ids) >= p.max_tokens
                                             or len(req.prompt) + len(c.token_ids) >= self.max_model_len):
                 c.finish_reason = "length"
-            if c.finish_reason is None and text.endswith("\ufffd"):
-                delta = ""  # an incomplete UTF-8 sequence: hold it back until the next token completes it
-            else:
-                delta, c.emitted_text = text[len(c.emitted_text):], text
+            if c.finish_reason is None:  # hold back what a stop string may still cut off (as vLLM does)
+                text = text[:len(text) - max((len(s) - 1 for s in p.stop), default=0)]
+            delta = text[len(c.emitted_text):] if len(text) > len(c.emitted_text) else ""
+            c.emitted_text += delta
             outs.append(CompletionOutput(c.index, delta, new_ids, logprobs, c.finish_reason, c.stop_reason))
         first = not req.first_sent
         req.first_sent = True

@@ -60,6 +60,8 @@ class ServingContext:
         if not self.engine.is_alive:
             raise APIError(503, f"The engine has stopped ({self.engine.dead_reason}); this replica cannot serve.",
                            code="engine_dead", headers=retry)
+        if not self.ready:  # the app has not started its engine yet, or is shutting down
+            raise APIError(503, "The server is not ready.", code="not_ready", headers=retry)
         try:
             return self.queue.admit()
         except AdmissionRejected as e:

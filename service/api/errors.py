@@ -45,14 +45,20 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"}
+
+
+def _is_type_tag(x: object) -> bool:
+    """Union members appear in pydantic's loc (`stop.list[str]`); the client only needs the field path."""
+    return isinstance(x, str) and (x in _TYPE_TAGS or "[" in x or x.startswith(("function-", "lax-", "strict-")))
+
+
 def from_validation_error(e: ValidationError | RequestValidationError) -> APIError:
     """Pydantic's error list as one readable 400; `param` is the first offending field's path."""
     errors = e.errors()
     parts, param = [], None
     for err in errors[:5]:
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        # for union types pydantic appends the member type to loc (e.g. prompt.str); callers validate those
-        # fields themselves, so the plain field path is enough here
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body" and not _is_type_tag(x))
         param = param or loc or None
         msg = str(err.get("msg", "")).removeprefix("Value error, ")  # our own validators' ValueErrors
         parts.append(f"{loc}: {msg}" if loc else msg)

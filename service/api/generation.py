@@ -41,6 +41,11 @@ def timeout_error(seconds: float) -> APIError:
                     code="request_timeout")
 
 
+def engine_dead(ctx: ServingContext) -> APIError:
+    return APIError(503, f"The engine has stopped ({ctx.engine.dead_reason}); this replica cannot serve.",
+                    code="engine_dead", headers={"Retry-After": str(ctx.settings.retry_after)})
+
+
 async def track(ctx: ServingContext, request_id: str, prompt_ids: list[int], params: SamplingParams,
                 ticket: Ticket, deadline: float | None) -> AsyncIterator[RequestOutput]:
     recorder = ctx.metrics.recorder()
@@ -50,6 +55,10 @@ async def track(ctx: ServingContext, request_id: str, prompt_ids: list[int], par
         gen = ctx.engine.generate(request_id, prompt_ids, params)
     except ValueError as e:
         raise bad_request(str(e)) from None
+    except Exception:
+        if not ctx.engine.is_alive:  # EngineDeadError: it died between admission and now
+            raise engine_dead(ctx) from None
+        raise
     ctx.inflight.add(request_id)
     try:
         while True:
@@ -65,6 +74,11 @@ async def track(ctx: ServingContext, request_id: str, prompt_ids: list[int], par
                 raise bad_request(str(e)) from None
             except TimeoutError:
                 raise timeout_error(ctx.settings.request_timeout or 0.0) from None
+            except Exception:
+                if recorder.first is None and not ctx.engine.is_alive:
+                    rejected = True
+                    raise engine_dead(ctx) from None
+                raise
             ticket.started()
             recorder.on_output(out)
             for choice in out.outputs:

@@ -15,11 +15,11 @@ from typing import Any, TypeVar
 
 import anyio
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from service.api.context import ServingContext
 from service.api.errors import APIError, bad_request
-from service.api.generation import ClientDisconnected, EngineFault, run_or_disconnect, track
+from service.api.generation import ClientDisconnected, EngineFault, engine_dead, run_or_disconnect, track
 from service.api.streaming import SSEResponse, sse_events
 from service.engine.outputs import RequestOutput
 from service.engine.sampling_params import SamplingParams
@@ -61,8 +61,7 @@ class Job:
         except EngineFault as e:
             log.error("engine fault: %s", e)
             if not self.ctx.engine.is_alive:
-                raise APIError(503, f"The engine has stopped: {e}", code="engine_dead",
-                               headers={"Retry-After": str(self.ctx.settings.retry_after)}) from None
+                raise engine_dead(self.ctx) from None
             raise APIError(500, f"The engine failed while generating: {e}", code="engine_error") from None
 
     async def close(self) -> None:
@@ -110,6 +109,3 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
-
-def json_response(data: dict[str, Any]) -> JSONResponse:
-    return JSONResponse(data)

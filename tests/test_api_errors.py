@@ -1,0 +1,172 @@
+"""Bad requests, table-driven: each gets the documented status and OpenAI's error shape, never a 422 body,
+a 500 or a stack trace."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.service_fixtures import FakeAsyncEngine, ServerThread, shared_fake_model_dir
+
+CHAT, COMP = "/v1/chat/completions", "/v1/completions"
+MSG = [{"role": "user", "content": "hi"}]
+MAX_MODEL_LEN = 128
+BODY_LIMIT = 4096
+
+
+def chat(**kw):
+    return {"messages": MSG, **kw}
+
+
+def comp(**kw):
+    return {"prompt": "hi", **kw}
+
+
+# (id, method, path, body: dict | bytes | None, status, param (None = don't care), code (None = don't care))
+CASES = [
+    ("not-json", "POST", CHAT, b"{", 400, None, None),
+    ("json-list", "POST", CHAT, b"[1, 2]", 400, None, None),
+    ("empty-body", "POST", CHAT, b"", 400, None, None),
+    ("not-utf8", "POST", CHAT, b'{"messages": "\xff\xfe"}', 400, None, None),
+    ("deep-nesting", "POST", CHAT, b"[" * 100_000 + b"]" * 100_000, 413, None, "request_too_large"),
+    ("deep-nesting-small", "POST", CHAT, b'{"a":' + b"[" * 2000 + b"]" * 2000 + b"}", 400, None, None),
+    ("nan", "POST", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, None, None),
+    ("infinity", "POST", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}', 400, None,
+     None),
+    ("huge-float", "POST", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}', 400,
+     "temperature", None),
+    ("no-messages", "POST", CHAT, {"model": "x"}, 400, "messages", None),
+    ("empty-messages", "POST", CHAT, {"messages": []}, 400, "messages", None),
+    ("messages-not-list", "POST", CHAT, {"messages": "hi"}, 400, "messages", None),
+    ("unknown-role", "POST", CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role", None),
+    ("missing-content", "POST", CHAT, {"messages": [{"role": "user"}]}, 400, "messages.0", None),
+    ("message-not-object", "POST", CHAT, {"messages": ["hi"]}, 400, "messages.0", None),
+    ("image-part", "POST", CHAT, {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "messages.0", None),
+    ("temperature-negative", "POST", CHAT, chat(temperature=-0.1), 400, "temperature", None),
+    ("temperature-string", "POST", CHAT, chat(temperature="hot"), 400, "temperature", None),
+    ("top-p-zero", "POST", CHAT, chat(top_p=0), 400, "top_p", None),
+    ("top-p-above-one", "POST", CHAT, chat(top_p=1.5), 400, "top_p", None),
+    ("top-k-below-minus-one", "POST", CHAT, chat(top_k=-2), 400, "top_k", None),
+    ("min-p-above-one", "POST", CHAT, chat(min_p=1.5), 400, "min_p", None),
+    ("n-zero", "POST", CHAT, chat(n=0), 400, "n", None),
+    ("n-too-large", "POST", CHAT, chat(n=1000), 400, "n", None),
+    ("n-bool", "POST", CHAT, chat(n=True), 400, "n", None),
+    ("n-float", "POST", CHAT, chat(n=2.5), 400, "n", None),
+    ("max-tokens-zero", "POST", CHAT, chat(max_tokens=0), 400, "max_tokens", None),
+    ("max-tokens-negative", "POST", COMP, comp(max_tokens=-5), 400, "max_tokens", None),
+    ("max-completion-tokens-zero", "POST", CHAT, chat(max_completion_tokens=0), 400, "max_completion_tokens", None),
+    ("context-length-chat", "POST", CHAT, chat(max_tokens=MAX_MODEL_LEN), 400, "messages",
+     "context_length_exceeded"),
+    ("context-length-completion", "POST", COMP, comp(max_tokens=MAX_MODEL_LEN), 400, "prompt",
+     "context_length_exceeded"),
+    ("prompt-too-long", "POST", COMP, comp(prompt=[5] * MAX_MODEL_LEN, max_tokens=1), 400, "prompt",
+     "context_length_exceeded"),
+    ("presence-penalty-range", "POST", CHAT, chat(presence_penalty=3), 400, "presence_penalty", None),
+    ("frequency-penalty-range", "POST", CHAT, chat(frequency_penalty=-2.5), 400, "frequency_penalty", None),
+    ("repetition-penalty-zero", "POST", CHAT, chat(repetition_penalty=0), 400, "repetition_penalty", None),
+    ("seed-too-large", "POST", CHAT, chat(seed=2**70), 400, "seed", None),
+    ("stop-empty-string", "POST", CHAT, chat(stop=[""]), 400, "stop", None),
+    ("stop-number", "POST", CHAT, chat(stop=5), 400, "stop", None),
+    ("stop-token-out-of-vocab", "POST", CHAT, chat(stop_token_ids=[10**6]), 400, "stop_token_ids", None),
+    ("top-logprobs-too-many", "POST", CHAT, chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", None),
+    ("top-logprobs-without-logprobs", "POST", CHAT, chat(top_logprobs=2), 400, None, None),
+    ("completion-logprobs-too-many", "POST", COMP, comp(logprobs=21), 400, "logprobs", None),
+    ("stream-options-without-stream", "POST", CHAT, chat(stream_options={"include_usage": True}), 400, None, None),
+    ("logit-bias", "POST", CHAT, chat(logit_bias={"5": 10}), 400, None, None),
+    ("tool-choice-required", "POST", CHAT, chat(tool_choice="required"), 400, None, None),
+    ("response-format-schema", "POST", CHAT, chat(response_format={"type": "json_schema"}), 400, None, None),
+    ("template-kwargs-clash", "POST", CHAT, chat(chat_template_kwargs={"messages": []}), 400,
+     "chat_template_kwargs", None),
+    ("prompt-missing", "POST", COMP, {"max_tokens": 3}, 400, "prompt", None),
+    ("prompt-empty-list", "POST", COMP, comp(prompt=[]), 400, "prompt", None),
+    ("prompt-mixed", "POST", COMP, comp(prompt=["a", 5]), 400, "prompt", None),
+    ("prompt-empty-token-list", "POST", COMP, comp(prompt=[[1, 2], []]), 400, "prompt", None),
+    ("prompt-token-out-of-vocab", "POST", COMP, comp(prompt=[1, 2, 10**6]), 400, "prompt", None),
+    ("prompt-token-negative", "POST", COMP, comp(prompt=[[1, -3]]), 400, "prompt", None),
+    ("suffix", "POST", COMP, comp(suffix="x"), 400, None, None),
+    ("best-of", "POST", COMP, comp(best_of=3), 400, None, None),
+    ("unknown-model-chat", "POST", CHAT, chat(model="gpt-9"), 404, "model", "model_not_found"),
+    ("unknown-model-completion", "POST", COMP, comp(model="gpt-9"), 404, "model", "model_not_found"),
+    ("unknown-model-retrieve", "GET", "/v1/models/gpt-9", None, 404, "model", "model_not_found"),
+    ("unknown-route", "GET", "/v1/engines", None, 404, None, "not_found"),
+    ("unknown-route-post", "POST", "/v2/chat", chat(), 404, None, "not_found"),
+    ("wrong-method-chat", "GET", CHAT, None, 405, None, "method_not_allowed"),
+    ("wrong-method-models", "DELETE", "/v1/models", None, 405, None, "method_not_allowed"),
+    ("body-too-large", "POST", CHAT, chat(pad="x" * (2 * BODY_LIMIT)), 413, None, "request_too_large"),
+    ("tokenize-both", "POST", "/tokenize", {"prompt": "a", "messages": MSG}, 400, None, None),
+    ("tokenize-neither", "POST", "/tokenize", {}, 400, None, None),
+    ("detokenize-out-of-vocab", "POST", "/detokenize", {"tokens": [10**6]}, 400, "tokens", None),
+    ("detokenize-not-ints", "POST", "/detokenize", {"tokens": ["a"]}, 400, "tokens.0", None),
+]
+
+
+@pytest.fixture(scope="module")
+def server():
+    model_dir = shared_fake_model_dir()
+    engine = FakeAsyncEngine(model_dir, max_model_len=MAX_MODEL_LEN, max_num_seqs=8)
+    with ServerThread(engine, model_dir, max_request_body_bytes=BODY_LIMIT) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.base_url, timeout=30) as c:
+        yield c
+
+
+def test_table_is_big_enough():
+    assert len(CASES) >= 25 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_request(client, case):
+    _, method, path, body, status, param, code = case
+    if isinstance(body, bytes):
+        r = client.request(method, path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.request(method, path, json=body)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    data = r.json()
+    assert set(data) == {"error"}, data
+    err = data["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
+    assert "Traceback" not in r.text and "File \"" not in r.text
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+
+
+def test_context_length_message_matches_openai(client):
+    r = client.post(CHAT, json=chat(max_tokens=MAX_MODEL_LEN))
+    prompt_tokens = client.post("/tokenize", json={"messages": MSG}).json()["count"]
+    assert r.json()["error"]["message"] == (
+        f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you requested "
+        f"{prompt_tokens + MAX_MODEL_LEN} tokens ({prompt_tokens} in the messages, {MAX_MODEL_LEN} in the "
+        "completion). Please reduce the length of the messages or completion.")
+    r = client.post(COMP, json=comp(prompt=[5, 6], max_tokens=MAX_MODEL_LEN))
+    assert r.json()["error"]["message"] == (
+        f"This model's maximum context length is {MAX_MODEL_LEN} tokens, however you requested "
+        f"{MAX_MODEL_LEN + 2} tokens (2 in your prompt; {MAX_MODEL_LEN} for the completion). Please reduce your "
+        "prompt; or completion length.")
+
+
+def test_method_not_allowed_lists_allowed(client):
+    r = client.get(CHAT)
+    assert r.status_code == 405 and "POST" in r.headers.get("allow", "")
+
+
+def test_bad_requests_leave_no_trace(client, server):
+    """No engine request, no admitted ticket and no 5xx after the whole table ran."""
+    assert server.engine.num_unfinished() == 0 and server.ctx.queue.active == 0
+    metrics = client.get("/metrics").text
+    assert 'status="500"' not in metrics and 'status="422"' not in metrics
+    # and the server still answers normally
+    ok = client.post(CHAT, json=chat(max_tokens=2))
+    assert ok.status_code == 200, ok.text
+    json.loads(ok.text)
