@@ -436,6 +436,29 @@ def sse_data(raw: str) -> list[str]:
     return [e[len("data: "):] for e in events]
 
 
+def check_stream(events: list[str], n: int, obj: str, usage: bool) -> list[dict]:
+    """DESIGN.md's SSE contract: one id, [DONE] once and last, one finish_reason per choice, usage chunk last."""
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len({c["id"] for c in chunks}) == 1 and len({c["created"] for c in chunks}) == 1
+    assert all(c["object"] == obj for c in chunks)
+    body = chunks[:-1] if usage else chunks
+    finishes: dict[int, list[str]] = {}
+    for c in body:
+        assert c["choices"], c
+        for ch in c["choices"]:
+            if ch["finish_reason"] is not None:
+                finishes.setdefault(ch["index"], []).append(ch["finish_reason"])
+    assert sorted(finishes) == list(range(n)), finishes
+    assert all(len(v) == 1 and v[0] in ("stop", "length") for v in finishes.values()), finishes
+    if usage:
+        last = chunks[-1]
+        assert last["choices"] == [] and set(last["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    else:
+        assert all("usage" not in c for c in chunks)
+    return chunks
+
+
 def main(argv: list[str] | None = None) -> int:
     """A fake-engine server process (same CLI flags as glm-serve)."""
     from service.cli import serve

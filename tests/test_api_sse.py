@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.service_fixtures import FakeAsyncEngine, ServerThread, shared_fake_model_dir, sse_data
+from tests.service_fixtures import FakeAsyncEngine, ServerThread, check_stream, shared_fake_model_dir, sse_data
 
 MESSAGES = [{"role": "user", "content": "Tell me a story."}]
 
@@ -26,28 +26,6 @@ def post_stream(server, path: str, body: dict) -> tuple[httpx.Response, list[str
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("text/event-stream")
     return r, sse_data(r.text)
-
-
-def check_stream(events: list[str], n: int, obj: str, usage: bool) -> list[dict]:
-    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
-    chunks = [json.loads(e) for e in events[:-1]]
-    assert len({c["id"] for c in chunks}) == 1 and len({c["created"] for c in chunks}) == 1
-    assert all(c["object"] == obj for c in chunks)
-    body = chunks[:-1] if usage else chunks
-    finishes: dict[int, list[str]] = {}
-    for c in body:
-        assert c["choices"], c
-        for ch in c["choices"]:
-            if ch["finish_reason"] is not None:
-                finishes.setdefault(ch["index"], []).append(ch["finish_reason"])
-    assert sorted(finishes) == list(range(n)), finishes
-    assert all(len(v) == 1 and v[0] in ("stop", "length") for v in finishes.values()), finishes
-    if usage:
-        last = chunks[-1]
-        assert last["choices"] == [] and set(last["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
-    else:
-        assert all("usage" not in c for c in chunks)
-    return chunks
 
 
 @pytest.mark.parametrize("n", [1, 3])
