@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the CPU image without a Docker engine, run it, and check that it serves.
 #   deploy/image-smoke.sh [build|run|all]      (default: all; run as root on Debian 12)
+# SMOKE_MODEL_DIR=DIR serves a host checkpoint instead of the shipped model (files readable by UID 10001).
 # Build: podman (buildah inside) with --isolation chroot and --network host, FROM a Debian base made
 # with mmdebstrap + `podman import`, and the CPU torch wheel pip already has on disk mounted into the
 # build, so nothing but PyPI and Debian is reached. Run: the container on loopback, then /ready,
@@ -74,9 +75,12 @@ http() { curl -sS --max-time "${2:-30}" "http://127.0.0.1:$PORT$1"; }
 run() {
   "${PODMAN[@]}" rm -f "$NAME" >/dev/null 2>&1 || true
   trap '"${PODMAN[@]}" logs --tail 50 "$NAME" >&2 || true; "${PODMAN[@]}" rm -f "$NAME" >/dev/null 2>&1 || true' EXIT
+  # SMOKE_MODEL_DIR serves that checkpoint instead of the one shipped in the image.
+  local model_args=()
+  [[ -z ${SMOKE_MODEL_DIR:-} ]] || model_args=(-v "$SMOKE_MODEL_DIR:/models/smoke:ro" -e GLM_SERVE_MODEL=/models/smoke)
   # Read-only root and tmpfs for /tmp and $HOME, as the Kubernetes manifests run it; loopback only.
   "${PODMAN[@]}" run -d --name "$NAME" --network host "${ULIMITS[@]}" \
-    --read-only --tmpfs /tmp --tmpfs /home/glm-serve:mode=1777 \
+    --read-only --tmpfs /tmp --tmpfs /home/glm-serve:mode=1777 "${model_args[@]}" \
     -e GLM_SERVE_HOST=127.0.0.1 -e GLM_SERVE_PORT="$PORT" "$IMAGE" >/dev/null
   log "container started; waiting for /ready (up to $READY_TIMEOUT s)"
   local t0=$SECONDS
@@ -88,6 +92,8 @@ run() {
   local uid
   uid=$("${PODMAN[@]}" exec "$NAME" id -u)
   [[ $uid != 0 ]] || { echo "container runs as root" >&2; exit 1; }
+  # The Kubernetes preStop hook runs `sleep` inside the image.
+  "${PODMAN[@]}" exec "$NAME" sleep 0 || { echo "no sleep binary for the preStop hook" >&2; exit 1; }
   log "ready after $((SECONDS - t0)) s, running as uid $uid"
   local model reply
   model=$(http /v1/models | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')

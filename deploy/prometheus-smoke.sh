@@ -2,8 +2,11 @@
 # A real Prometheus scrapes a real glm-serve on loopback: after N chat completions, PromQL must
 # return exactly the token and request counts the completions reported, and every alert rule must
 # evaluate without error against the live series. Needs Debian's prometheus (installed if missing).
-#   deploy/prometheus-smoke.sh            (starts `glm-serve` from PATH, e.g. after `make setup`)
-# SMOKE_SERVER_CMD replaces the server command; it must read GLM_SERVE_HOST and GLM_SERVE_PORT.
+# Also runs tests/test_deploy.py's live variant: every metric the dashboard, alerts and autoscaler
+# query must be on this server's /metrics.
+#   deploy/prometheus-smoke.sh        (after `make setup-test`: .venv's glm-serve and pytest)
+# SMOKE_SERVER_CMD replaces the server command (it must read GLM_SERVE_HOST and GLM_SERVE_PORT);
+# SMOKE_PYTHON the Python with pytest, pyyaml and prometheus-client.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +14,8 @@ PORT=${SMOKE_PORT:-18001}
 PROM_PORT=${SMOKE_PROM_PORT:-19090}
 REQUESTS=${SMOKE_REQUESTS:-3}
 READY_TIMEOUT=${SMOKE_READY_TIMEOUT:-300}
-read -r -a SERVER_CMD <<<"${SMOKE_SERVER_CMD:-glm-serve}"
+read -r -a SERVER_CMD <<<"${SMOKE_SERVER_CMD:-.venv/bin/glm-serve}"
+PYTHON=${SMOKE_PYTHON:-.venv/bin/python}
 
 command -v prometheus >/dev/null || {
   apt-get update -qq
@@ -89,6 +93,9 @@ bad = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
 assert not bad, f"rules failing on live series: {bad}"
 print(f"{len(rules)} alert rules evaluated on live series, all healthy")
 EOF
+
+DEPLOY_METRICS_URL="http://127.0.0.1:$PORT/metrics" DEPLOY_REQUIRE_TOOLS=1 \
+  "$PYTHON" -m pytest -q -p no:cacheprovider --noconftest tests/test_deploy.py -k live_metrics
 
 # SIGTERM drains and exits 0 (the contract the Kubernetes preStop and grace period rely on).
 kill -TERM "$server_pid"
