@@ -38,6 +38,8 @@ class LLMEngine:
         self.tokenizer = tokenizer
         device, dtype = resolve_device_dtype(config)
         cfg = self.model_config
+        if config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
         max_len = config.max_model_len or cfg.max_position_embeddings
         if max_len > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len {max_len} exceeds the model's max_position_embeddings "
@@ -145,8 +147,9 @@ class LLMEngine:
                     self.scheduler.remove(seq)
                     if not seq.finish_reported:
                         seq.finish("error")
-            touched.update(failed)
-            return [self._output(g, error=f"{type(e).__name__}: {e}") for g in touched.values()]
+            error = f"{type(e).__name__}: {e}"
+            outs = [self._output(g, error=error if id(g) in failed else None) for g in {**touched, **failed}.values()]
+            return [out for out in outs if out is not None]
         return [out for g in touched.values() if (out := self._output(g)) is not None]
 
     def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> None:
