@@ -66,6 +66,8 @@ class AdmissionQueue:
 
     async def wait_idle(self, timeout: float | None) -> bool:
         """True once no request is active; False if `timeout` seconds pass first."""
+        if self._idle.is_set():  # wait_for(..., 0) would time out even on a set event
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:

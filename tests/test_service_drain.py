@@ -1,0 +1,73 @@
+"""Shutdown edge cases on a real process (fake engine, so streams are slow on purpose): a drain that hits
+--shutdown-timeout aborts what is left and still exits 0; a second signal exits at once; --log-prompts."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+
+from tests.service_fixtures import ServerProcess, shared_fake_model_dir, sse_data
+
+SLOW = {"FAKE_ENGINE_STEP_S": "0.02"}  # 50 tokens/s: a 200-token stream takes 4 s
+LONG = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 200, "ignore_eos": True, "stream": True}
+
+
+def start_stream(url: str) -> tuple[threading.Thread, list[str], threading.Event]:
+    events: list[str] = []
+    started = threading.Event()
+
+    def run() -> None:
+        buf = ""
+        try:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=LONG, timeout=60) as r:
+                for piece in r.iter_text():
+                    buf += piece
+                    started.set()
+        except httpx.HTTPError:
+            pass  # a forced exit may cut the connection
+        events.extend(sse_data(buf) if buf.endswith("\n\n") else ["<cut>"])
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert started.wait(30)
+    return thread, events, started
+
+
+def test_drain_timeout_aborts_leftovers_and_exits_0(tmp_path):
+    model = str(shared_fake_model_dir())
+    with ServerProcess(["--model", model, "--shutdown-timeout", "0.5", "--log-prompts"], tmp_path / "log",
+                       module="tests.service_fixtures", env=SLOW) as s:
+        marker = "pelican-marker-4410"
+        r = httpx.post(s.base_url + "/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": marker}], "max_tokens": 2})
+        assert r.status_code == 200
+        thread, events, _ = start_stream(s.base_url)
+        t0 = time.monotonic()
+        s.terminate()
+        thread.join(30)
+        assert s.proc.wait(30) == 0
+        assert time.monotonic() - t0 < 4  # 0.5 s drain + abort, not the 4 s the stream needed
+        assert events[-1] == "[DONE]"
+        reasons = [ch["finish_reason"] for e in events[:-1] for ch in json.loads(e)["choices"] if ch["finish_reason"]]
+        assert reasons == ["abort"]
+        log = s.log()
+        assert "drain timeout" in log and marker in log  # --log-prompts puts prompts in the log
+
+
+def test_second_signal_exits_immediately(tmp_path):
+    model = str(shared_fake_model_dir())
+    with ServerProcess(["--model", model, "--shutdown-timeout", "60"], tmp_path / "log",
+                       module="tests.service_fixtures", env=SLOW) as s:
+        thread, _, _ = start_stream(s.base_url)
+        s.terminate()
+        time.sleep(0.3)
+        assert s.proc.poll() is None  # draining: waiting for the stream
+        t0 = time.monotonic()
+        s.proc.send_signal(signal.SIGINT)
+        assert s.proc.wait(10) == 0
+        assert time.monotonic() - t0 < 5
+        thread.join(30)
