@@ -196,3 +196,23 @@ def test_a_failing_step_fails_only_its_requests(text_prompts, engine, free_run) 
     assert_no_leaks(engine)
     engine.add_request("after", text_prompts[0], greedy(MAX_TOKENS))  # the engine still serves, correctly
     assert run_engine(engine)["after"][0].token_ids == free_run[0][0].token_ids
+
+
+def test_cache_sizing_and_device_settings(engine_ckpt) -> None:
+    from service.engine.config import EngineConfig
+    from service.engine.model_runner import resolve_device_dtype
+
+    # By memory fraction: never more than max_num_seqs full-length sequences can use.
+    roomy = make_engine(engine_ckpt, kv_cache_tokens=None, max_num_seqs=3)
+    assert roomy.block_manager.num_blocks == 3 * 256 // 4 and roomy.max_model_len == 256
+    # A cache smaller than max_model_len lowers it: one sequence must always fit.
+    tiny = make_engine(engine_ckpt, kv_cache_tokens=None, kv_cache_memory_fraction=1e-12)
+    assert tiny.block_manager.num_blocks == 1 and tiny.max_model_len == 4
+    with pytest.raises(ValueError, match="maximum model length"):
+        tiny.add_request("long", [1, 2, 3], greedy(2))
+    auto = (torch.device("cuda"), torch.bfloat16) if torch.cuda.is_available() else (torch.device("cpu"), torch.float32)
+    assert resolve_device_dtype(EngineConfig(model=engine_ckpt)) == auto
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_device_dtype(EngineConfig(model=engine_ckpt, dtype="int8"))
+    with pytest.raises(ValueError, match="max_model_len"):
+        make_engine(engine_ckpt, max_model_len=10_000)
