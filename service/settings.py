@@ -59,7 +59,7 @@ class Settings(BaseSettings):
                                                             "this many seconds, then exit 0")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
-    log_prompts: bool = Field(False, description="log prompts and completions (off: they may hold user data)")
+    log_prompts: bool = Field(False, description="log request prompts (off by default: they may hold user data)")
 
     @field_validator("api_key", "cors_origins", mode="before")
     @classmethod

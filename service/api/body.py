@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
 from service.api.errors import APIError, bad_request
 
@@ -25,11 +26,14 @@ async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody will read the answer, but it must not be logged as a server error
+        raise bad_request("The client disconnected while sending the request body.") from None
     raw = b"".join(chunks)
     if not raw.strip():
         raise bad_request("Request body is empty; expected a JSON object.")
