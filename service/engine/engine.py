@@ -125,13 +125,14 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        touched = {id(g): g for g in self.requests.values() if g.is_finished}  # aborted since the last step
+        # Requests with news this step, in order (a dict as an ordered set); first those aborted since the last.
+        touched = {g: None for g in self.requests.values() if g.is_finished}
         sched = SchedulerOutput()
         try:
             sched = self.scheduler.schedule()
             now = time.monotonic()
             for seq, _ in sched.scheduled:
-                touched[id(seq.group)] = seq.group
+                touched[seq.group] = None
                 if seq.group.first_scheduled_time is None:
                     seq.group.first_scheduled_time = now
             if self.fault_injector is not None:
@@ -141,16 +142,16 @@ class LLMEngine:
         except Exception as e:  # fail this step's requests, keep serving the rest
             log.exception("engine step failed")
             # The step's requests; all of them when scheduling itself broke (its state is then unknown).
-            failed = {id(s.group): s.group for s, _ in sched.scheduled} or {id(g): g for g in self.requests.values()}
-            for group in failed.values():
+            failed = {s.group: None for s, _ in sched.scheduled} or dict.fromkeys(self.requests.values())
+            for group in failed:
                 for seq in group.seqs:
                     self.scheduler.remove(seq)
                     if not seq.finish_reported:
                         seq.finish("error")
             error = f"{type(e).__name__}: {e}"
-            outs = [self._output(g, error=error if id(g) in failed else None) for g in {**touched, **failed}.values()]
+            outs = [self._output(g, error=error if g in failed else None) for g in {**touched, **failed}]
             return [out for out in outs if out is not None]
-        return [out for g in touched.values() if (out := self._output(g)) is not None]
+        return [out for g in touched if (out := self._output(g)) is not None]
 
     def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> None:
         topk = self.model_config.index_topk if self.model_config.use_indexer else None
@@ -164,12 +165,12 @@ class LLMEngine:
                 group.prompt_logprobs = [None]
             assert len(group.prompt_logprobs) == first, "prompt logprobs out of order"
             group.prompt_logprobs.extend(lps)
-        children: dict[int, list[Sequence]] = {}
+        children: dict[SequenceGroup, list[Sequence]] = {}
         for seq, _, _ in result.samples:
             if seq.status is SequenceStatus.FORKING:
-                children.setdefault(id(seq.group), []).append(seq)
-        for kids in children.values():
-            self.runner.copy_blocks(self.scheduler.fork(kids[0].group.seqs[0], kids))
+                children.setdefault(seq.group, []).append(seq)
+        for group, kids in children.items():
+            self.runner.copy_blocks(self.scheduler.fork(group.seqs[0], kids))
         for seq, token, logprob in result.samples:
             seq.output_token_ids.append(token)
             seq.new_token_ids.append(token)

@@ -101,7 +101,7 @@ class Sequence:
                 f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})")
 
 
-@dataclass
+@dataclass(eq=False)  # identity: groups are dict keys and set members in the engine
 class SequenceGroup:
     """A request: its prompt, parameters and the `n` choices that share the prompt's prefill.
 
