@@ -92,6 +92,17 @@ def test_streaming_disconnect_aborts_and_frees_cache(server):
     assert server.ctx.queue.active == 0 and not server.ctx.inflight
 
 
+def test_multi_prompt_stream_disconnect_aborts_every_prompt(server):
+    n_aborted = len(server.engine.aborted)
+    with httpx.stream("POST", server.base_url + "/v1/completions", timeout=30,
+                      json={"prompt": ["a", "b", "c"], "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 6:
+                break
+    wait_for(lambda: server.engine.num_unfinished() == 0 and server.ctx.queue.active == 0)
+    assert len(server.engine.aborted) == n_aborted + 3 and server.engine.used_blocks == 0
+
+
 def test_non_streaming_disconnect_aborts(server):
     n_aborted = len(server.engine.aborted)
     with pytest.raises(httpx.ReadTimeout):

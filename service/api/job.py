@@ -69,7 +69,7 @@ class Job:
             return
         self.closed = True
         with anyio.CancelScope(shield=True):
-            for stream in self.streams:
+            for stream in reversed(self.streams):  # a merge of streams first: it owns the tasks iterating them
                 aclose = getattr(stream, "aclose", None)
                 if aclose is not None:
                     with contextlib.suppress(Exception):
