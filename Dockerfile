@@ -5,11 +5,12 @@
 # The last stage is the default target, so the CPU image comes last.
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
-ARG CUDA_BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
+ARG CUDA_BASE_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
 
 # ---------------------------------------------------------------- CUDA: build the venv
-# The torch wheel carries its own CUDA libraries; the CUDA base adds the NVIDIA_* variables the
-# container toolkit reads to inject the host driver, so the same venv works on any CUDA 12 driver.
+# The torch wheel carries its own CUDA libraries (PyPI's torch 2.14 is built for CUDA 13.0); the CUDA
+# base adds the NVIDIA_* variables the container toolkit reads to inject the host driver and to refuse
+# a driver too old for that CUDA version, so keep its version in step with torch's.
 FROM ${CUDA_BASE_IMAGE} AS cuda-build
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Distribution python3; pinning exact Ubuntu package versions would break with every point release.
