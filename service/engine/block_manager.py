@@ -75,6 +75,15 @@ class BlockManager:
     def can_fork(self, parent: Sequence) -> bool:
         return parent.num_computed_tokens % self.block_size == 0 or len(self.free_blocks) >= 1
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Roll the block table back to the blocks positions < num_tokens need (rejected drafts' blocks)."""
+        keep = cdiv(num_tokens, self.block_size)
+        for block in seq.block_table[keep:]:
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks.append(block)
+        del seq.block_table[keep:]
+
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s references; blocks nobody else holds return to the free list."""
         for block in seq.block_table:

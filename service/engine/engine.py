@@ -26,6 +26,7 @@ from .outputs import CompletionOutput, EngineStats, RequestOutput
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence, SequenceGroup, SequenceStatus
+from .speculative import MTPProposer
 
 log = logging.getLogger("glm_serve.engine")
 
@@ -51,8 +52,18 @@ class LLMEngine:
             max_len = capacity
         self.max_model_len = max_len
         generator = torch.Generator(device).manual_seed(config.seed)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, device, dtype, generator)
+        k = config.num_speculative_tokens
+        if k < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {k}")
+        if k and not model.has_mtp:
+            log.warning("the checkpoint has no MTP layer: speculative decoding is off")
+            k = 0
+        self.num_speculative_tokens = k
+        self.runner = ModelRunner(model, num_blocks, config.block_size, device, dtype, generator, k)
         self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.proposer = MTPProposer(self.runner, self.block_manager, k) if k else None
+        self.spec_drafts = self.spec_draft_tokens = self.spec_accepted = 0
+        self.spec_accepted_per_pos = [0] * k
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, SequenceGroup] = {}
         self.eos_token_ids = set(cfg.eos_token_id) | set(getattr(tokenizer, "eos_token_ids", ()) or ())
@@ -155,11 +166,18 @@ class LLMEngine:
 
     def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> None:
         topk = self.model_config.index_topk if self.model_config.use_indexer else None
+        starts = []  # (sequence, computed positions before the step, its first hidden row)
+        row = 0
         for seq, n in sched.scheduled:
-            seq.num_computed_tokens += n
-            if topk is not None and n == 1 and seq.num_computed_tokens == seq.num_tokens:  # a decode query
-                self.dsa_tokens_read += min(topk, seq.num_computed_tokens)
-                self.dsa_tokens_cached += seq.num_computed_tokens
+            starts.append((seq, seq.num_computed_tokens, row))
+            row += n
+            drafts = len(seq.draft_token_ids)
+            if topk is not None and seq.num_computed_tokens + 1 == seq.num_tokens:  # decode / verify queries
+                for p in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
+                    self.dsa_tokens_read += min(topk, p + 1)
+                    self.dsa_tokens_cached += p + 1
+            # Verified positions count once their drafts are accepted (below); rejected ones roll back.
+            seq.num_computed_tokens += n - drafts
         for group, first, lps in result.prompt_logprobs:
             if group.prompt_logprobs is None:
                 group.prompt_logprobs = [None]
@@ -171,14 +189,29 @@ class LLMEngine:
                 children.setdefault(seq.group, []).append(seq)
         for group, kids in children.items():
             self.runner.copy_blocks(self.scheduler.fork(group.seqs[0], kids))
-        for seq, token, logprob in result.samples:
-            seq.output_token_ids.append(token)
-            seq.new_token_ids.append(token)
-            if logprob is not None:
-                seq.new_logprobs.append(logprob)
-            self._check_stop(seq, token)
-            if seq.is_finished:
-                self.scheduler.remove(seq)
+        for seq, drafted, accepted in result.spec:
+            seq.num_computed_tokens += accepted
+            seq.clear_drafts()
+            self.spec_drafts += 1
+            self.spec_draft_tokens += drafted
+            self.spec_accepted += accepted
+            for pos in range(accepted):
+                self.spec_accepted_per_pos[pos] += 1
+        for seq, tokens, logprobs in result.samples:
+            for token, logprob in zip(tokens, logprobs, strict=True):
+                seq.output_token_ids.append(token)
+                seq.new_token_ids.append(token)
+                if logprob is not None:
+                    seq.new_logprobs.append(logprob)
+                self._check_stop(seq, token)
+                if seq.is_finished:  # a stop among accepted drafts drops the rest
+                    self.scheduler.remove(seq)
+                    break
+        if self.proposer is not None:
+            live = [(s, start, r) for s, start, r in starts if not s.is_finished and self.proposer.eligible(s)]
+            for seq, _, _ in live:  # roll the block table back past rejected drafts
+                self.block_manager.trim(seq, seq.num_tokens)
+            self.proposer.propose(live, result.hidden, self.max_model_len)
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params = seq.params
@@ -231,4 +264,6 @@ class LLMEngine:
         return EngineStats(
             num_running=running, num_waiting=len(self.requests) - running,
             kv_cache_usage=self.block_manager.usage, num_preemptions=self.scheduler.num_preemptions,
-            dsa_tokens_read=self.dsa_tokens_read, dsa_tokens_cached=self.dsa_tokens_cached)
+            dsa_tokens_read=self.dsa_tokens_read, dsa_tokens_cached=self.dsa_tokens_cached,
+            spec_num_drafts=self.spec_drafts, spec_num_draft_tokens=self.spec_draft_tokens,
+            spec_num_accepted_tokens=self.spec_accepted, spec_accepted_per_pos=list(self.spec_accepted_per_pos))

@@ -22,6 +22,7 @@ from .config import EngineConfig
 from .outputs import TokenLogprob
 from .sampler import Sampler, SamplingState, compute_logprobs
 from .sequence import Sequence, SequenceGroup
+from .speculative import draft_tensors, verify
 
 
 def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
@@ -64,17 +65,23 @@ def num_cache_blocks(config: EngineConfig, model: GlmMoeDsaForCausalLM, max_mode
 
 @dataclass
 class StepResult:
-    """Sampled tokens, in target order: (sequence, token id, its logprob entry if asked)."""
+    """New tokens, in target order: (sequence, token ids, their logprob entries if asked). A plain step gives
+    one token per sequence; a verify step gives the accepted drafts plus one more."""
 
-    samples: list[tuple[Sequence, int, TokenLogprob | None]] = field(default_factory=list)
+    samples: list[tuple[Sequence, list[int], list[TokenLogprob | None]]] = field(default_factory=list)
     # Prompt logprobs computed this step, per request: (first prompt position they cover, entries).
     prompt_logprobs: list[tuple[SequenceGroup, int, list[TokenLogprob]]] = field(default_factory=list)
+    # Speculative decoding, per verified sequence: (drafts proposed, drafts accepted).
+    spec: list[tuple[Sequence, int, int]] = field(default_factory=list)
+    hidden: torch.Tensor | None = None  # the step's hidden states, for the MTP layer's catch-up
 
 
 class ModelRunner:
     def __init__(self, model: GlmMoeDsaForCausalLM, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype, generator: torch.Generator | None = None) -> None:
+                 dtype: torch.dtype, generator: torch.Generator | None = None, num_speculative_tokens: int = 0
+                 ) -> None:
         self.model = model
+        self.num_speculative_tokens = num_speculative_tokens
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
@@ -89,7 +96,7 @@ class ModelRunner:
         slots: list[int] = []
         for seq, n in scheduled:
             start = seq.num_computed_tokens
-            ids += seq.token_ids(start, start + n)
+            ids += seq.input_token_ids(start, start + n)
             table = seq.block_table
             for p in range(start, start + n):
                 positions.append(p)
@@ -115,12 +122,15 @@ class ModelRunner:
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepResult:
         input_ids, fb = self.prepare(scheduled)
         hidden = self.forward(input_ids, fb)
-        return self.sample(scheduled, hidden)
+        result = self.sample(scheduled, hidden)
+        result.hidden = hidden
+        return result
 
     def sample(self, scheduled: list[tuple[Sequence, int]], hidden: torch.Tensor) -> StepResult:
         result = StepResult()
         rows: list[int] = []  # flat rows that go through the LM head
         targets: list[tuple[Sequence, int]] = []  # (sequence that samples, index into rows)
+        verifying: list[tuple[Sequence, int]] = []  # (sequence with drafts, its first row)
         prompt_rows: list[tuple[SequenceGroup, int, list[int], list[int]]] = []
         offset = 0
         for seq, n in scheduled:
@@ -134,7 +144,11 @@ class ModelRunner:
                     prompt_rows.append((group, ps[0] + 1, list(range(len(rows), len(rows) + len(ps))),
                                         [seq.prompt_token_ids[p + 1] for p in ps]))
                     rows += [offset + p - start for p in ps]
-            if start + n == seq.num_tokens:
+            drafts = len(seq.draft_token_ids)
+            if drafts and start + n == seq.num_tokens + drafts:
+                rows += range(offset, offset + n)  # verify: every position's distribution
+                verifying.append((seq, len(rows) - n))
+            elif start + n == seq.num_tokens:
                 rows.append(offset + n - 1)
                 # An n>1 request's other choices draw their first token from the same prefill logits.
                 for s in [seq, *group.forking]:
@@ -153,8 +167,44 @@ class ModelRunner:
                 [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
                 [s.generator for s in seqs], self.device)
             out = self.sampler.sample(logits[torch.tensor([r for _, r in targets], device=logits.device)], state)
-            result.samples = list(zip(seqs, out.token_ids, out.logprobs, strict=True))
+            result.samples = [(s, [t], [lp]) for s, t, lp in zip(seqs, out.token_ids, out.logprobs, strict=True)]
+        if verifying:
+            self._verify(verifying, logits, result)
         return result
+
+    def _verify(self, verifying: list[tuple[Sequence, int]], logits: torch.Tensor, result: StepResult) -> None:
+        """Rejection-sample each sequence's drafts against the target distributions at its K+1 positions."""
+        seqs = [s for s, _ in verifying]
+        K = max(len(s.draft_token_ids) for s in seqs)
+        V = logits.shape[-1]
+        # Target rows: position j of sequence i sees the drafts before it in its penalty history.
+        idx, params, prompts, outs, gens = [], [], [], [], []
+        for s, first in verifying:
+            k = len(s.draft_token_ids)
+            for j in range(K + 1):
+                idx.append(first + min(j, k))  # padding repeats the last real row
+                params.append(s.params)
+                prompts.append(s.prompt_token_ids)
+                outs.append(s.output_token_ids + s.draft_token_ids[: min(j, k)])
+                gens.append(None)  # target probs need no randomness
+        rows = logits[torch.tensor(idx, device=logits.device)]
+        p = self.sampler.probs(rows, SamplingState.build(params, prompts, outs, gens, self.device))
+        drafts, q, counts = draft_tensors(seqs, V, self.device)
+        state = SamplingState.build([s.params for s in seqs], [s.prompt_token_ids for s in seqs],
+                                    [s.output_token_ids for s in seqs], [s.generator for s in seqs], self.device)
+        # Every sampled sequence draws its configured number of uniforms whatever its drafts: a seeded
+        # request's randomness stays independent of the batch.
+        u = self.sampler.uniform(state, self.num_speculative_tokens)[:, :K]
+        verdict = verify(p.view(len(seqs), K + 1, V), q, drafts, counts, u, state.greedy)
+        final = self.sampler.sample_from_probs(verdict.final_probs, state).tolist()
+        for i, (s, first) in enumerate(verifying):
+            a = int(verdict.num_accepted[i])
+            tokens = s.draft_token_ids[:a] + [final[i]]
+            lps: list[TokenLogprob | None] = [None] * len(tokens)
+            if s.params.logprobs is not None:
+                lps = compute_logprobs(logits[first : first + a + 1], tokens, s.params.logprobs)
+            result.samples.append((s, tokens, lps))
+            result.spec.append((s, len(s.draft_token_ids), a))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole cache blocks src -> dst in every layer (an n>1 fork's partial prompt block)."""

@@ -53,7 +53,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
+            # A decode with drafts verifies them in the same step, if budget and blocks allow.
+            n = min(seq.num_uncomputed_tokens + len(seq.draft_token_ids), budget)
+            if seq.draft_token_ids and not bm.can_allocate(seq, n):
+                n = seq.num_uncomputed_tokens  # drop the drafts before preempting anyone
+            seq.clear_drafts(keep=max(0, n - seq.num_uncomputed_tokens))
             while not bm.can_allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)

@@ -51,6 +51,10 @@ class Sequence:
         self.new_text = ""
         self.new_logprobs: list[TokenLogprob] = []
         self.finish_reported = False
+        # Speculative decoding: tokens the MTP layer drafted for the next step to verify, and their draft
+        # distributions q ([V] each) for the rejection test.
+        self.draft_token_ids: list[int] = []
+        self.draft_probs: list[torch.Tensor] = []
 
     @property
     def request_id(self) -> str:
@@ -81,12 +85,23 @@ class Sequence:
             return self.output_token_ids[start - P : end - P]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - P]
 
+    def input_token_ids(self, start: int, end: int) -> list[int]:
+        """Like token_ids, continued past the last token by the drafts (what a verify step feeds)."""
+        ids = self.token_ids(start, min(end, self.num_tokens))
+        if end > self.num_tokens:
+            ids += self.draft_token_ids[: end - self.num_tokens]
+        return ids
+
+    def clear_drafts(self, keep: int = 0) -> None:
+        del self.draft_token_ids[keep:], self.draft_probs[keep:]
+
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
     def reset_for_recompute(self) -> None:
         """Preempted: the cache is gone, prompt + generated tokens are computed again later."""
+        self.clear_drafts()
         self.num_computed_tokens = 0
         self.block_table = []
         self.status = SequenceStatus.WAITING

@@ -1,0 +1,169 @@
+"""MTP speculative decoding: the model's own MTP layer drafts K tokens, the main model verifies them in one
+forward, exact rejection sampling keeps the output distribution that of plain decoding.
+
+Conventions (reference §3.8, GLM's NextN):
+- The MTP cache entry at position i is the MTP layer run on (h_i, t_{i+1}): the main model's final-normed
+  hidden state at i and the token after it, at position i. Every step, once the step's tokens are known, the
+  MTP layer catches up over exactly the positions the main model newly validated, so both caches always
+  cover the same positions; a preempted sequence recomputes both.
+- Draft step 1 reads the MTP output at the last valid position; step k > 1 feeds the previous step's output
+  (already `shared_head.norm`-ed, like the main model's output) and the previous draft, at the next position.
+  Those speculative MTP entries lie past the valid length and are overwritten by the next catch-up.
+- Verification accepts draft j with probability min(1, p_j(d_j) / q_j(d_j)) and on the first rejection
+  resamples from norm(max(0, p_j - q_j)); if all drafts pass, a bonus token comes from p_K. p and q are the
+  fully processed distributions (penalties with the draft history, temperature, top_k, top_p, min_p), so
+  greedy rows (one-hot p and q) accept exactly the longest matching prefix.
+- Requests with n > 1 decode without drafts (their choices share a prompt whose MTP entries would differ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.batch import ForwardBatch
+
+from .sampler import Sampler, SamplingState
+from .sequence import Sequence
+
+
+@dataclass
+class Verdict:
+    """Per verified sequence: accepted draft count, and the final distribution to draw one token from."""
+
+    num_accepted: torch.Tensor  # [S] long
+    final_probs: torch.Tensor  # [S, V]
+
+
+def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, num_drafts: torch.Tensor, u: torch.Tensor,
+           greedy: torch.Tensor) -> Verdict:
+    """Exact rejection sampling, vectorised over S sequences padded to K drafts.
+
+    p [S, K+1, V] target probs at each verified position; q [S, K, V] draft probs; drafts [S, K];
+    num_drafts [S] (<= K, the rest is padding); u [S, K] uniforms; greedy [S] (accept by exact match).
+    """
+    S, K1, V = p.shape
+    K = K1 - 1
+    if K == 0:
+        return Verdict(torch.zeros(S, dtype=torch.long, device=p.device), p[:, 0])
+    d = drafts.clamp_min(0)[..., None]
+    p_d = p[:, :K].gather(2, d).squeeze(2)
+    q_d = q.gather(2, d).squeeze(2)
+    ok = torch.where(greedy[:, None], p_d > 0, u * q_d < p_d)
+    ok &= torch.arange(K, device=p.device)[None, :] < num_drafts[:, None]
+    num_accepted = ok.long().cumprod(dim=1).sum(dim=1)  # the longest all-accepted prefix
+    rows = torch.arange(S, device=p.device)
+    p_at = p[rows, num_accepted]  # [S, V]: the target at the first rejected (or bonus) position
+    rejected = num_accepted < num_drafts
+    q_at = q[rows, num_accepted.clamp_max(K - 1)]
+    residual = (p_at - q_at).clamp_min(0)
+    mass = residual.sum(-1, keepdim=True)
+    # p == q leaves no residual mass; a rejection then has probability 0, fall back to p for safety
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_at)
+    return Verdict(num_accepted, torch.where(rejected[:, None], residual, p_at))
+
+
+class MTPProposer:
+    """Runs the MTP layer each step: catch-up over newly validated positions, then K recursive drafts."""
+
+    def __init__(self, runner, block_manager, num_speculative_tokens: int) -> None:
+        self.runner = runner
+        self.block_manager = block_manager
+        self.k = num_speculative_tokens
+
+    def eligible(self, seq: Sequence) -> bool:
+        return seq.params.n == 1
+
+    def draft_budget(self, seq: Sequence, max_model_len: int) -> int:
+        """Drafts that can still be emitted: never past max_tokens or max_model_len (one slot is the bonus)."""
+        left = min(seq.params.max_tokens - len(seq.output_token_ids), max_model_len - seq.num_tokens)
+        return max(0, min(self.k, left - 1))
+
+    @torch.inference_mode()
+    def propose(self, done: list[tuple[Sequence, int, int]], hidden: torch.Tensor, max_model_len: int) -> None:
+        """done: (sequence, computed positions before this step, first hidden row) for every live sequence of
+        the step. Catches the MTP cache up and leaves fresh drafts on sequences now waiting to decode."""
+        runner = self.runner
+        bs, dev = runner.block_size, runner.device
+        ids, rows, positions, slots, qlens, seqs = [], [], [], [], [], []
+        for seq, start, row in done:
+            end = seq.num_computed_tokens
+            if end <= start:
+                continue
+            table = seq.block_table
+            ids += seq.token_ids(start + 1, end + 1)
+            rows += range(row, row + end - start)
+            positions += range(start, end)
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            qlens.append(end - start)
+            seqs.append(seq)
+        if not seqs:
+            return
+        fb = self._batch(seqs, positions, qlens, [s.num_computed_tokens for s in seqs], slots)
+        z = runner.model.mtp(torch.tensor(ids, device=dev), hidden[torch.tensor(rows, device=dev)], fb)
+        last = torch.tensor(qlens, device=dev).cumsum(0) - 1
+        drafting = [(s, i) for i, s in enumerate(seqs)
+                    if s.num_computed_tokens == s.num_tokens - 1 and self.draft_budget(s, max_model_len) > 0]
+        if drafting:
+            self._draft([s for s, _ in drafting], z[last[torch.tensor([i for _, i in drafting], device=dev)]],
+                        max_model_len)
+
+    def _draft(self, seqs: list[Sequence], z: torch.Tensor, max_model_len: int) -> None:
+        runner, bs, dev = self.runner, self.runner.block_size, self.runner.device
+        budgets = [self.draft_budget(s, max_model_len) for s in seqs]
+        for s in seqs:
+            s.draft_token_ids, s.draft_probs = [], []
+        active = list(range(len(seqs)))
+        for step in range(max(budgets)):
+            if step > 0:  # feed (previous output, previous draft) at the next position
+                keep = []  # (sequence index, its row in z)
+                for row, i in enumerate(active):
+                    s = seqs[i]
+                    need = len(s.draft_token_ids)  # the entry goes at num_computed + step - 1
+                    if budgets[i] > step and self.block_manager.can_allocate(s, need):
+                        self.block_manager.allocate(s, need)
+                        keep.append((i, row))
+                if not keep:
+                    break
+                active = [i for i, _ in keep]
+                z = z[torch.tensor([row for _, row in keep], device=dev)]
+                pos = [seqs[i].num_computed_tokens + step - 1 for i in active]
+                slots = [seqs[i].block_table[p // bs] * bs + p % bs for i, p in zip(active, pos, strict=True)]
+                fb = self._batch([seqs[i] for i in active], pos, [1] * len(active), [p + 1 for p in pos], slots)
+                prev = torch.tensor([seqs[i].draft_token_ids[-1] for i in active], device=dev)
+                z = runner.model.mtp(prev, z, fb)
+            batch = [seqs[i] for i in active]
+            state = SamplingState.build([s.params for s in batch], [s.prompt_token_ids for s in batch],
+                                        [s.output_token_ids + s.draft_token_ids for s in batch],
+                                        [s.generator for s in batch], dev)
+            q = runner.sampler.probs(runner.model.mtp_logits(z), state)
+            tokens = runner.sampler.sample_from_probs(q, state).tolist()
+            for j, i in enumerate(active):
+                seqs[i].draft_token_ids.append(tokens[j])
+                seqs[i].draft_probs.append(q[j])
+
+    def _batch(self, seqs: list[Sequence], positions: list[int], qlens: list[int], ctx: list[int],
+               slots: list[int]) -> ForwardBatch:
+        dev = self.runner.device
+        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
+        return ForwardBatch(t(positions), qlens, ctx, t(tables), t(slots), self.runner.cache)
+
+
+def draft_tensors(seqs: list[Sequence], vocab: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Pad the sequences' drafts to [S, K] ids, [S, K, V] probs and [S] counts."""
+    K = max(len(s.draft_token_ids) for s in seqs)
+    drafts = torch.full((len(seqs), K), -1, dtype=torch.long, device=device)
+    q = torch.zeros((len(seqs), K, vocab), device=device)
+    for i, s in enumerate(seqs):
+        n = len(s.draft_token_ids)
+        if n:
+            drafts[i, :n] = torch.tensor(s.draft_token_ids, device=device)
+            q[i, :n] = torch.stack(s.draft_probs)
+    counts = torch.tensor([len(s.draft_token_ids) for s in seqs], device=device)
+    return drafts, q, counts
+
+
+__all__ = ["MTPProposer", "Sampler", "Verdict", "draft_tensors", "verify"]
