@@ -16,9 +16,10 @@ from .config import ModelConfig
 from .indexer import Indexer
 from .layers import ColumnParallelLinear, ReplicatedLinear, RMSNorm, Rotary, RowParallelLinear
 
-# At most this many query tokens per sequence gather only their top-k latents (decode, speculative verify);
-# longer query blocks mask the dense scores instead, which costs less memory than a [Q, k] gather.
-SPARSE_GATHER_MAX_Q = 8
+# Sparse attention gathers each query's top-k latents ([B, Q, k, C] floats) when that fits this many elements
+# (decode, verify and prefill chunks of small models); otherwise it masks the dense scores, which costs
+# O(T) per query but no [Q, k] copy. Training always masks: its KL loss needs the dense distribution.
+SPARSE_GATHER_MAX_ELEMENTS = 1 << 26
 
 
 class MLAttention(nn.Module):
@@ -73,7 +74,7 @@ class MLAttention(nn.Module):
         qp = fb.to_padded(torch.cat([q_abs, q_rope], dim=-1)).float()  # [B, Q, nh, C]
         ctx32 = ctx.float()
         mask = fb.key_mask
-        if topk is not None and qp.shape[1] <= SPARSE_GATHER_MAX_Q:
+        if topk is not None and fb.collect is None and topk.numel() * ctx.shape[-1] <= SPARSE_GATHER_MAX_ELEMENTS:
             # Read only the selected latents: O(k) per query instead of O(T).
             B, Q, k = topk.shape
             b = torch.arange(B, device=x.device)[:, None, None]

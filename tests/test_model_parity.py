@@ -131,3 +131,15 @@ def test_bfloat16_close_to_float32(ckpt):
         assert err.mean().item() <= 0.01 * scale
         assert (err.max(-1).values <= 0.05 * scale).float().mean().item() >= 0.9
         assert (got.argmax(-1) == f32.argmax(-1)).float().mean().item() >= 0.9
+
+
+def test_sparse_gather_and_dense_mask_paths_agree(ckpt, monkeypatch):
+    """The two exact implementations of top-k attention (gather the selected latents / mask dense scores)."""
+    from model import attention
+
+    ours = load_model(ckpt)
+    ids = torch.randint(2, 96, (40,), generator=torch.Generator().manual_seed(4))
+    gathered = ours_cached_logits(ours, ids, prefill=20)
+    monkeypatch.setattr(attention, "SPARSE_GATHER_MAX_ELEMENTS", 0)
+    masked = ours_cached_logits(ours, ids, prefill=20)
+    assert (gathered - masked).abs().max().item() <= 1e-5
