@@ -50,8 +50,10 @@ class Indexer(nn.Module):
         q = self._rope(self.wq_b(q_lat).view(N, self.n_heads, self.head_dim), cos, sin)
         w = self.weights_proj(x).float() * self.n_heads**-0.5  # [N, H]; may be negative
         qp, wp = fb.to_padded(q).float(), fb.to_padded(w)  # [B, Q, H, D], [B, Q, H]
-        s = F.relu(torch.einsum("bqhd,btd->bqht", qp, keys.float()) * self.head_dim**-0.5)
-        scores = torch.einsum("bqht,bqh->bqt", s, wp)
+        keys_t = keys.float().transpose(1, 2) * self.head_dim**-0.5  # [B, D, T]
+        scores = torch.zeros(qp.shape[0], qp.shape[1], T, device=x.device)
+        for h in range(self.n_heads):  # one head at a time: [B, Q, T] live instead of [B, Q, H, T]
+            scores += wp[:, :, h, None] * F.relu(torch.bmm(qp[:, :, h], keys_t))
         scores = scores.masked_fill(~fb.key_mask, float("-inf"))
         if T <= self.topk:
             return None, scores
