@@ -119,13 +119,13 @@ def start_glm_serve(model: Path, threads: int, log: Path, *, port: int | None = 
 
 
 def start_vllm(model: Path, threads: int, log: Path, *, port: int | None = None, max_model_len: int = 4096,
-               max_num_seqs: int = 64, kv_cache_gib: int = 2, dtype: str = "float32") -> Server:
+               max_num_seqs: int = 64, kv_cache_gib: float = 2, dtype: str = "float32") -> Server:
     python = VENV_VLLM / "bin" / "python"
     if not python.exists():
         raise FileNotFoundError(f"{python} missing: run bash bench/setup_peers.sh vllm")
     port = port or free_port()
     env = thread_env(threads)
-    env.update({"VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+    env.update({"VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gib:g}",
                 "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"})
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
            "--served-model-name", "bench", "--dtype", dtype, "--max-model-len", str(max_model_len),

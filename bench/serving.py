@@ -63,7 +63,7 @@ def load_once(srv: servers.Server, args: argparse.Namespace, C: int, rep: int, t
               vocab: int) -> dict:
     n = max(args.min_requests, 2 * C)
     if args.client == "aiperf":
-        out = RESULTS / "aiperf" / f"{srv.name}-c{C}-r{rep}"
+        out = args.out_dir / "aiperf" / f"{srv.name}-c{C}-r{rep}"
         return aiperf_client.run(srv.url, srv.model, tokenizer, C, n, args.isl, args.osl, out)
     rng = random.Random(1000 * C + rep)
     prompts = [[rng.randrange(16, vocab) for _ in range(args.isl)] for _ in range(n)]
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client", choices=["aiperf", "loadgen"], default="aiperf")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--kv-cache-gib", type=int, default=1)
+    ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache budget of each server")
     ap.add_argument("--name", default="serving", help="result file name (bench/results/NAME.json)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
