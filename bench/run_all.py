@@ -90,8 +90,10 @@ def headline(results: dict[str, dict]) -> list[dict]:
 
     def add(bench: str, figure: str, value, target: float | None = None, higher: bool = True, unit: str = "x",
             note: str = "") -> None:
-        shown = None if value is None else (f"{value:.2f}{unit}" if isinstance(value, float) else f"{value}{unit}")
-        want = None if target is None else (f">= {target:g}{unit}" if higher else f"<= {target:g}{unit}")
+        scale = 100 if unit == "%" else 1
+        shown = None if value is None else (f"{value * scale:.2f}{unit}" if isinstance(value, float)
+                                            else f"{value}{unit}")
+        want = None if target is None else f"{'>=' if higher else '<='} {target * scale:g}{unit}"
         rows.append({"benchmark": bench, "figure": figure, "value": shown, "raw": value, "target": want,
                      "verdict": _verdict(value if isinstance(value, int | float) else None, target, higher),
                      "note": note})
@@ -114,7 +116,7 @@ def headline(results: dict[str, dict]) -> list[dict]:
         add("http_overhead", f"server over HTTP / hf one-at-a-time, C={c}", row.get("server_vs_hf_seq"), 10)
         add("http_overhead", f"server over HTTP / hf padded batch of {c}", row.get("server_vs_hf_batch"), 1.5)
         add("http_overhead", f"HTTP+SSE overhead (1 - server/engine), C={c}", row.get("http_overhead"), 0.10,
-            higher=False, unit="")
+            higher=False, unit="%")
         rss = r.get("summary", {}).get("server", {}).get("peak_rss_mib")
         add("http_overhead", "glm-serve peak RSS (shipped model)", None if rss is None else round(rss), unit=" MiB")
     r = results.get("serving")
@@ -127,8 +129,8 @@ def headline(results: dict[str, dict]) -> list[dict]:
                 higher=False)
         for name, info in r.get("summary", {}).get("servers", {}).items():
             rss = info.get("peak_rss_tree_mib")
-            add("serving", f"{name} peak RSS, process tree (DeepSeek-V3 ckpt)", None if rss is None else round(rss),
-                unit=" MiB")
+            add("serving", f"{name} peak RSS, process tree", None if rss is None else round(rss), unit=" MiB",
+                note=Path(str(r.get("meta", {}).get("model", ""))).name)
     r = results.get("serving_default")
     if r:
         for row in r["rows"]:

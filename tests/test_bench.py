@@ -1,0 +1,123 @@
+"""The bench scripts' plumbing: tables, JSON results, metric summaries, the closing target table, and real runs of
+the in-process benchmarks on a tiny random checkpoint. No vLLM, no aiperf, no timing claims."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import aiperf_client  # noqa: E402
+import common  # noqa: E402
+import loadgen  # noqa: E402
+import run_all  # noqa: E402
+
+
+def test_table_and_percentiles():
+    rows = [{"a": 1, "b": 2.345, "c": None, "d": True}, {"a": 10, "b": 0.5, "c": "x", "d": False}]
+    text = common.format_table("T", [("a", "A", "d"), ("b", "B", ".2fx"), ("c", "C", ""), ("d", "D", "")], rows)
+    lines = text.splitlines()
+    assert lines[0] == "T" and lines[1].split() == ["A", "B", "C", "D"]
+    assert lines[2].split() == ["1", "2.35x", "-", "yes"] and lines[3].split() == ["10", "0.50x", "x", "no"]
+    assert len({len(line) for line in lines[1:]}) == 1  # right-aligned columns
+    assert common.percentile([1, 2, 3, 4], 50) == 2.5 and common.percentile([5], 99) == 5
+    assert common.percentile([], 50) is None
+    assert common.ratio(3.0, 2.0) == 1.5 and common.ratio(None, 2.0) is None and common.ratio(1.0, 0) is None
+
+
+def test_result_roundtrip(tmp_path):
+    path = common.write_result("x", [{"v": 1, "p": Path("/a")}], {"threads": 2}, {"s": 3}, tmp_path)
+    assert path == tmp_path / "x.json"
+    data = common.read_result("x", tmp_path)
+    assert data == {"name": "x", "meta": {"threads": 2}, "rows": [{"v": 1, "p": "/a"}], "summary": {"s": 3}}
+    assert common.read_result("missing", tmp_path) is None
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_loadgen_summary_uses_vllm_definitions():
+    r1 = loadgen.RequestResult(ok=True, ttft=0.1, e2e=1.0, itl=[0.3, 0.3, 0.3], output_tokens=10)
+    r2 = loadgen.RequestResult(ok=True, ttft=0.3, e2e=2.1, itl=[0.6, 0.6, 0.6], output_tokens=10)
+    bad = loadgen.RequestResult(error="HTTP 503")
+    s = loadgen.summarize([r1, r2, bad], duration=4.0, concurrency=2)
+    assert s["completed"] == 2 and s["failed"] == 1 and s["errors"] == ["HTTP 503"]
+    assert s["output_tokens"] == 20 and s["output_tok_s"] == 5.0 and s["requests_s"] == 0.5
+    assert r1.tpot == pytest.approx(0.1) and r2.tpot == pytest.approx(0.2)  # (e2e - ttft) / (tokens - 1)
+    assert s["tpot_ms_p50"] == pytest.approx(150.0) and s["ttft_ms_p50"] == pytest.approx(200.0)
+    assert s["itl_ms_p50"] == pytest.approx(450.0)
+
+
+def test_aiperf_summary_parse_and_command():
+    d = {"request_count": {"avg": 8.0}, "output_token_throughput": {"avg": 120.0},
+         "request_throughput": {"avg": 2.0}, "time_to_first_token": {"p50": 30.0, "p99": 60.0},
+         "inter_token_latency": {"p50": 10.0, "p99": 12.0}, "inter_chunk_latency": {"p50": 9.0, "p99": 20.0},
+         "request_latency": {"p50": 700.0, "p99": 900.0}, "error_summary": [{"count": 1}]}
+    p = aiperf_client.parse(d, 4)
+    assert p["output_tok_s"] == 120.0 and p["ttft_ms_p99"] == 60.0 and p["tpot_ms_p50"] == 10.0
+    assert p["failed"] == 1 and p["concurrency"] == 4 and p["isl"] is None
+    cmd = aiperf_client.command("http://127.0.0.1:1", "m", Path("/tok"), 16, 32, 128, 64, Path("/out"))
+    joined = " ".join(cmd)
+    assert "--tokenizer /tok" in joined and "--concurrency 16" in joined and "ignore_eos:true" in joined
+
+
+def test_headline_verdicts():
+    results = {
+        "http_overhead": {"rows": [{"concurrency": 16, "server_vs_hf_seq": 12.0, "server_vs_hf_batch": 1.2,
+                                    "http_overhead": 0.05}], "summary": {"server": {"peak_rss_mib": 512.4}}},
+        "serving": {"summary": {"ratios": [{"concurrency": 4, "tok_s_ratio": 1.1, "ttft_p50_ratio": 1.3,
+                                            "tpot_p50_ratio": 0.9},
+                                           {"concurrency": 64, "tok_s_ratio": 0.8, "ttft_p50_ratio": 2.0,
+                                            "tpot_p50_ratio": 1.0}], "servers": {}}},
+        "mtp": {"rows": [], "summary": {"best_k_batch1": 2, "best_speedup_batch1": 1.8, "best_same_batch1": "8/8"}},
+        "dsa": {"rows": [], "summary": {"decode_ratio_16k": 0.5, "prefill_ratio_16k": 0.4}},
+    }
+    v = {row["figure"]: row["verdict"] for row in run_all.headline(results)}
+    assert v["server over HTTP / hf one-at-a-time, C=16"] == "PASS"
+    assert v["server over HTTP / hf padded batch of 16"] == "MISS"
+    assert v["HTTP+SSE overhead (1 - server/engine), C=16"] == "PASS"
+    assert v["glm-serve / vLLM output tok/s, C=4"] == "PASS" and v["glm-serve / vLLM TTFT p50, C=4"] == "MISS"
+    assert v["glm-serve / vLLM output tok/s, C=64"] == "info"  # no target at 64
+    assert v["best K (K=2) tok/s / K=0, batch 1"] == "PASS"
+    assert v["decode step DSA / dense at 16K"] == "MISS" and v["prefill DSA / dense at 16K"] == "PASS"
+    assert v["glm-serve peak RSS (shipped model)"] == "info"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from tests.engine_fixtures import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("bench") / "ckpt")
+
+
+def test_in_process_benchmarks_write_tables_and_json(tiny_ckpt, tmp_path, capsys):
+    import cache_bytes
+    import dsa
+    import mtp
+
+    out = ["--out-dir", str(tmp_path), "--threads", "1"]
+    assert cache_bytes.main(["--model", str(tiny_ckpt), "--out-dir", str(tmp_path)]) == 0
+    assert mtp.main(["--model", str(tiny_ckpt), "--k", "0", "1", "--batch", "1", "--prompts", "2",
+                     "--prompt-tokens", "6", "--max-tokens", "4", "--repeats", "1", *out]) == 0
+    assert dsa.main(["--model", str(tiny_ckpt), "--contexts", "12", "20", "--chunk", "8", "--decode-steps", "2",
+                     *out]) == 0
+    printed = capsys.readouterr().out
+    assert "KV cache bytes per token" in printed and "MTP speculative decoding" in printed
+    assert "DSA vs dense" in printed
+
+    cb = json.loads((tmp_path / "cache_bytes.json").read_text())
+    assert cb["rows"][-1]["model"] == "ckpt" and cb["rows"][-1]["checked"] is True
+    m = json.loads((tmp_path / "mtp.json").read_text())
+    k0 = next(r for r in m["rows"] if r["k"] == 0)
+    assert k0["tok_s"] > 0 and k0["same"] == "2/2" and "tokens" not in k0
+    assert m["meta"]["threads"] == 1 and "loadavg_1m" in m["meta"]
+    d = json.loads((tmp_path / "dsa.json").read_text())
+    assert [r["context"] for r in d["rows"]] == [12, 20] and all(r["sparse_decode_ms"] > 0 for r in d["rows"])
+    assert d["rows"][0]["read_share"] == pytest.approx(8 / 12)  # tiny index_topk = 8
+
+    rows = run_all.report(tmp_path, ["cache_bytes", "mtp", "dsa"])
+    assert any(r["benchmark"] == "mtp" for r in rows) and (tmp_path / "summary.json").is_file()
+    assert "headline figures" in capsys.readouterr().out
