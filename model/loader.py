@@ -155,4 +155,6 @@ def save_checkpoint(model: GlmMoeDsaForCausalLM, out: str | Path, dtype: torch.d
     if dtype is not None:
         cfg["dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    save_file(hf_state_dict(model, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
+    weights = out / "model.safetensors"
+    save_file(hf_state_dict(model, dtype), str(weights), metadata={"format": "pt"})
+    weights.chmod(0o644)  # safetensors writes 0600; a container's non-root user must read it
