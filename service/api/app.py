@@ -15,6 +15,7 @@ from service.api.access_log import AccessLogMiddleware
 from service.api.auth import APIKeyMiddleware
 from service.api.context import ServingContext
 from service.api.errors import install_error_handlers
+from service.api.openapi import install_openapi
 from service.api.routes import router
 from service.settings import Settings
 
@@ -38,10 +39,12 @@ def build_app(settings: Settings, engine: Any, model_dir: Path, model_name: str)
             await engine.shutdown()
             log.info("engine stopped")
 
-    app = FastAPI(title="glm-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="glm-serve", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
     app.state.ctx = ctx
     app.include_router(router)
     install_error_handlers(app)
+    install_openapi(app, api_keys=bool(settings.api_key))
     # Starlette runs the last-added middleware first: access log -> CORS -> auth -> routes, so CORS
     # preflights are answered before auth, and 401s are logged and counted.
     if settings.api_key:

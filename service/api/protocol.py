@@ -8,9 +8,9 @@ than silently dropped.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from service.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -21,12 +21,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
+# The OpenAPI document (service/api/openapi.py) shows what the validators accept, so that clients and fuzzers see
+# the real contract: these schemas restate rules that live in validators below.
+def _nullable(*schemas: dict[str, Any]) -> WithJsonSchema:
+    return WithJsonSchema({"anyOf": [*schemas, {"type": "null"}]})
+
+
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+_STOP_STRING = {"type": "string", "minLength": 1}
+_STOP_SCHEMA = _nullable(_STOP_STRING, {"type": "array", "items": _STOP_STRING})
+_STREAM_OPTIONS_RULE = {"if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+                        "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}}
+_TOP_LOGPROBS_RULE = {"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"minimum": 1}}},
+                      "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}}
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM: usage in every chunk
 
 
 class _SamplingRequest(_Strict):
+    model_config = ConfigDict(json_schema_extra={"allOf": [_STREAM_OPTIONS_RULE]})
     model: str | None = None
     n: int = Field(1, ge=1)
     temperature: float | None = Field(None, ge=0.0)
@@ -34,8 +50,8 @@ class _SamplingRequest(_Strict):
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop: Annotated[str | list[str] | None, _STOP_SCHEMA] = None
+    stop_token_ids: Annotated[list[int] | None, _nullable(_IDS)] = None
     max_tokens: int | None = Field(None, ge=1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -47,7 +63,7 @@ class _SamplingRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, Any] | None = None
+    logit_bias: Annotated[dict[str, Any] | None, _nullable({"type": "object", "maxProperties": 0})] = None
 
     @field_validator("stop")
     @classmethod
@@ -110,12 +126,32 @@ def _check_content(content: Any, role: str) -> Any:
     return content
 
 
+# What the validators below accept, for the OpenAPI document (the fields are `Any` so the validators phrase errors)
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+_CONTENT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}, {"type": "null"}]}
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+_PROMPT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                            _TOKEN_IDS, {"type": "array", "minItems": 1, "items": _TOKEN_IDS}]}
+
+
+_TOOL_CALLS_SCHEMA = {"type": "array", "items": {  # OpenAI's shape; the chat template reads it
+    "type": "object", "required": ["function"], "properties": {"function": {
+        "type": "object", "required": ["name", "arguments"],
+        "properties": {"name": {"type": "string"}, "arguments": {"type": ["string", "object"]}}}}}}
+_MESSAGE_RULE = {"anyOf": [  # content, or an assistant message with tool calls
+    {"required": ["content"], "properties": {"content": {"type": ["string", "array"]}}},
+    {"required": ["role", "tool_calls"],
+     "properties": {"role": {"const": "assistant"}, "tool_calls": {"type": "array", "minItems": 1}}}]}
+
+
 class ChatMessage(_Strict):
-    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)  # templates may read extras
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False,  # templates may read extras
+                              json_schema_extra=_MESSAGE_RULE)
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Any = None
+    content: Annotated[Any, WithJsonSchema(_CONTENT_SCHEMA)] = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: Annotated[list[dict[str, Any]] | None, _nullable(_TOOL_CALLS_SCHEMA)] = None
     tool_call_id: str | None = None
 
     @model_validator(mode="after")
@@ -134,14 +170,16 @@ class ChatMessage(_Strict):
 
 
 class ChatCompletionRequest(_SamplingRequest):
+    model_config = ConfigDict(json_schema_extra={"allOf": [_STREAM_OPTIONS_RULE, _TOP_LOGPROBS_RULE]})
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Annotated[str | dict[str, Any] | None, _nullable({"enum": ["none", "auto"]})] = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: Annotated[dict[str, Any] | None, _nullable(
+        {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}})] = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -168,12 +206,12 @@ PromptInput = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: Any
+    prompt: Annotated[Any, WithJsonSchema(_PROMPT_SCHEMA)]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     add_special_tokens: bool = True
-    suffix: str | None = None
+    suffix: Annotated[str | None, _nullable({"const": ""})] = None
     best_of: int | None = Field(None, ge=1)
 
     @field_validator("prompt", mode="before")
@@ -220,6 +258,10 @@ def check_prompt(v: Any) -> Any:
 class TokenizeRequest(_Strict):
     """vLLM's /tokenize: either `prompt` (text) or `messages` (rendered with the chat template)."""
 
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array", "minItems": 1}}}]})
+
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -240,4 +282,4 @@ class TokenizeRequest(_Strict):
 
 class DetokenizeRequest(_Strict):
     model: str | None = None
-    tokens: list[int]
+    tokens: Annotated[list[int], WithJsonSchema(_IDS)]
