@@ -15,6 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 from service.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+# Stop conditions cost the engine per generated token and (stop strings) memory quadratic in their length, so a
+# request may not bring arbitrarily many: OpenAI allows 4 stop strings; these limits leave room for vLLM-style use.
+MAX_STOP_STRINGS = 32
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 1024
 
 
 class _Strict(BaseModel):
@@ -28,8 +33,8 @@ def _nullable(*schemas: dict[str, Any]) -> WithJsonSchema:
 
 
 _IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
-_STOP_STRING = {"type": "string", "minLength": 1}
-_STOP_SCHEMA = _nullable(_STOP_STRING, {"type": "array", "items": _STOP_STRING})
+_STOP_STRING = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_STRING_CHARS}
+_STOP_SCHEMA = _nullable(_STOP_STRING, {"type": "array", "maxItems": MAX_STOP_STRINGS, "items": _STOP_STRING})
 _STREAM_OPTIONS_RULE = {"if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
                         "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}}
 _TOP_LOGPROBS_RULE = {"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"minimum": 1}}},
@@ -51,7 +56,8 @@ class _SamplingRequest(_Strict):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: Annotated[str | list[str] | None, _STOP_SCHEMA] = None
-    stop_token_ids: Annotated[list[int] | None, _nullable(_IDS)] = None
+    stop_token_ids: Annotated[list[int] | None, _nullable({**_IDS, "maxItems": MAX_STOP_TOKEN_IDS})] = Field(
+        None, max_length=MAX_STOP_TOKEN_IDS)
     max_tokens: int | None = Field(None, ge=1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -71,6 +77,10 @@ class _SamplingRequest(_Strict):
         stops = [v] if isinstance(v, str) else list(v or [])
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stops)}")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in stops):
+            raise ValueError(f"a stop string may have at most {MAX_STOP_STRING_CHARS} characters")
         return stops
 
     @model_validator(mode="after")
