@@ -48,8 +48,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def _text_value(v: Any) -> str:
-    # quote strings with spaces so `key=value` pairs stay machine-splittable
-    return json.dumps(v, default=str, ensure_ascii=False) if isinstance(v, str) and (" " in v or not v) else str(v)
+    # quote strings with spaces so `key=value` pairs stay machine-splittable, and escape control characters (a
+    # request path may hold a decoded %0A) so no client can start a fake log line
+    if isinstance(v, str) and (" " in v or not v or not v.isprintable()):
+        return json.dumps(v, ensure_ascii=False)
+    return str(v)
 
 
 class TextFormatter(logging.Formatter):

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.api.errors import APIError, bad_request
+from service.api.errors import APIError, bad_request, redact
 from service.metrics import ServiceMetrics
 from service.queue import AdmissionQueue, AdmissionRejected, Ticket
 from service.settings import Settings
@@ -58,7 +58,8 @@ class ServingContext:
         """A ticket, or 503 + Retry-After (counted) when draining, dead, or the queue is full. Cheap and sync."""
         retry = {"Retry-After": str(self.settings.retry_after)}
         if not self.engine.is_alive:
-            raise APIError(503, f"The engine has stopped ({self.engine.dead_reason}); this replica cannot serve.",
+            raise APIError(503, f"The engine has stopped ({redact(self.engine.dead_reason)}); this replica cannot "
+                                "serve.",
                            code="engine_dead", headers=retry)
         if not self.ready:  # the app has not started its engine yet, or is shutting down
             raise APIError(503, "The server is not ready.", code="not_ready", headers=retry)
@@ -75,7 +76,8 @@ class ServingContext:
     # -- request checks ----------------------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+            shown = name if len(name) <= 256 else name[:256] + "..."  # a 5 MB name is not echoed back whole
+            raise APIError(404, f"The model `{shown}` does not exist.", param="model", code="model_not_found")
 
     def check_n(self, n: int) -> None:
         if n > self.max_n:
@@ -100,6 +102,9 @@ class ServingContext:
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: Any,
                     kwargs: dict[str, Any] | None) -> str:
         tok = self.need_tokenizer("the chat API")
+        if not tok.has_chat_template:  # the tokenizer's own message names the checkpoint's path on disk
+            raise bad_request("This model has no chat template, so the chat API is not available; use "
+                              "/v1/completions.", code="no_chat_template")
         kwargs = dict(kwargs or {})
         clash = {"messages", "tools", "add_generation_prompt"} & kwargs.keys()
         if clash:

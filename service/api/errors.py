@@ -8,6 +8,7 @@ names no internals (the traceback goes to the log only).
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,6 +22,19 @@ log = logging.getLogger(__name__)
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
           503: "service_unavailable", 504: "timeout"}
+
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.@+~-]+){2,}[\\/]?")
+
+
+def redact(text: object, limit: int = 300) -> str:
+    """An engine failure's text as a client may see it: its first line, file paths replaced, length capped.
+
+    Exception messages from torch and friends often name source files; the full text stays in the server log.
+    """
+    first = str(text).strip().splitlines()[0] if str(text).strip() else "unknown error"
+    first = _PATH.sub("<path>", first)
+    return first if len(first) <= limit else first[:limit] + "..."
 
 
 class APIError(Exception):
@@ -88,5 +102,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error serving %s %s", request.method, request.url.path)
+        log.exception("unhandled error", extra={"fields": {"method": request.method, "path": request.url.path}})
         return APIError(500, "Internal server error; the server log has the details.").response()

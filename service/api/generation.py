@@ -19,7 +19,7 @@ import anyio
 from fastapi import Request
 
 from service.api.context import ServingContext
-from service.api.errors import APIError, bad_request
+from service.api.errors import APIError, bad_request, redact
 from service.engine.outputs import RequestOutput, TokenLogprob
 from service.engine.sampling_params import SamplingParams
 from service.queue import Ticket
@@ -42,7 +42,7 @@ def timeout_error(seconds: float) -> APIError:
 
 
 def engine_dead(ctx: ServingContext) -> APIError:
-    return APIError(503, f"The engine has stopped ({ctx.engine.dead_reason}); this replica cannot serve.",
+    return APIError(503, f"The engine has stopped ({redact(ctx.engine.dead_reason)}); this replica cannot serve.",
                     code="engine_dead", headers={"Retry-After": str(ctx.settings.retry_after)})
 
 

@@ -18,7 +18,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from service.api.context import ServingContext
-from service.api.errors import APIError, bad_request
+from service.api.errors import APIError, bad_request, redact
 from service.api.generation import ClientDisconnected, EngineFault, engine_dead, run_or_disconnect, track
 from service.api.streaming import SSEResponse, sse_events
 from service.engine.outputs import RequestOutput
@@ -62,7 +62,7 @@ class Job:
             log.error("engine fault: %s", e)
             if not self.ctx.engine.is_alive:
                 raise engine_dead(self.ctx) from None
-            raise APIError(500, f"The engine failed while generating: {e}", code="engine_error") from None
+            raise APIError(500, f"The engine failed while generating: {redact(e)}", code="engine_error") from None
 
     async def close(self) -> None:
         if self.closed:

@@ -13,7 +13,7 @@ from service.api.body import read_json_body
 from service.api.chat import create_chat_completion
 from service.api.completions import create_completion
 from service.api.context import ServingContext
-from service.api.errors import from_validation_error
+from service.api.errors import from_validation_error, redact
 from service.api.protocol import DetokenizeRequest, TokenizeRequest
 
 router = APIRouter()
@@ -85,7 +85,7 @@ async def health(request: Request) -> JSONResponse:
     """Liveness: 200 while the engine loop runs, 503 once it died (restart the pod). Draining stays 200."""
     engine = _ctx(request).engine
     if not engine.is_alive:
-        return JSONResponse({"status": "dead", "reason": str(engine.dead_reason)}, status_code=503)
+        return JSONResponse({"status": "dead", "reason": redact(engine.dead_reason)}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 

@@ -17,7 +17,7 @@ import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from service.api.errors import APIError
+from service.api.errors import APIError, redact
 from service.api.generation import EngineFault
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ async def sse_events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str
         yield error_event(e)
     except EngineFault as e:
         log.error("engine fault mid-stream: %s", e)
-        yield error_event(APIError(500, f"The engine failed while generating: {e}", code="engine_error"))
+        yield error_event(APIError(500, f"The engine failed while generating: {redact(e)}", code="engine_error"))
     except Exception:
         log.exception("error while streaming")
         yield error_event(APIError(500, "Internal server error while streaming; the server log has the details."))
