@@ -33,8 +33,8 @@ async def create_chat_completion(request: Request) -> Response:
 
     async def body(job: Job) -> Response | AsyncIterator[dict[str, Any]]:
         messages = [m.for_template() for m in req.messages]
-        text = ctx.render_chat(messages, req.add_generation_prompt, req.tools, req.chat_template_kwargs)
-        prompt_ids = await ctx.encode(text, add_special_tokens=False)
+        text = await ctx.render_chat(messages, req.add_generation_prompt, req.tools, req.chat_template_kwargs)
+        prompt_ids = await ctx.encode(text, add_special_tokens=False, prompt_of="messages")
         max_tokens = ctx.resolve_max_tokens(len(prompt_ids), req.requested_max_tokens, chat=True)
         params = job.params(lambda: req.sampling_params(max_tokens, req.num_logprobs, None, ctx.sampling_defaults))
         response_id = new_id("chatcmpl")

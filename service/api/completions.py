@@ -55,7 +55,7 @@ async def create_completion(request: Request) -> Response:
         prompts = []
         for p in req.prompts():
             if isinstance(p, str):
-                prompts.append(_Prompt(await ctx.encode(p, req.add_special_tokens), p))
+                prompts.append(_Prompt(await ctx.encode(p, req.add_special_tokens, prompt_of="prompt"), p))
             else:
                 text = ctx.tokenizer.decode(p, skip_special_tokens=False) if req.echo and ctx.tokenizer else ""
                 prompts.append(_Prompt(p, text))

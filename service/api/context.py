@@ -36,6 +36,22 @@ def load_sampling_defaults(model_dir: Path) -> dict[str, Any]:
             if isinstance(data.get(k), int | float) and not isinstance(data.get(k), bool)}
 
 
+def _max_token_chars(tokenizer: Any) -> int | None:
+    """Most characters one token can stand for, when that is known: for a byte-level BPE without a normalizer
+    every byte of the text lands in exactly one token, so a text of L characters has at least L / this tokens."""
+    inner = getattr(tokenizer, "_tok", None)  # model.tokenizer.Tokenizer wraps a `tokenizers.Tokenizer`
+    if inner is None or inner.normalizer is not None or type(inner.decoder).__name__ != "ByteLevel":
+        return None
+    vocab = inner.get_vocab(with_added_tokens=True)
+    return max(map(len, vocab)) if vocab else None
+
+
+def _chars(content: Any) -> int:
+    if isinstance(content, list):  # text parts
+        return sum(len(p.get("text") or "") if isinstance(p, dict) else 0 for p in content)
+    return len(content) if isinstance(content, str) else 0
+
+
 class ServingContext:
     def __init__(self, engine: Any, settings: Settings, model_dir: Path, model_name: str) -> None:
         self.engine = engine
@@ -50,6 +66,10 @@ class ServingContext:
         self.queue = AdmissionQueue(settings.max_queue_size)
         self.metrics = ServiceMetrics(model_name, self.max_model_len, stats=engine.stats)
         self.inflight: set[str] = set()  # engine request ids, for aborting on a drain timeout
+        self.max_token_chars = _max_token_chars(self.tokenizer)
+        # Tokenizing costs ~100x the text's size in memory at its peak (the Rust Encoding holds a string, offsets
+        # and masks per token): long texts take turns, so concurrent megabyte prompts cannot multiply that peak.
+        self._long_encode = asyncio.Semaphore(1)
         self.ready = False
         self.created = int(time.time())
 
@@ -93,14 +113,23 @@ class ServingContext:
             raise bad_request(f"This model has no tokenizer, so {what} is not available; send token ids.")
         return self.tokenizer
 
-    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+    async def encode(self, text: str, add_special_tokens: bool, prompt_of: str | None = None) -> list[int]:
+        """Token ids of `text`. With `prompt_of` ("messages" or "prompt") a text that cannot fit the context is
+        refused before it is tokenized (a multi-megabyte prompt for a small model costs nothing)."""
         tok = self.need_tokenizer("text input")
+        if prompt_of is not None and self.max_token_chars and len(text) > self.max_model_len * self.max_token_chars:
+            raise bad_request(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                              f"{prompt_of} is {len(text)} characters long, which is more than "
+                              f"{self.max_model_len} tokens. Please reduce the length of the {prompt_of}.",
+                              param=prompt_of, code="context_length_exceeded")
         if len(text) > _ASYNC_ENCODE_CHARS:
-            return await asyncio.to_thread(tok.encode, text, add_special_tokens)
+            async with self._long_encode:
+                return await asyncio.to_thread(tok.encode, text, add_special_tokens)
         return tok.encode(text, add_special_tokens)
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: Any,
-                    kwargs: dict[str, Any] | None) -> str:
+    async def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: Any,
+                          kwargs: dict[str, Any] | None) -> str:
+        """The chat template's text; large conversations render in a thread so the event loop keeps streaming."""
         tok = self.need_tokenizer("the chat API")
         if not tok.has_chat_template:  # the tokenizer's own message names the checkpoint's path on disk
             raise bad_request("This model has no chat template, so the chat API is not available; use "
@@ -109,11 +138,18 @@ class ServingContext:
         clash = {"messages", "tools", "add_generation_prompt"} & kwargs.keys()
         if clash:
             raise bad_request(f"chat_template_kwargs may not set {sorted(clash)}.", param="chat_template_kwargs")
-        try:
-            return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                                           **kwargs)
-        except ValueError as e:  # ChatTemplateError: a bad conversation (or template) is the client's 400
-            raise bad_request(str(e), param="messages", code="invalid_messages") from None
+
+        def render() -> str:
+            try:
+                return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                               **kwargs)
+            except ValueError as e:  # ChatTemplateError: a bad conversation (or template) is the client's 400
+                raise bad_request(str(e), param="messages", code="invalid_messages") from None
+
+        size = sum(_chars(m.get("content")) + 16 for m in messages)
+        if size > _ASYNC_ENCODE_CHARS:
+            return await asyncio.to_thread(render)
+        return render()
 
     def resolve_max_tokens(self, prompt_len: int, requested: int | None, chat: bool) -> int:
         """max_tokens for the engine, or OpenAI's context-length 400 when prompt + completion do not fit."""

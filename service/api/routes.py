@@ -52,8 +52,8 @@ async def tokenize(request: Request) -> JSONResponse:
         raise from_validation_error(e) from None
     ctx.check_model(req.model)
     if req.messages is not None:
-        text = ctx.render_chat([m.for_template() for m in req.messages], req.add_generation_prompt, req.tools,
-                               req.chat_template_kwargs)
+        text = await ctx.render_chat([m.for_template() for m in req.messages], req.add_generation_prompt,
+                                     req.tools, req.chat_template_kwargs)
         add_special = bool(req.add_special_tokens)  # the template writes the special tokens itself
     else:
         text = req.prompt or ""
