@@ -169,6 +169,11 @@ class ChatMessage(_Strict):
         if self.content is None and self.role == "assistant" and not self.tool_calls:
             raise ValueError("an assistant message needs content or tool_calls")
         self.content = _check_content(self.content, self.role)
+        for i, call in enumerate(self.tool_calls or []):  # OpenAI's shape, which chat templates read
+            fn = call.get("function")
+            if not (isinstance(fn, dict) and isinstance(fn.get("name"), str)
+                    and isinstance(fn.get("arguments"), str | dict)):
+                raise ValueError(f"tool_calls[{i}] must have a function with a string name and arguments")
         return self
 
     def for_template(self) -> dict[str, Any]:
