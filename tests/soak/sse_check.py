@@ -1,0 +1,59 @@
+"""A schemathesis check for what JSON Schema cannot say about a stream: `data: [DONE]` once and last, and exactly one
+finish_reason per choice (n per prompt); a stream the client stopped reading early is checked only for framing.
+Used by tests/test_fuzz_openapi.py and, as a hooks module, by
+bench/soak_fuzz.py (`SCHEMATHESIS_HOOKS=tests.soak.sse_check st run ...`)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import schemathesis
+
+
+def _expected_choices(path: str, body: Any) -> int | None:
+    if not isinstance(body, dict):
+        return None
+    n = body.get("n", 1)
+    if not isinstance(n, int):
+        return None
+    if path.endswith("/chat/completions"):
+        return n
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return n * len(prompt)  # several prompts: strings or lists of token ids
+    return n
+
+
+@schemathesis.check
+def sse_contract(ctx: Any, response: Any, case: Any) -> bool | None:
+    if response.status_code != 200 or not response.headers.get("content-type", [""])[0].startswith(
+            "text/event-stream"):
+        return None
+    text = response.content.decode("utf-8")
+    if response.stream_cut_short:  # the client stopped reading (its max-stream-events): only whole events count
+        text = text[:text.rfind("\n\n") + 2]
+        if not text:
+            return None
+    assert text.endswith("\n\n"), f"stream cut: {text[-100:]!r}"
+    events = text[:-2].split("\n\n")
+    assert all(e.startswith("data: ") for e in events), "an event is not `data: ...`"
+    data = [e[len("data: "):] for e in events]
+    if response.stream_cut_short:
+        assert "[DONE]" not in data[:-1], "events after [DONE]"
+        return True
+    assert data[-1] == "[DONE]" and data.count("[DONE]") == 1, f"[DONE] not once and last: {data[-2:]}"
+    chunks = [json.loads(d) for d in data[:-1]]
+    if any("error" in c for c in chunks):
+        return None  # an error event ends a stream early; its shape is the schema's business
+    finishes: dict[int, int] = {}
+    for c in chunks:
+        for choice in c["choices"]:
+            if choice["finish_reason"] is not None:
+                finishes[choice["index"]] = finishes.get(choice["index"], 0) + 1
+    expected = _expected_choices(case.operation.path, case.body)
+    if expected is not None:
+        assert sorted(finishes) == list(range(expected)), f"finish_reason indexes {sorted(finishes)}, " \
+                                                          f"expected {expected} choices"
+    assert all(v == 1 for v in finishes.values()), f"finish_reason counts per choice: {finishes}"
+    return True
