@@ -76,11 +76,41 @@ def busy_processes() -> list[str]:
     return [ln for ln in out.splitlines() if ln.strip() and "pgrep" not in ln]
 
 
+def other_busy(threshold: float = 20.0) -> list[str]:
+    """Processes outside this benchmark's own process tree using more than `threshold`% CPU (ps's average over
+    their lifetime: an indicator, not a measurement), niceness first."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid=,ppid=,ni=,pcpu=,args="], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    procs = {}
+    for line in out.splitlines():
+        parts = line.split(None, 4)
+        if len(parts) == 5:
+            procs[int(parts[0])] = (int(parts[1]), parts[2], float(parts[3]), parts[4])
+    mine = {os.getpid()}
+    changed = True
+    while changed:  # this process and its descendants (servers) ...
+        changed = False
+        for p, (pp, *_rest) in procs.items():
+            if pp in mine and p not in mine:
+                mine.add(p)
+                changed = True
+    ours, pid = set(mine), procs.get(os.getpid(), (0,))[0]
+    while pid in procs and pid not in ours:  # ... and its ancestors (run_all), but not their other children
+        ours.add(pid)
+        pid = procs[pid][0]
+    return [f"ni={ni} cpu={cpu:.0f}% {args[:80]}" for p, (_, ni, cpu, args) in procs.items()
+            if p not in ours and cpu > threshold and "<defunct>" not in args]
+
+
 def quiet_state() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
     busy = busy_processes()
+    others = other_busy()
     return {"loadavg_1m": round(load[0], 2), "loadavg_5m": round(load[1], 2), "trainer_running": bool(busy),
-            "quiet": not busy and load[0] < 1.0}
+            "other_busy": others, "quiet": not busy and not others}
 
 
 def meta(threads: int | None = None, **extra: Any) -> dict[str, Any]:
@@ -98,7 +128,7 @@ def meta(threads: int | None = None, **extra: Any) -> dict[str, Any]:
 def warn_if_busy() -> None:
     q = quiet_state()
     if not q["quiet"]:
-        print(f"warning: machine not quiet (load {q['loadavg_1m']}, trainer running: {q['trainer_running']}); "
+        print(f"warning: machine not quiet (trainer running: {q['trainer_running']}, busy: {q['other_busy']}); "
               "figures are for smoke checks only", file=sys.stderr)
 
 

@@ -52,15 +52,17 @@ def commands(threads: int, quick: bool, model: Path | None, out_dir: Path) -> di
             "mtp": py + [str(BENCH / "mtp.py"), *m, "--k", "0", "1", "--batch", "1", "--prompts", "2",
                          "--prompt-tokens", "8", "--max-tokens", "6", "--repeats", "1", *t, *o],
             "dsa": py + [str(BENCH / "dsa.py"), "--contexts", "64", "128", "--chunk", "64", "--decode-steps", "2",
+                         "--decode-rounds", "1", "--prefill-repeats", "1",
                          "--config", "hidden_size=64", "num_hidden_layers=2", "index_topk=16", *t, *o],
         }
+    m = m or _default_model_args()  # the shipped model
     return {
         "cache_bytes": py + [str(BENCH / "cache_bytes.py"), *o],
         "engine_throughput": py + [str(BENCH / "engine_throughput.py"), *m, "--concurrency", "1", "8", "32",
                                    "--max-tokens", "64", *t, "--out", str(out_dir / "engine_throughput.json")],
         "http_overhead": py + [str(BENCH / "http_overhead.py"), *m, *t, *o],
         "serving": py + [str(BENCH / "serving.py"), *t, *o],
-        "serving_default": py + [str(BENCH / "serving.py"), *(m or _default_model_args()), "--servers", "glm-serve",
+        "serving_default": py + [str(BENCH / "serving.py"), *m, "--servers", "glm-serve",
                                  "--name", "serving_default", *t, *o],
         "mtp": py + [str(BENCH / "mtp.py"), *m, *t, *o],
         "dsa": py + [str(BENCH / "dsa.py"), *t, *o],

@@ -103,6 +103,7 @@ def test_in_process_benchmarks_write_tables_and_json(tiny_ckpt, tmp_path, capsys
     assert mtp.main(["--model", str(tiny_ckpt), "--k", "0", "1", "--batch", "1", "--prompts", "2",
                      "--prompt-tokens", "6", "--max-tokens", "4", "--repeats", "1", *out]) == 0
     assert dsa.main(["--model", str(tiny_ckpt), "--contexts", "12", "20", "--chunk", "8", "--decode-steps", "2",
+                     "--decode-rounds", "2", "--prefill-repeats", "1",
                      *out]) == 0
     printed = capsys.readouterr().out
     assert "KV cache bytes per token" in printed and "MTP speculative decoding" in printed
