@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import httpx
-import pytest
 import torch
 
 from model.batch import ForwardBatch
