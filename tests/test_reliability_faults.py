@@ -56,7 +56,8 @@ def test_step_fault_fails_only_that_steps_requests():
     def injector(sched) -> None:
         steps[0] += 1
         groups = {seq.group.request_id for seq, _ in sched.scheduled}
-        if not failed_ids and steps[0] >= 6 and 2 <= len(groups) < 8:  # mid-stream, some requests but not all
+        streaming = all(seq.output_token_ids for seq, _ in sched.scheduled)  # each has sent its first token
+        if not failed_ids and steps[0] >= 6 and streaming and 2 <= len(groups) < 8:  # some requests, not all
             failed_ids.update(groups)
             raise RuntimeError("injected step fault")
 
