@@ -64,8 +64,6 @@ def test_second_signal_exits_immediately(tmp_path):
         s.terminate()
         time.sleep(0.3)
         assert s.proc.poll() is None  # draining: waiting for the stream
-        t0 = time.monotonic()
         s.proc.send_signal(signal.SIGINT)
-        assert s.proc.wait(10) == 0
-        assert time.monotonic() - t0 < 5
+        assert s.proc.wait(10) == 0  # well before the 60 s drain would have ended
         thread.join(30)
