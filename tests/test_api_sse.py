@@ -118,10 +118,9 @@ def test_request_timeout():
     model_dir = shared_fake_model_dir()
     with ServerThread(FakeAsyncEngine(model_dir, step_s=0.02), model_dir, request_timeout=0.3) as s:
         body = {"messages": MESSAGES, "max_tokens": 200, "ignore_eos": True}
-        t0 = time.monotonic()
-        r = httpx.post(s.base_url + "/v1/chat/completions", json=body, timeout=30)
+        # 200 tokens would take 4 s: a 504 within the client's 3 s timeout proves the server cut it
+        r = httpx.post(s.base_url + "/v1/chat/completions", json=body, timeout=3)
         assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
-        assert time.monotonic() - t0 < 3
         _, events = post_stream(s, "/v1/chat/completions", body)
         assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout"
         deadline = time.monotonic() + 5
