@@ -122,9 +122,23 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     further; a template that reaches for internals is hostile or broken either way, so say so.
     """
 
+    # `'a' * 10**8` cannot escape, but it can take gigabytes: bound what `*` and `**` may build.
+    intercepted_binops = frozenset(["*", "**"])
+    MAX_BUILT = 1_000_000  # characters or items a repetition may produce; magnitude of a power
+
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         raise jinja2.exceptions.SecurityError(
             f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is not allowed")
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**":
+            if isinstance(right, int | float) and abs(right) > 64:
+                raise jinja2.exceptions.SecurityError("the chat template raises to too large a power")
+        elif operator == "*":
+            for seq, count in ((left, right), (right, left)):
+                if isinstance(seq, str | list | tuple) and isinstance(count, int) and len(seq) * count > self.MAX_BUILT:
+                    raise jinja2.exceptions.SecurityError("the chat template builds too large a value")
+        return super().call_binop(context, operator, left, right)
 
 
 class ChatTemplate:

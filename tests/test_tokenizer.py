@@ -207,3 +207,16 @@ def test_training_is_deterministic_and_cli_writes_hf_files(tmp_path: Path, capsy
                        "tokenizer.json", "tokenizer_config.json"]
     vocab = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())["model"]["vocab"]
     assert not any("<|" in t for t in vocab if t not in SPECIAL_TOKENS)  # no merges learned from special tokens
+
+
+@pytest.mark.parametrize("source", [
+    "{% set x = 'a' * 10**8 %}{{ x|length }}",
+    "{{ ('a' * 1000) * 100000 }}",
+    "{{ [1, 2] * 10000000 }}",
+    "{{ 2 ** 100000 }}",
+])
+def test_templates_cannot_exhaust_memory(source):
+    from model.tokenizer import ChatTemplate, ChatTemplateError
+
+    with pytest.raises(ChatTemplateError):
+        ChatTemplate(source).render([{"role": "user", "content": "x"}])
