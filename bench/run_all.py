@@ -131,8 +131,7 @@ def headline(results: dict[str, dict]) -> list[dict]:
                 higher=False)
         for name, info in r.get("summary", {}).get("servers", {}).items():
             rss = info.get("peak_rss_tree_mib")
-            add("serving", f"{name} peak RSS, process tree", None if rss is None else round(rss), unit=" MiB",
-                note=Path(str(r.get("meta", {}).get("model", ""))).name)
+            add("serving", f"{name} peak RSS, process tree", None if rss is None else round(rss), unit=" MiB")
     r = results.get("serving_default")
     if r:
         for row in r["rows"]:
