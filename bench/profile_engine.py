@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = pin_threads(args.threads)
     res = {"engine": profile_engine, "dsa": profile_dsa, "server": profile_server}[args.what](args)
     name = f"profile_{args.what}" + (f"_k{args.k}" if args.what == "engine" and args.k else "")
-    print(f"wrote {write_result(name, [], meta(threads, **vars(args) | {'model': str(args.model)}), res)}",
-          file=sys.stderr)
+    opts = {k: v for k, v in vars(args).items() if k != "threads"} | {"model": str(args.model)}
+    print(f"wrote {write_result(name, [], meta(threads, **opts), res)}", file=sys.stderr)
     return 0
 
 
