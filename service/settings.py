@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -44,6 +45,8 @@ class Settings(BaseSettings):
     block_size: int = Field(16, ge=1, description="tokens per KV cache block")
     num_speculative_tokens: int = Field(0, ge=0, description="MTP draft length; 0 disables speculative decoding")
     seed: int = Field(0, description="engine seed for requests without their own")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads for the model (default: all cores "
+                                                              "but one, which the HTTP event loop keeps)")
     max_queue_size: int = Field(256, ge=1, description="requests waiting for their first token before new "
                                                        "ones get 503")
     retry_after: int = Field(1, ge=0, description="seconds in the Retry-After header of a 503")
@@ -100,7 +103,8 @@ class Settings(BaseSettings):
             model=model_dir, device=self.device, dtype=self.dtype, max_model_len=self.max_model_len,
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             kv_cache_tokens=self.kv_cache_tokens, kv_cache_memory_fraction=self.kv_cache_memory_fraction,
-            block_size=self.block_size, num_speculative_tokens=self.num_speculative_tokens, seed=self.seed)
+            block_size=self.block_size, num_speculative_tokens=self.num_speculative_tokens, seed=self.seed,
+            torch_threads=self.torch_threads or max(1, (os.cpu_count() or 2) - 1))
 
 
 class SettingsError(ValueError):

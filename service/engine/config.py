@@ -19,3 +19,6 @@ class EngineConfig:
     block_size: int = 16
     num_speculative_tokens: int = 0
     seed: int = 0
+    # CPU only: torch intra-op threads (process-wide). None leaves torch's default. On a small CPU, threads that
+    # spin-wait for the event loop's core cost more than they compute (measured in bench/http_overhead.py).
+    torch_threads: int | None = None

@@ -38,6 +38,8 @@ class LLMEngine:
         self.model_config: ModelConfig = model.config
         self.tokenizer = tokenizer
         device, dtype = resolve_device_dtype(config)
+        if device.type == "cpu" and config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
         cfg = self.model_config
         if config.max_num_seqs < 1 or config.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
