@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
+from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
-from service.api.errors import APIError, bad_request
+from service.api.errors import APIError, bad_request, from_validation_error
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def _reject_constant(name: str) -> Any:
@@ -107,3 +110,12 @@ async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
         raise bad_request("Request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff); strings must be "
                           "valid Unicode.")
     return data
+
+
+async def parse_body(request: Request, model: type[M], limit: int) -> M:
+    """Read the JSON body (see read_json_body) and validate it into `model`; invalid fields are a 400."""
+    data = await read_json_body(request, limit)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise from_validation_error(e) from None

@@ -8,11 +8,9 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 
-from service.api.body import read_json_body
+from service.api.body import parse_body
 from service.api.context import ServingContext
-from service.api.errors import from_validation_error
 from service.api.generation import collect
 from service.api.job import Job, new_id, run_job, usage
 from service.api.logprobs import TokenNamer, chat_logprobs
@@ -22,11 +20,7 @@ from service.engine.outputs import RequestOutput
 
 async def create_chat_completion(request: Request) -> Response:
     ctx: ServingContext = request.app.state.ctx
-    data = await read_json_body(request, ctx.settings.max_request_body_bytes)
-    try:
-        req = ChatCompletionRequest.model_validate(data)
-    except ValidationError as e:
-        raise from_validation_error(e) from None
+    req = await parse_body(request, ChatCompletionRequest, ctx.settings.max_request_body_bytes)
     ctx.check_model(req.model)
     ctx.check_n(req.n)
     ctx.check_token_ids(req.stop_token_ids or [], "stop_token_ids")

@@ -7,13 +7,12 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
 
-from service.api.body import read_json_body
+from service.api.body import parse_body
 from service.api.chat import create_chat_completion
 from service.api.completions import create_completion
 from service.api.context import ServingContext
-from service.api.errors import from_validation_error, redact
+from service.api.errors import redact
 from service.api.protocol import DetokenizeRequest, TokenizeRequest
 
 router = APIRouter()
@@ -45,11 +44,7 @@ async def get_model(model_id: str, request: Request) -> JSONResponse:
 @router.post("/tokenize")
 async def tokenize(request: Request) -> JSONResponse:
     ctx = _ctx(request)
-    data = await read_json_body(request, ctx.settings.max_request_body_bytes)
-    try:
-        req = TokenizeRequest.model_validate(data)
-    except ValidationError as e:
-        raise from_validation_error(e) from None
+    req = await parse_body(request, TokenizeRequest, ctx.settings.max_request_body_bytes)
     ctx.check_model(req.model)
     if req.messages is not None:
         text = await ctx.render_chat([m.for_template() for m in req.messages], req.add_generation_prompt,
@@ -69,11 +64,7 @@ async def tokenize(request: Request) -> JSONResponse:
 @router.post("/detokenize")
 async def detokenize(request: Request) -> JSONResponse:
     ctx = _ctx(request)
-    data = await read_json_body(request, ctx.settings.max_request_body_bytes)
-    try:
-        req = DetokenizeRequest.model_validate(data)
-    except ValidationError as e:
-        raise from_validation_error(e) from None
+    req = await parse_body(request, DetokenizeRequest, ctx.settings.max_request_body_bytes)
     ctx.check_model(req.model)
     ctx.check_token_ids(req.tokens, "tokens")
     tok = ctx.need_tokenizer("detokenize")
