@@ -62,7 +62,8 @@ class MLAttention(nn.Module):
         k_rope = Rotary.apply(k_rope, cos_t, sin_t, self.interleave)
 
         store = fb.cache.latent if fb.cache is not None else None
-        ctx = fb.context(store, self.layer, torch.cat([c_kv, k_rope], dim=-1))  # [B, T, kv_rank + rope]
+        latent = torch.cat([c_kv, k_rope], dim=-1)  # [N, kv_rank + rope]
+        fb.write(store, self.layer, latent)
 
         topk, index_scores = prev_topk, None
         if self.indexer is not None:
@@ -72,18 +73,16 @@ class MLAttention(nn.Module):
         w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]
         q_abs = torch.einsum("nhd,hdc->nhc", q_nope, w_uk)  # [N, nh, kv_rank]
         qp = fb.to_padded(torch.cat([q_abs, q_rope], dim=-1)).float()  # [B, Q, nh, C]
-        ctx32 = ctx.float()
         mask = fb.key_mask
-        if topk is not None and fb.collect is None and topk.numel() * ctx.shape[-1] <= SPARSE_GATHER_MAX_ELEMENTS:
-            # Read only the selected latents: O(k) per query instead of O(T).
-            B, Q, k = topk.shape
-            b = torch.arange(B, device=x.device)[:, None, None]
-            keys = ctx32[b, topk]  # [B, Q, k, C]
+        if topk is not None and fb.collect is None and topk.numel() * latent.shape[-1] <= SPARSE_GATHER_MAX_ELEMENTS:
+            # Read only the selected latents from the cache: O(k) per query instead of O(T).
+            keys = fb.read(store, self.layer, latent, topk).float()  # [B, Q, k, C]
             mask = mask.gather(2, topk)
             scores = torch.einsum("bqhc,bqkc->bhqk", qp, keys) * self.scale
             probs = torch.softmax(scores.masked_fill(~mask[:, None], float("-inf")), dim=-1)
             o_lat = torch.einsum("bhqk,bqkc->bqhc", probs, keys[..., : self.kv_rank])
         else:
+            ctx32 = fb.read(store, self.layer, latent).float()  # [B, T, C]
             if topk is not None:
                 mask = mask & torch.zeros_like(mask).scatter_(2, topk, True)
             scores = torch.einsum("bqhc,btc->bhqt", qp, ctx32) * self.scale

@@ -119,13 +119,31 @@ class ForwardBatch:
         """[B, Q, ...] -> [N, ...]."""
         return x.flatten(0, 1)[self.flat_to_padded]
 
+    def write(self, store: list[torch.Tensor | None] | None, layer: int, new: torch.Tensor) -> None:
+        """Write this step's per-token values [N, D] into `store[layer]` at their slots (no-op without a cache)."""
+        if self.cache is not None and store is not None:
+            buf = store[layer]
+            buf.index_copy_(0, self.slot_mapping, new.to(buf.dtype))
+
+    def read(self, store: list[torch.Tensor | None] | None, layer: int, new: torch.Tensor,
+             index: torch.Tensor | None = None) -> torch.Tensor:
+        """Each sequence's context [B, T, D]; or, given index [B, Q, k] into it, only those keys [B, Q, k, D]
+        (sparse attention reads k latents per query, never the whole context)."""
+        if self.cache is None or store is None:
+            ctx = self.to_padded(new)
+            if index is None:
+                return ctx
+            b = torch.arange(ctx.shape[0], device=ctx.device)[:, None, None]
+            return ctx[b, index]
+        if index is None:
+            return store[layer][self.key_slots]
+        slots = self.key_slots.gather(1, index.flatten(1)).view_as(index)
+        return store[layer][slots]
+
     def context(self, store: list[torch.Tensor | None] | None, layer: int, new: torch.Tensor) -> torch.Tensor:
         """Write this step's per-token values [N, D] into `store[layer]` and return the context [B, T, D]."""
-        if self.cache is None or store is None:
-            return self.to_padded(new)
-        buf = store[layer]
-        buf.index_copy_(0, self.slot_mapping, new.to(buf.dtype))
-        return buf[self.key_slots]
+        self.write(store, layer, new)
+        return self.read(store, layer, new)
 
     def last_token_index(self) -> torch.Tensor:
         """Flat index of each sequence's last new token (where the next-token logits come from)."""

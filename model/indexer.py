@@ -15,6 +15,9 @@ from .batch import ForwardBatch
 from .config import ModelConfig
 from .layers import ReplicatedLinear, Rotary
 
+# Score all heads in one matmul while the [B, Q, H, T] intermediate stays this small; else head by head.
+ALL_HEADS_MAX_ELEMENTS = 1 << 22
+
 
 class Indexer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
@@ -51,9 +54,14 @@ class Indexer(nn.Module):
         w = self.weights_proj(x).float() * self.n_heads**-0.5  # [N, H]; may be negative
         qp, wp = fb.to_padded(q).float(), fb.to_padded(w)  # [B, Q, H, D], [B, Q, H]
         keys_t = keys.float().transpose(1, 2) * self.head_dim**-0.5  # [B, D, T]
-        scores = torch.zeros(qp.shape[0], qp.shape[1], T, device=x.device)
-        for h in range(self.n_heads):  # one head at a time: [B, Q, T] live instead of [B, Q, H, T]
-            scores += wp[:, :, h, None] * F.relu(torch.bmm(qp[:, :, h], keys_t))
+        B, Q = qp.shape[:2]
+        if B * Q * self.n_heads * T <= ALL_HEADS_MAX_ELEMENTS:  # decode / verify: all heads in one matmul
+            s = F.relu(torch.matmul(qp.flatten(1, 2), keys_t)).view(B, Q, self.n_heads, T)
+            scores = torch.einsum("bqht,bqh->bqt", s, wp)
+        else:  # long query blocks: one head at a time, [B, Q, T] live instead of [B, Q, H, T]
+            scores = torch.zeros(B, Q, T, device=x.device)
+            for h in range(self.n_heads):
+                scores += wp[:, :, h, None] * F.relu(torch.bmm(qp[:, :, h], keys_t))
         scores = scores.masked_fill(~fb.key_mask, float("-inf"))
         if T <= self.topk:
             return None, scores

@@ -143,3 +143,14 @@ def test_sparse_gather_and_dense_mask_paths_agree(ckpt, monkeypatch):
     monkeypatch.setattr(attention, "SPARSE_GATHER_MAX_ELEMENTS", 0)
     masked = ours_cached_logits(ours, ids, prefill=20)
     assert (gathered - masked).abs().max().item() <= 1e-5
+
+
+def test_indexer_all_heads_and_head_by_head_agree(ckpt, monkeypatch):
+    from model import indexer
+
+    ours = load_model(ckpt)
+    ids = torch.randint(2, 96, (40,), generator=torch.Generator().manual_seed(8))
+    together = ours_cached_logits(ours, ids, prefill=20)
+    monkeypatch.setattr(indexer, "ALL_HEADS_MAX_ELEMENTS", 0)
+    one_by_one = ours_cached_logits(ours, ids, prefill=20)
+    assert (together - one_by_one).abs().max().item() <= 1e-5
