@@ -57,9 +57,8 @@ class MLAttention(nn.Module):
         q_nope, q_rope = q.view(N, nh, -1).split([self.nope, self.rope], dim=-1)
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
-        cos_t, sin_t = cos, sin
-        q_rope = Rotary.apply(q_rope, cos_t, sin_t, self.interleave)
-        k_rope = Rotary.apply(k_rope, cos_t, sin_t, self.interleave)
+        q_rope = Rotary.apply(q_rope, cos, sin, self.interleave)
+        k_rope = Rotary.apply(k_rope, cos, sin, self.interleave)
 
         store = fb.cache.latent if fb.cache is not None else None
         latent = torch.cat([c_kv, k_rope], dim=-1)  # [N, kv_rank + rope]

@@ -24,7 +24,7 @@ import torch
 
 from model.batch import ForwardBatch
 
-from .sampler import Sampler, SamplingState
+from .sampler import SamplingState
 from .sequence import Sequence
 
 
@@ -166,4 +166,4 @@ def draft_tensors(seqs: list[Sequence], vocab: int, device: torch.device) -> tup
     return drafts, q, counts
 
 
-__all__ = ["MTPProposer", "Sampler", "Verdict", "draft_tensors", "verify"]
+__all__ = ["MTPProposer", "Verdict", "draft_tensors", "verify"]
