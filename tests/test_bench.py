@@ -72,7 +72,11 @@ def test_headline_verdicts():
                                             "tpot_p50_ratio": 0.9},
                                            {"concurrency": 64, "tok_s_ratio": 0.8, "ttft_p50_ratio": 2.0,
                                             "tpot_p50_ratio": 1.0}], "servers": {}}},
-        "mtp": {"rows": [], "summary": {"best_k_batch1": 2, "best_speedup_batch1": 1.8, "best_same_batch1": "8/8"}},
+        "speculative": {"rows": [{"prompt_set": "code", "batch": 1, "k": 2, "accept_pos": "0.80 0.50",
+                                  "accept_rate": 0.65, "mean_accept_len": 2.3}],
+                        "summary": {"best_batch1": {"code": {"k": 2, "speedup": 1.8, "same": "8/8"},
+                                                    "prose": {"k": 1, "speedup": 1.2, "same": "8/8"}},
+                                    "best_by_batch": {"8": {"code": {"k": 1, "speedup": 1.1, "same": "8/8"}}}}},
         "dsa": {"rows": [], "summary": {"decode_ratio_16k": 0.5, "prefill_ratio_16k": 0.4}},
     }
     v = {row["figure"]: row["verdict"] for row in run_all.headline(results)}
@@ -81,9 +85,27 @@ def test_headline_verdicts():
     assert v["HTTP+SSE overhead (1 - server/engine), C=16"] == "PASS"
     assert v["glm-serve / vLLM output tok/s, C=4"] == "PASS" and v["glm-serve / vLLM TTFT p50, C=4"] == "MISS"
     assert v["glm-serve / vLLM output tok/s, C=64"] == "info"  # no target at 64
-    assert v["best K (K=2) tok/s / K=0, batch 1"] == "PASS"
+    assert v["best K (K=2) tok/s / K=0, batch 1, code"] == "PASS"
+    assert v["best K (K=1) tok/s / K=0, batch 1, prose"] == "MISS"
+    assert v["best K (K=1) tok/s / K=0, batch 8, code"] == "info"
+    assert v["acceptance by position, K=2, batch 1, code"] == "info"
     assert v["decode step DSA / dense at 16K"] == "MISS" and v["prefill DSA / dense at 16K"] == "PASS"
     assert v["glm-serve peak RSS (shipped model)"] == "info"
+
+
+def test_speculative_prompt_sets(monkeypatch, tmp_path):
+    import engine_runs
+
+    src = '"""A module docstring that is long enough to count as a real English paragraph of prose here."""\n' \
+          "# a comment block that is also plain English, written over\n# two lines so it is joined into one\n" \
+          "x = {'a': [1, 2], 'b': (3, 4)}  # short\n"
+    assert engine_runs._prose_of(src) == [
+        "A module docstring that is long enough to count as a real English paragraph of prose here.",
+        "a comment block that is also plain English, written over two lines so it is joined into one"]
+    monkeypatch.setattr(engine_runs, "ROOT", tmp_path)  # no held-out split: the built-in paragraphs
+    assert engine_runs.prose_texts() == ["\n\n".join(engine_runs.FALLBACK_PROSE)]
+    with pytest.raises(ValueError):
+        engine_runs.prompt_set("poetry", tmp_path, 1, 4)
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +118,12 @@ def tiny_ckpt(tmp_path_factory):
 def test_in_process_benchmarks_write_tables_and_json(tiny_ckpt, tmp_path, capsys):
     import cache_bytes
     import dsa
-    import mtp
+    import speculative
 
     out = ["--out-dir", str(tmp_path), "--threads", "1"]
     assert cache_bytes.main(["--model", str(tiny_ckpt), "--out-dir", str(tmp_path)]) == 0
-    assert mtp.main(["--model", str(tiny_ckpt), "--k", "0", "1", "--batch", "1", "--prompts", "2",
-                     "--prompt-tokens", "6", "--max-tokens", "4", "--repeats", "1", *out]) == 0
+    assert speculative.main(["--model", str(tiny_ckpt), "--k", "0", "1", "--batch", "1", "--prompts", "2",
+                             "--prompt-tokens", "6", "--max-tokens", "4", "--repeats", "1", *out]) == 0
     assert dsa.main(["--model", str(tiny_ckpt), "--contexts", "12", "20", "--chunk", "8", "--decode-steps", "2",
                      "--decode-rounds", "2", "--prefill-repeats", "1",
                      *out]) == 0
@@ -111,14 +133,18 @@ def test_in_process_benchmarks_write_tables_and_json(tiny_ckpt, tmp_path, capsys
 
     cb = json.loads((tmp_path / "cache_bytes.json").read_text())
     assert cb["rows"][-1]["model"] == "ckpt" and cb["rows"][-1]["checked"] is True
-    m = json.loads((tmp_path / "mtp.json").read_text())
+    m = json.loads((tmp_path / "speculative.json").read_text())
+    assert [(r["prompt_set"], r["k"]) for r in m["rows"]] == [("code", 0), ("code", 1), ("prose", 0), ("prose", 1)]
     k0 = next(r for r in m["rows"] if r["k"] == 0)
     assert k0["tok_s"] > 0 and k0["same"] == "2/2" and "tokens" not in k0
+    k1 = [r for r in m["rows"] if r["k"] == 1 and r["drafts"]]
+    assert all(1 <= r["mean_accept_len"] <= 2 and len(r["accept_by_pos"]) == 1 for r in k1)
+    assert set(m["summary"]["best_batch1"]) <= {"code", "prose"} and m["meta"]["prompt_sets"] == ["code", "prose"]
     assert m["meta"]["threads"] == 1 and "loadavg_1m" in m["meta"]
     d = json.loads((tmp_path / "dsa.json").read_text())
     assert [r["context"] for r in d["rows"]] == [12, 20] and all(r["sparse_decode_ms"] > 0 for r in d["rows"])
     assert d["rows"][0]["read_share"] == pytest.approx(8 / 12)  # tiny index_topk = 8
 
-    rows = run_all.report(tmp_path, ["cache_bytes", "mtp", "dsa"])
-    assert any(r["benchmark"] == "mtp" for r in rows) and (tmp_path / "summary.json").is_file()
+    rows = run_all.report(tmp_path, ["cache_bytes", "speculative", "dsa"])
+    assert any(r["benchmark"] == "speculative" for r in rows) and (tmp_path / "summary.json").is_file()
     assert "headline figures" in capsys.readouterr().out

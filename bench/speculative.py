@@ -1,0 +1,181 @@
+"""Speculative decoding with the MTP layer: tokens/s and acceptance for K = 0..4, batch 1 and 8, code and prose.
+
+    python bench/speculative.py [--model DIR] [--k 0 1 2 3 4] [--batch 1 8] [--prompt-set code prose]
+                                [--prompts 8] [--prompt-tokens 64] [--max-tokens 128] [--repeats 5] [--threads 2]
+
+The shipped (trained) model by default: a random MTP layer would accept nothing. Two prompt sets, each of
+`--prompts` windows of `--prompt-tokens` tokens (engine_runs.prompt_set, seeded): "code" = held-out Python files
+(runs/data/heldout.jsonl, kind "code"; else a few built-in lines), "prose" = English prose (the docstring and
+comment paragraphs of those files; else built-in paragraphs), tokenized with the model dir's tokenizer. Greedy,
+ignore_eos, so every run makes the same number of tokens.
+
+For each batch size B, one engine per K (`num_speculative_tokens=K`) runs each prompt set as a closed loop of B
+requests, `repeats` times with the Ks interleaved in each repeat (so drift hits them alike); tok/s is the median.
+Per row (prompt set, B, K): speedup = tok/s over K = 0's of the same B and prompt set; from EngineStats
+(`spec_num_drafts`, `spec_num_draft_tokens`, `spec_num_accepted_tokens`, `spec_accepted_per_pos`) over that row's
+runs: acceptance rate = accepted / draft tokens; mean acceptance length = 1 + accepted / drafts, i.e. tokens
+emitted per verify step (the bonus token plus the accepted drafts; K + 1 at most); acceptance at position i =
+drafts whose i-th token was accepted / drafts. `same` counts prompts whose tokens equal K = 0's (greedy
+speculation must be exact). Summary: the best K at batch 1 per prompt set, its speedup. Target (issue 4): best
+K >= 1.7x K = 0 at batch 1, outputs identical. Writes bench/results/speculative.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import checkpoints
+from common import DEFAULT_THREADS, RESULTS, meta, pin_threads, print_table, warn_if_busy, write_result
+from engine_runs import PROMPT_SETS, closed_loop, prompt_set, random_prompts
+
+COLUMNS = [("prompt_set", "prompts", ""), ("batch", "B", "d"), ("k", "K", "d"), ("tok_s", "tok/s", ".1f"),
+           ("speedup", "vs K=0", ".2fx"), ("accept_rate", "acc rate", ".1%"),
+           ("mean_accept_len", "acc len (tok/step)", ".2f"), ("accept_pos", "acc by pos", ""), ("same", "same", ""),
+           ("error", "error", "")]
+
+
+def stats_tuple(engine) -> tuple[int, int, int, list[int]]:
+    s = engine.stats()
+    return (getattr(s, "spec_num_drafts", 0), getattr(s, "spec_num_draft_tokens", 0),
+            getattr(s, "spec_num_accepted_tokens", 0), list(getattr(s, "spec_accepted_per_pos", []) or []))
+
+
+def make_engine(model: Path, k: int, batch: int, prompts: list[list[int]], max_tokens: int):
+    from service.engine.config import EngineConfig
+    from service.engine.engine import LLMEngine
+
+    max_len = max(len(p) for p in prompts) + max_tokens + k + 8
+    engine = LLMEngine.from_config(EngineConfig(model=model, device="cpu", max_num_seqs=max(batch, 1),
+                                                max_model_len=max_len, kv_cache_tokens=batch * (max_len + 32),
+                                                num_speculative_tokens=k))
+    if k and getattr(engine, "num_speculative_tokens", k) != k:
+        raise RuntimeError(f"engine runs K={getattr(engine, 'num_speculative_tokens', None)}, not {k}")
+    closed_loop(engine, prompts[:batch], 8, batch, prefix="warm")
+    return engine
+
+
+def finish_row(engine, name: str, k: int, batch: int, speeds: list[float], tokens, before) -> dict:
+    after = stats_tuple(engine)
+    drafts, draft_tokens, accepted = (a - b for a, b in zip(after[:3], before[:3], strict=True))
+    per_pos = [a - (before[3][i] if i < len(before[3]) else 0) for i, a in enumerate(after[3])]
+    row = {"prompt_set": name, "batch": batch, "k": k, "tok_s": statistics.median(speeds), "tok_s_runs": speeds,
+           "drafts": drafts, "draft_tokens": draft_tokens, "accepted": accepted, "tokens": tokens,
+           "preemptions": engine.stats().num_preemptions}
+    if k and drafts:
+        row["accept_rate"] = accepted / draft_tokens if draft_tokens else None
+        row["mean_accept_len"] = 1 + accepted / drafts
+        row["accept_by_pos"] = [n / drafts for n in per_pos]
+        row["accept_pos"] = " ".join(f"{x:.2f}" for x in row["accept_by_pos"])
+    return row
+
+
+def run_batch(model: Path, ks: list[int], batch: int, sets: dict[str, list[list[int]]], max_tokens: int,
+              repeats: int) -> list[dict]:
+    """One engine per K, all loaded at once, for every prompt set; per set, the repeats interleave the Ks, so
+    drift hits them alike."""
+    all_prompts = [p for prompts in sets.values() for p in prompts]
+    engines, errors = {}, {}
+    for k in ks:
+        try:
+            engines[k] = make_engine(model, k, batch, all_prompts, max_tokens)
+        except Exception as e:  # speculative decoding missing or broken: record it, keep the table
+            errors[k] = f"{type(e).__name__}: {e}"[:120]
+    rows = []
+    for name, prompts in sets.items():
+        before = {k: stats_tuple(e) for k, e in engines.items()}
+        speeds: dict[int, list[float]] = {k: [] for k in engines}
+        tokens: dict[int, list] = {}
+        for rep in range(repeats):
+            for k, engine in list(engines.items()):
+                try:
+                    run = closed_loop(engine, prompts, max_tokens, batch, prefix=f"{name}-r{rep}-")
+                except Exception as e:
+                    errors[k] = f"{type(e).__name__}: {e}"[:120]
+                    del engines[k]
+                    continue
+                speeds[k].append(run.output_tokens / run.seconds)
+                tokens.setdefault(k, run.tokens)
+        batch_rows = []
+        for k in ks:
+            if k in errors:
+                batch_rows.append({"prompt_set": name, "batch": batch, "k": k, "error": errors[k]})
+                print(f"{name} B={batch} K={k}: {errors[k]}", file=sys.stderr)
+            else:
+                batch_rows.append(finish_row(engines[k], name, k, batch, speeds[k], tokens[k], before[k]))
+                print(f"  {name} B={batch} K={k}: {batch_rows[-1]['tok_s']:.1f} tok/s", flush=True)
+        base = next((r for r in batch_rows if r["k"] == 0 and "error" not in r), None)
+        for row in batch_rows:
+            if base is not None and "error" not in row:
+                row["speedup"] = row["tok_s"] / base["tok_s"]
+                same = sum(a == b for a, b in zip(row["tokens"], base["tokens"], strict=True))
+                row["same"] = f"{same}/{len(prompts)}"
+        rows += batch_rows
+    return rows
+
+
+def best_k(rows: list[dict], batch: int) -> dict[str, dict]:
+    """Per prompt set: the K > 0 with the highest speedup at `batch` (k, speedup, tok/s, same, acceptance)."""
+    out: dict[str, dict] = {}
+    for name in dict.fromkeys(r["prompt_set"] for r in rows):
+        cands = [r for r in rows if r["prompt_set"] == name and r.get("batch") == batch and r.get("k", 0) > 0
+                 and "speedup" in r]
+        best = max(cands, key=lambda r: r["speedup"], default=None)
+        if best is not None:
+            out[name] = {key: best.get(key) for key in ("k", "speedup", "tok_s", "same", "accept_rate",
+                                                         "mean_accept_len", "accept_pos")}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, help="checkpoint with an MTP layer (default: the shipped model)")
+    ap.add_argument("--k", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-set", nargs="+", choices=PROMPT_SETS, default=list(PROMPT_SETS))
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per set")
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    ap.add_argument("--random-prompts", action="store_true",
+                    help="random token ids instead of text (one set, named 'random')")
+    ap.add_argument("--name", default="speculative")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    warn_if_busy()
+    threads = pin_threads(args.threads)
+    model = args.model or checkpoints.default_model()
+    if model is None:
+        raise SystemExit("no shipped model yet (model/weights/*/model.safetensors); pass --model DIR")
+    if args.random_prompts or not (model / "tokenizer.json").is_file():
+        from model.config import ModelConfig
+
+        vocab = ModelConfig.from_dir(model).vocab_size
+        sets = {"random": random_prompts(args.prompts, args.prompt_tokens, vocab, low=min(16, vocab - 1))}
+    else:
+        sets = {name: prompt_set(name, model, args.prompts, args.prompt_tokens)
+                for name in dict.fromkeys(args.prompt_set)}
+
+    rows = []
+    for batch in args.batch:
+        rows += run_batch(model, sorted(set(args.k)), batch, sets, args.max_tokens, args.repeats)
+    for r in rows:
+        r.pop("tokens", None)
+    summary = {"best_batch1": best_k(rows, 1), "best_by_batch": {str(b): best_k(rows, b) for b in args.batch},
+               "target_speedup_batch1": 1.7}
+    m = meta(threads, model=str(model), prompt_sets=list(sets), prompts=args.prompts,
+             prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, repeats=args.repeats)
+    print_table(f"MTP speculative decoding: greedy, {args.prompts} prompts per set x {args.max_tokens} tokens, "
+                f"{threads} threads, medians of {args.repeats}; acc len = 1 + accepted/drafts (tokens per verify "
+                f"step)", COLUMNS, rows)
+    for name, b in summary["best_batch1"].items():
+        print(f"best K at batch 1, {name}: K={b['k']}, {b['speedup']:.2f}x K=0 (target >= 1.7x), same {b['same']}")
+    print(f"wrote {write_result(args.name, rows, m, summary, args.out_dir)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
