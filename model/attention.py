@@ -14,7 +14,7 @@ from torch import nn
 from .batch import ForwardBatch
 from .config import ModelConfig
 from .indexer import Indexer
-from .layers import ColumnParallelLinear, ReplicatedLinear, RMSNorm, Rotary, RowParallelLinear
+from .layers import ColumnParallelLinear, ReplicatedLinear, RMSNorm, RotaryTable, RowParallelLinear
 
 # Sparse attention gathers each query's top-k latents ([B, Q, k, C] floats) when that fits this many elements
 # (decode, verify and prefill chunks of small models); otherwise it masks the dense scores, which costs
@@ -45,7 +45,7 @@ class MLAttention(nn.Module):
         self.o_proj = RowParallelLinear(nh * self.v_dim, H, bias=bias)
         self.indexer = Indexer(cfg, layer) if cfg.use_indexer and cfg.has_own_indexer(layer) else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch,
+    def forward(self, x: torch.Tensor, rope: RotaryTable, fb: ForwardBatch,
                 prev_topk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: [N, hidden] -> ([N, hidden], this layer's top-k indices for a following shared-indexer layer)."""
         N, nh = x.shape[0], self.n_heads
@@ -57,8 +57,8 @@ class MLAttention(nn.Module):
         q_nope, q_rope = q.view(N, nh, -1).split([self.nope, self.rope], dim=-1)
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
-        q_rope = Rotary.apply(q_rope, cos, sin, self.interleave)
-        k_rope = Rotary.apply(k_rope, cos, sin, self.interleave)
+        q_rope = rope.rotate(q_rope, self.interleave)
+        k_rope = rope.rotate(k_rope, self.interleave)
 
         store = fb.cache.latent if fb.cache is not None else None
         latent = torch.cat([c_kv, k_rope], dim=-1)  # [N, kv_rank + rope]
@@ -66,29 +66,33 @@ class MLAttention(nn.Module):
 
         topk, index_scores = prev_topk, None
         if self.indexer is not None:
-            topk, index_scores = self.indexer(x, q_lat, cos, sin, fb)
+            topk, index_scores = self.indexer(x, q_lat, rope, fb)
 
+        # Plain (batched) matmuls rather than einsum: on CPU einsum's own dispatch costs more than these tiny
+        # products, and the [B, Q, h, .] layout below needs no permutes.
         w_kv = self.kv_b_proj.weight.view(nh, self.nope + self.v_dim, self.kv_rank)
         w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]
-        q_abs = torch.einsum("nhd,hdc->nhc", q_nope, w_uk)  # [N, nh, kv_rank]
+        q_abs = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, nh, kv_rank]
         qp = fb.to_padded(torch.cat([q_abs, q_rope], dim=-1)).float()  # [B, Q, nh, C]
-        mask = fb.key_mask
+        B, Q = qp.shape[:2]
         if topk is not None and fb.collect is None and topk.numel() * latent.shape[-1] <= SPARSE_GATHER_MAX_ELEMENTS:
             # Read only the selected latents from the cache: O(k) per query instead of O(T).
             keys = fb.read(store, self.layer, latent, topk).float()  # [B, Q, k, C]
-            mask = mask.gather(2, topk)
-            scores = torch.einsum("bqhc,bqkc->bhqk", qp, keys) * self.scale
-            probs = torch.softmax(scores.masked_fill(~mask[:, None], float("-inf")), dim=-1)
-            o_lat = torch.einsum("bhqk,bqkc->bqhc", probs, keys[..., : self.kv_rank])
+            hidden = fb.key_hidden.gather(2, topk)[:, :, None]  # [B, Q, 1, k]
+            scores = torch.matmul(qp, keys.transpose(-1, -2)) * self.scale  # [B, Q, nh, k]
+            probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
+            o_lat = torch.matmul(probs, keys[..., : self.kv_rank])  # [B, Q, nh, kv_rank]
         else:
             ctx32 = fb.read(store, self.layer, latent).float()  # [B, T, C]
+            hidden = fb.key_hidden
             if topk is not None:
-                mask = mask & torch.zeros_like(mask).scatter_(2, topk, True)
-            scores = torch.einsum("bqhc,btc->bhqt", qp, ctx32) * self.scale
-            probs = torch.softmax(scores.masked_fill(~mask[:, None], float("-inf")), dim=-1)
-            o_lat = torch.einsum("bhqt,btc->bqhc", probs, ctx32[..., : self.kv_rank])
+                hidden = hidden | torch.ones_like(hidden).scatter_(2, topk, False)
+            scores = torch.bmm(qp.flatten(1, 2), ctx32.transpose(1, 2)).view(B, Q, nh, -1) * self.scale
+            probs = torch.softmax(scores.masked_fill(hidden[:, :, None], float("-inf")), dim=-1)
+            o_lat = torch.bmm(probs.flatten(1, 2), ctx32[..., : self.kv_rank]).view(B, Q, nh, -1)
             if fb.collect is not None:
-                fb.collect.append({"layer": self.layer, "attn": probs, "index": index_scores, "topk": topk})
-        o = torch.einsum("bqhc,hvc->bqhv", o_lat.to(x.dtype), w_uv)  # [B, Q, nh, v_dim]
-        out = self.o_proj(fb.to_flat(o).reshape(N, nh * self.v_dim))
-        return out, topk
+                fb.collect.append({"layer": self.layer, "attn": probs.transpose(1, 2), "index": index_scores,
+                                   "topk": topk})
+        o_lat = fb.to_flat(o_lat.to(x.dtype))  # [N, nh, kv_rank]
+        o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [N, nh, v_dim]
+        return self.o_proj(o.reshape(N, nh * self.v_dim)), topk

@@ -13,7 +13,7 @@ from torch import nn
 
 from .batch import ForwardBatch
 from .config import ModelConfig
-from .layers import ReplicatedLinear, Rotary
+from .layers import ReplicatedLinear, RotaryTable
 
 # Score all heads in one matmul while the [B, Q, H, T] intermediate stays this small; else head by head.
 ALL_HEADS_MAX_ELEMENTS = 1 << 22
@@ -25,7 +25,6 @@ class Indexer(nn.Module):
         self.layer = layer
         self.n_heads = cfg.index_n_heads
         self.head_dim = cfg.index_head_dim
-        self.rope_dim = cfg.qk_rope_head_dim
         self.topk = cfg.index_topk
         self.interleave = cfg.indexer_rope_interleave
         self.wq_b = ReplicatedLinear(cfg.q_lora_rank, self.n_heads * self.head_dim)
@@ -33,36 +32,32 @@ class Indexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = ReplicatedLinear(cfg.hidden_size, self.n_heads)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # The rope slice comes first in the indexer (last in MLA).
-        rot, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
-        return torch.cat([Rotary.apply(rot, cos, sin, self.interleave), rest], dim=-1)
-
-    def forward(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                fb: ForwardBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, q_lat: torch.Tensor, rope: RotaryTable, fb: ForwardBatch
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Returns (top-k indices [B, Q, k] into the padded context, or None when dense; scores [B, Q, T] when
         computed). Inputs are detached: the indexer learns only from its own KL loss."""
         x, q_lat = x.detach(), q_lat.detach()
         N = x.shape[0]
-        k = self._rope(self.k_norm(self.wk(x)), cos, sin)  # [N, D]
+        k = rope.rotate(self.k_norm(self.wk(x)), self.interleave)  # [N, D]; the rope slice comes first here
         store = fb.cache.index if fb.cache is not None else None
         keys = fb.context(store, self.layer, k)  # [B, T, D]
         T = keys.shape[1]
         if T <= self.topk and fb.collect is None:
             return None, None
-        q = self._rope(self.wq_b(q_lat).view(N, self.n_heads, self.head_dim), cos, sin)
+        # The 1/sqrt(d) goes on the few queries, not the T keys; keys are read as cached (fp32 models: no copy).
+        q = rope.rotate(self.wq_b(q_lat).view(N, self.n_heads, self.head_dim), self.interleave) * self.head_dim**-0.5
         w = self.weights_proj(x).float() * self.n_heads**-0.5  # [N, H]; may be negative
         qp, wp = fb.to_padded(q).float(), fb.to_padded(w)  # [B, Q, H, D], [B, Q, H]
-        keys_t = keys.float().transpose(1, 2) * self.head_dim**-0.5  # [B, D, T]
+        keys_t = keys.float().transpose(1, 2)  # [B, D, T]
         B, Q = qp.shape[:2]
         if B * Q * self.n_heads * T <= ALL_HEADS_MAX_ELEMENTS:  # decode / verify: all heads in one matmul
-            s = F.relu(torch.matmul(qp.flatten(1, 2), keys_t)).view(B, Q, self.n_heads, T)
-            scores = torch.einsum("bqht,bqh->bqt", s, wp)
+            s = F.relu(torch.bmm(qp.flatten(1, 2), keys_t)).view(B * Q, self.n_heads, T)
+            scores = torch.bmm(wp.reshape(B * Q, 1, self.n_heads), s).view(B, Q, T)
         else:  # long query blocks: one head at a time, [B, Q, T] live instead of [B, Q, H, T]
             scores = torch.zeros(B, Q, T, device=x.device)
             for h in range(self.n_heads):
                 scores += wp[:, :, h, None] * F.relu(torch.bmm(qp[:, :, h], keys_t))
-        scores = scores.masked_fill(~fb.key_mask, float("-inf"))
+        scores = scores.masked_fill_(fb.key_hidden, float("-inf"))
         if T <= self.topk:
             return None, scores
         return scores.topk(self.topk, dim=-1).indices, scores

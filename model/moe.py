@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import MLP
+from .layers import MLP, linear
 
 
 class Router(nn.Module):
@@ -65,9 +65,9 @@ class Experts(nn.Module):
         for e, c in enumerate(counts):
             if c == 0:
                 continue
-            h = xs[start : start + c] @ self.gate_up_proj[e].t()
+            h = linear(xs[start : start + c], self.gate_up_proj[e])
             g, u = h.split(self.inter, dim=-1)
-            outs.append((F.silu(g) * u) @ self.down_proj[e].t())
+            outs.append(linear(F.silu(g) * u, self.down_proj[e]))
             start += c
         ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, ys)

@@ -12,7 +12,7 @@ from torch import nn
 from .attention import MLAttention
 from .batch import ForwardBatch
 from .config import ModelConfig
-from .layers import MLP, ReplicatedLinear, RMSNorm, Rotary
+from .layers import MLP, ReplicatedLinear, RMSNorm, Rotary, RotaryTable, linear
 from .moe import MoE
 
 
@@ -24,9 +24,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch,
+    def forward(self, x: torch.Tensor, rope: RotaryTable, fb: ForwardBatch,
                 prev_topk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h, topk = self.self_attn(self.input_layernorm(x), cos, sin, fb, prev_topk)
+        h, topk = self.self_attn(self.input_layernorm(x), rope, fb, prev_topk)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, topk
@@ -54,10 +54,10 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = ReplicatedLinear(2 * H, H)
         self.shared_head = SharedHead(H, cfg.rms_norm_eps)
 
-    def forward_mtp(self, emb: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    fb: ForwardBatch) -> torch.Tensor:
+    def forward_mtp(self, emb: torch.Tensor, hidden: torch.Tensor, rope: RotaryTable, fb: ForwardBatch
+                    ) -> torch.Tensor:
         z = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(hidden)], dim=-1))
-        z, _ = super().forward(z, cos, sin, fb)
+        z, _ = super().forward(z, rope, fb)
         return self.shared_head.norm(z)
 
 
@@ -87,14 +87,14 @@ class GlmMoeDsaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         """input_ids [N] -> final-normed hidden states [N, hidden] (apply `logits` to the rows you need)."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(fb.positions)
+        rope = self.rotary.table(fb.positions)
         topk = None
         for layer in self.model.layers[: self.config.num_hidden_layers]:
-            x, topk = layer(x, cos, sin, fb, topk)
+            x, topk = layer(x, rope, fb, topk)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return linear(hidden, self.lm_head.weight, pad_single=True).float()
 
     def mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor, fb: ForwardBatch, depth: int = 0) -> torch.Tensor:
         """One MTP step. next_ids [N]: the token after each position; hidden [N, H]: the main model's normed
@@ -102,10 +102,9 @@ class GlmMoeDsaForCausalLM(nn.Module):
         (those of `hidden`), in the MTP layer's own cache. Returns the normed state for `logits`."""
         layer: MTPLayer = self.model.layers[self.config.num_hidden_layers + depth % self.config.num_mtp_layers]
         embed = getattr(layer, "embed_tokens", self.model.embed_tokens)
-        cos, sin = self.rotary.cos_sin(fb.positions)
-        return layer.forward_mtp(embed(next_ids), hidden, cos, sin, fb)
+        return layer.forward_mtp(embed(next_ids), hidden, self.rotary.table(fb.positions), fb)
 
     def mtp_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
         layer = self.model.layers[self.config.num_hidden_layers + depth % self.config.num_mtp_layers]
         head = getattr(layer.shared_head, "head", self.lm_head)
-        return head(hidden).float()
+        return linear(hidden, head.weight, head.bias, pad_single=True).float()

@@ -82,6 +82,29 @@ def test_greedy_identical_to_plain_in_a_batch(engine_ckpt, plain, k):
     assert len(stats.spec_accepted_per_pos) == k
 
 
+@pytest.mark.parametrize("k", [2])
+def test_greedy_with_penalties_in_a_mixed_batch(engine_ckpt, plain, k):
+    """Plain greedy rows take the argmax fast path; greedy rows with penalties take the full rejection path; in
+    one batch both stay identical to plain decoding with the same parameters."""
+    mixed = [greedy(MAX_TOKENS, repetition_penalty=1.3) if i % 2 else greedy(MAX_TOKENS) for i in range(len(PROMPTS))]
+    want = run(make_engine(engine_ckpt), mixed)
+    assert [w for i, w in enumerate(want) if i % 2 == 0] == [p for i, p in enumerate(plain) if i % 2 == 0]
+    assert run(make_engine(engine_ckpt, num_speculative_tokens=k), mixed) == want
+
+
+def test_verify_greedy_rows_ignore_q():
+    """Greedy drafts carry no q (zeros in `draft_tensors`); the verdict equals the one with one-hot q."""
+    V = 6
+    p = one_hot([1, 2, 3], V)[None]
+    for drafts in ([1, 2], [1, 5], [4, 2]):
+        with_q = speculative.verify(p, one_hot(drafts, V)[None], torch.tensor([drafts]), torch.tensor([2]),
+                                    torch.ones(1, 2), torch.tensor([True]))
+        no_q = speculative.verify(p, torch.zeros(1, 2, V), torch.tensor([drafts]), torch.tensor([2]),
+                                  torch.ones(1, 2), torch.tensor([True]))
+        assert int(with_q.num_accepted) == int(no_q.num_accepted)
+        assert torch.equal(with_q.final_probs, no_q.final_probs)
+
+
 class OracleDrafts(speculative.MTPProposer):
     """Drafts the true greedy continuation with every fifth position corrupted, so verification accepts and
     rejects at every draft position (a random tiny MTP layer is almost never right)."""

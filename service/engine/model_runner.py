@@ -161,7 +161,11 @@ class ModelRunner:
             k = group.params.prompt_logprobs or 0
             lps = compute_logprobs(logits[torch.tensor(idx, device=logits.device)], token_ids, k)
             result.prompt_logprobs.append((group, first, lps))
-        if targets:
+        if targets and all(s.params.argmax_only and s.params.logprobs is None for s, _ in targets):
+            # The common greedy batch: one argmax, no per-row sampling tensors.
+            best = logits[torch.tensor([r for _, r in targets], device=logits.device)].argmax(dim=-1).tolist()
+            result.samples = [(s, [t], [None]) for (s, _), t in zip(targets, best, strict=True)]
+        elif targets:
             seqs = [s for s, _ in targets]
             state = SamplingState.build(
                 [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
@@ -175,6 +179,9 @@ class ModelRunner:
     def _verify(self, verifying: list[tuple[Sequence, int]], logits: torch.Tensor, result: StepResult) -> None:
         """Rejection-sample each sequence's drafts against the target distributions at its K+1 positions."""
         seqs = [s for s, _ in verifying]
+        if all(s.params.argmax_only for s in seqs):
+            self._verify_greedy(verifying, logits, result)
+            return
         K = max(len(s.draft_token_ids) for s in seqs)
         V = logits.shape[-1]
         # Target rows: position j of sequence i sees the drafts before it in its penalty history.
@@ -205,6 +212,23 @@ class ModelRunner:
                 lps = compute_logprobs(logits[first : first + a + 1], tokens, s.params.logprobs)
             result.samples.append((s, tokens, lps))
             result.spec.append((s, len(s.draft_token_ids), a))
+
+    def _verify_greedy(self, verifying: list[tuple[Sequence, int]], logits: torch.Tensor, result: StepResult
+                       ) -> None:
+        """All-greedy verification: accept the longest prefix of drafts equal to the target argmax, then the
+        argmax after it. The same verdict as the rejection rule on one-hot p, without building p or q."""
+        best = logits.argmax(dim=-1).tolist()
+        for s, first in verifying:
+            drafts = s.draft_token_ids
+            a = 0
+            while a < len(drafts) and drafts[a] == best[first + a]:
+                a += 1
+            tokens = drafts[:a] + [best[first + a]]
+            lps: list[TokenLogprob | None] = [None] * len(tokens)
+            if s.params.logprobs is not None:
+                lps = compute_logprobs(logits[first : first + a + 1], tokens, s.params.logprobs)
+            result.samples.append((s, tokens, lps))
+            result.spec.append((s, len(drafts), a))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole cache blocks src -> dst in every layer (an n>1 fork's partial prompt block)."""

@@ -52,3 +52,9 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def argmax_only(self) -> bool:
+        """Greedy with no penalties: the token is the argmax of the raw logits (the engine's fast path)."""
+        return self.greedy and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0 and \
+            self.repetition_penalty == 1.0

@@ -54,7 +54,7 @@ class Sequence:
         # Speculative decoding: tokens the MTP layer drafted for the next step to verify, and their draft
         # distributions q ([V] each) for the rejection test.
         self.draft_token_ids: list[int] = []
-        self.draft_probs: list[torch.Tensor] = []
+        self.draft_probs: list[torch.Tensor | None] = []  # None: a greedy draft
 
     @property
     def request_id(self) -> str:

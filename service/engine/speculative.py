@@ -134,11 +134,16 @@ class MTPProposer:
                 prev = torch.tensor([seqs[i].draft_token_ids[-1] for i in active], device=dev)
                 z = runner.model.mtp(prev, z, fb)
             batch = [seqs[i] for i in active]
-            state = SamplingState.build([s.params for s in batch], [s.prompt_token_ids for s in batch],
-                                        [s.output_token_ids + s.draft_token_ids for s in batch],
-                                        [s.generator for s in batch], dev)
-            q = runner.sampler.probs(runner.model.mtp_logits(z), state)
-            tokens = runner.sampler.sample_from_probs(q, state).tolist()
+            logits = runner.model.mtp_logits(z)
+            if all(s.params.argmax_only for s in batch):
+                # Greedy drafts: argmax, no q (verification of greedy rows never reads it).
+                tokens, q = logits.argmax(dim=-1).tolist(), [None] * len(batch)
+            else:
+                state = SamplingState.build([s.params for s in batch], [s.prompt_token_ids for s in batch],
+                                            [s.output_token_ids + s.draft_token_ids for s in batch],
+                                            [s.generator for s in batch], dev)
+                q = runner.sampler.probs(logits, state)
+                tokens = runner.sampler.sample_from_probs(q, state).tolist()
             for j, i in enumerate(active):
                 seqs[i].draft_token_ids.append(tokens[j])
                 seqs[i].draft_probs.append(q[j])
@@ -161,7 +166,9 @@ def draft_tensors(seqs: list[Sequence], vocab: int, device: torch.device) -> tup
         n = len(s.draft_token_ids)
         if n:
             drafts[i, :n] = torch.tensor(s.draft_token_ids, device=device)
-            q[i, :n] = torch.stack(s.draft_probs)
+            for j, qj in enumerate(s.draft_probs):
+                if qj is not None:  # greedy drafts carry no q (their rows accept by exact match)
+                    q[i, j] = qj
     counts = torch.tensor([len(s.draft_token_ids) for s in seqs], device=device)
     return drafts, q, counts
 

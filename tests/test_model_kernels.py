@@ -1,0 +1,50 @@
+"""The CPU fast paths of the network's small building blocks equal their plain definitions: `linear` (the
+small-batch GEMM orientation) equals F.linear, and `RotaryTable` (rotation as one matmul) equals rotating
+pairs of dims written out here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.layers import SMALL_BATCH_ROWS, Rotary, linear
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1, 40])
+@pytest.mark.parametrize("pad_single", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_equals_f_linear(rows, pad_single, bias):
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 24, generator=g), torch.randn(56, 24, generator=g)
+    b = torch.randn(56, generator=g) if bias else None
+    got = linear(x, w, b, pad_single=pad_single)
+    assert got.shape == (rows, 56) and got.is_contiguous()
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    x3 = x.view(1, rows, 24)  # leading dims are kept
+    torch.testing.assert_close(linear(x3, w, b, pad_single=pad_single), F.linear(x3, w, b), rtol=1e-5, atol=1e-5)
+
+
+def rotate_reference(x: torch.Tensor, pos: torch.Tensor, dim: int, theta: float, interleave: bool) -> torch.Tensor:
+    """Rotate the first `dim` dims by pos * theta^(-2i/dim); outputs de-interleaved; the rest unchanged.
+    Angles in float32 as transformers computes them (at position 4095 fp64 angles differ by ~1e-4)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    ang = (pos[:, None].float() * inv_freq).double()
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (dim // 2,)
+    cos, sin = ang.cos().view(shape), ang.sin().view(shape)
+    rot, rest = x[..., :dim].double(), x[..., dim:]
+    a, b = (rot[..., 0::2], rot[..., 1::2]) if interleave else rot.chunk(2, dim=-1)
+    out = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).to(x.dtype)
+    return torch.cat([out, rest], dim=-1)
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+@pytest.mark.parametrize("shape", [(5, 16), (5, 3, 16), (5, 2, 32)])  # k, q heads, the indexer's rope-first head
+def test_rotary_table_equals_pairwise_rotation(interleave, shape):
+    pos = torch.tensor([0, 1, 7, 300, 4095])
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    table = Rotary(16, 10000.0).table(pos)
+    got = table.rotate(x, interleave)
+    torch.testing.assert_close(got, rotate_reference(x, pos, 16, 10000.0, interleave), rtol=1e-5, atol=1e-5)
+    assert table.rotate(x, interleave) is not got  # fresh output; the matrix is reused
+    assert len(table._matrices) == 1
