@@ -148,7 +148,14 @@ class ForwardBatch:
             return ctx.flatten(0, 1).index_select(0, rows.flatten()).view(*index.shape, -1)
         buf = store[layer]
         if index is None:
-            return buf.index_select(0, self.key_slots.flatten()).view(*self.key_slots.shape, -1)
+            # Whole blocks (block_size rows per copy) rather than one row per key: a long context is read at
+            # memcpy speed. Keys past a sequence's length hold stale values that key_mask hides.
+            bs, (B, T) = self.cache.block_size, self.key_slots.shape
+            nb = -(-T // bs)
+            if self.block_tables.shape[1] >= nb:
+                blocks = buf.view(-1, bs * buf.shape[-1]).index_select(0, self.block_tables[:, :nb].flatten())
+                return blocks.view(B, nb * bs, -1)[:, :T]
+            return buf.index_select(0, self.key_slots.flatten()).view(B, T, -1)
         slots = self.key_slots.gather(1, index.flatten(1))
         return buf.index_select(0, slots.flatten()).view(*index.shape, -1)
 

@@ -17,6 +17,8 @@ from .layers import ReplicatedLinear, RotaryTable
 
 # Score all heads in one matmul while the [B, Q, H, T] intermediate stays this small; else head by head.
 ALL_HEADS_MAX_ELEMENTS = 1 << 22
+# Longer blocks score a tile of queries at a time, [B, tile, T] of about this many floats (a few MB: cache-sized).
+TILE_ELEMENTS = 1 << 20
 
 
 class Indexer(nn.Module):
@@ -31,6 +33,26 @@ class Indexer(nn.Module):
         self.wk = ReplicatedLinear(cfg.hidden_size, self.head_dim)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = ReplicatedLinear(cfg.hidden_size, self.n_heads)
+
+    def _score_tiled(self, qp: torch.Tensor, wp: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
+        """sum_h w_h * ReLU(q_h . k) for long query blocks, a tile of queries at a time with the heads summed in
+        place, so one [B, tile, T] buffer stays cache-sized instead of [B, Q, H, T] (or [B, Q, T] per op)
+        streaming through memory: the prefill indexer is bound by those passes, not by its FLOPs."""
+        B, Q, H, _ = qp.shape
+        T = keys_t.shape[-1]
+        scores = torch.empty(B, Q, T, device=qp.device)
+        tile = max(1, min(Q, TILE_ELEMENTS // max(1, B * T)))
+        buf = torch.empty(B, tile, T, device=qp.device)
+        for q0 in range(0, Q, tile):
+            q1 = min(Q, q0 + tile)
+            out, s = scores[:, q0:q1], buf[:, : q1 - q0]
+            for h in range(H):
+                torch.bmm(qp[:, q0:q1, h], keys_t, out=s).relu_()
+                if h == 0:
+                    torch.mul(s, wp[:, q0:q1, h, None], out=out)
+                else:
+                    out.addcmul_(s, wp[:, q0:q1, h, None])
+        return scores
 
     def forward(self, x: torch.Tensor, q_lat: torch.Tensor, rope: RotaryTable, fb: ForwardBatch
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -53,10 +75,8 @@ class Indexer(nn.Module):
         if B * Q * self.n_heads * T <= ALL_HEADS_MAX_ELEMENTS:  # decode / verify: all heads in one matmul
             s = F.relu(torch.bmm(qp.flatten(1, 2), keys_t)).view(B * Q, self.n_heads, T)
             scores = torch.bmm(wp.reshape(B * Q, 1, self.n_heads), s).view(B, Q, T)
-        else:  # long query blocks: one head at a time, [B, Q, T] live instead of [B, Q, H, T]
-            scores = torch.zeros(B, Q, T, device=x.device)
-            for h in range(self.n_heads):
-                scores += wp[:, :, h, None] * F.relu(torch.bmm(qp[:, :, h], keys_t))
+        else:  # long query blocks (prefill): see _score_tiled
+            scores = self._score_tiled(qp, wp, keys_t)
         scores = scores.masked_fill_(fb.key_hidden, float("-inf"))
         if T <= self.topk:
             return None, scores

@@ -81,8 +81,12 @@ def test_greedy_32_tokens_match_transformers_generate(ckpt):
     assert ours == ref
 
 
-def test_ragged_batch_equals_each_alone(ckpt):
-    """Three sequences at different stages (prefill chunk, decode, fresh prompt) in one forward."""
+@pytest.mark.parametrize("tiled", [False, True])
+def test_ragged_batch_equals_each_alone(ckpt, monkeypatch, tiled):
+    """Three sequences at different stages (prefill chunk, decode, fresh prompt) in one forward; `tiled` sends the
+    batched indexer through its query-tiled path (tiles of 2 queries over a [3, Q, T] batch)."""
+    from model import indexer
+
     ours = load_model(ckpt)
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(2, 96, (n,), generator=g) for n in (30, 13, 5)]
@@ -101,7 +105,11 @@ def test_ragged_batch_equals_each_alone(ckpt):
         slots = torch.cat([tables[b][torch.arange(c, len(s)) // bs] * bs + torch.arange(c, len(s)) % bs
                            for b, (s, c) in enumerate(zip(seqs, cached, strict=True))])
         fb = ForwardBatch(pos, [len(n) for n in new], [len(s) for s in seqs], tables, slots, cache)
+        if tiled:
+            monkeypatch.setattr(indexer, "ALL_HEADS_MAX_ELEMENTS", 0)
+            monkeypatch.setattr(indexer, "TILE_ELEMENTS", 2 * 3 * 30)
         batched = ours.logits(ours(torch.cat(new), fb))
+        monkeypatch.undo()
     alone = torch.cat([ours_full_logits(ours, s)[c:] for s, c in zip(seqs, cached, strict=True)])
     assert (batched - alone).abs().max().item() <= 1e-4
 
@@ -145,12 +153,14 @@ def test_sparse_gather_and_dense_mask_paths_agree(ckpt, monkeypatch):
     assert (gathered - masked).abs().max().item() <= 1e-5
 
 
-def test_indexer_all_heads_and_head_by_head_agree(ckpt, monkeypatch):
+@pytest.mark.parametrize("tile_elements", [1 << 20, 40 * 3])  # one tile; tiles of 3 queries
+def test_indexer_all_heads_and_tiled_agree(ckpt, monkeypatch, tile_elements):
     from model import indexer
 
+    monkeypatch.setattr(indexer, "TILE_ELEMENTS", tile_elements)
     ours = load_model(ckpt)
     ids = torch.randint(2, 96, (40,), generator=torch.Generator().manual_seed(8))
     together = ours_cached_logits(ours, ids, prefill=20)
     monkeypatch.setattr(indexer, "ALL_HEADS_MAX_ELEMENTS", 0)
-    one_by_one = ours_cached_logits(ours, ids, prefill=20)
-    assert (together - one_by_one).abs().max().item() <= 1e-5
+    tiled = ours_cached_logits(ours, ids, prefill=20)
+    assert (together - tiled).abs().max().item() <= 1e-5
