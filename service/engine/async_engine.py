@@ -154,13 +154,23 @@ class AsyncEngine:
                         self._fail_stream(args[0], str(e))
                 outputs = engine.step() if engine.has_unfinished() else []
                 self._stats = engine.stats()
-                for out in outputs:
-                    self._deliver(out)
+                self._deliver_all(outputs)
         except BaseException as e:
             self.is_alive = False
             self.dead_reason = f"{type(e).__name__}: {e}"
             log.exception("engine loop died")
             self._fail_streams(f"the engine loop died: {self.dead_reason}")
+
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """One wake-up of each event loop per step for all its streams' outputs (not one per request)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:  # else the consumer has gone; its abort is on the way
+                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # RuntimeError: the event loop is closed
+                loop.call_soon_threadsafe(_put_all, items)
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)
@@ -178,3 +188,8 @@ class AsyncEngine:
         if stream is not None:
             choices = [CompletionOutput(i, "", [], finish_reason="error") for i in range(stream.n)]
             self._deliver(RequestOutput(request_id, stream.prompt_token_ids, choices, finished=True, error=reason))
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
