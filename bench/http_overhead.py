@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
              waves=args.waves, repeats=args.repeats, **rss)
     print_table(f"HTTP+SSE vs engine vs transformers: output tok/s, {threads} threads, {args.prompt_tokens}-token "
                 f"prompts, {args.max_tokens} new tokens, medians of {args.repeats}; server peak RSS "
-                f"{rss['peak_rss_mib']:.0f} MiB", COLUMNS, rows)
+                f"{rss['peak_rss_mib']:.0f} MiB, {rss.get('peak_rss_tree_mib') or 0:.0f} MiB with its engine process",
+                COLUMNS, rows)
     print(f"wrote {write_result(args.name, rows, m, {'server': rss}, args.out_dir)}", file=sys.stderr)
     return 0
 

@@ -2,4 +2,5 @@
 
 from service.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # the engine process (spawn) imports this module again; it must not serve
+    raise SystemExit(main())

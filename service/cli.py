@@ -46,9 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     model_name = settings.model_name(model_dir)
     log.info("loading model", extra={"fields": {"model_dir": str(model_dir), "served_model_name": model_name}})
     try:
-        from service.engine.async_engine import AsyncEngine  # heavy (torch); only once settings are valid
+        # heavy imports (torch); only once settings are valid
+        from service.engine.async_engine import AsyncEngine
+        from service.engine.engine_process import ProcessAsyncEngine
 
-        engine = AsyncEngine.from_config(settings.engine_config(model_dir))
+        engine_cls = ProcessAsyncEngine if settings.engine_process else AsyncEngine
+        engine = engine_cls.from_config(settings.engine_config(model_dir))
     except (OSError, ValueError) as e:  # missing files, unreadable or unsupported checkpoints
         log.error("cannot load %s: %s", model_dir, e)
         return 1

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     block_size: int = Field(16, ge=1, description="tokens per KV cache block")
     num_speculative_tokens: int = Field(0, ge=0, description="MTP draft length; 0 disables speculative decoding")
     seed: int = Field(0, description="engine seed for requests without their own")
+    engine_process: bool = Field(True, description="run the engine in its own process, so the model's Python "
+                                                   "never waits for the HTTP event loop's GIL (off: a thread)")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for the model (default: all cores "
                                                               "but one, which the HTTP event loop keeps)")
     max_queue_size: int = Field(256, ge=1, description="requests waiting for their first token before new "

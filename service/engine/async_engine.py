@@ -94,8 +94,11 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine is dead: {self.dead_reason}")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.engine.validate(prompt_token_ids, params)
+        self._validate(prompt_token_ids, params)
         return self._generate(request_id, list(prompt_token_ids), params)
+
+    def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.engine.validate(prompt_token_ids, params)
 
     async def _generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
                         ) -> AsyncIterator[RequestOutput]:

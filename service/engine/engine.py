@@ -31,6 +31,22 @@ from .speculative import MTPProposer
 log = logging.getLogger("glm_serve.engine")
 
 
+def validate_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
+                     max_num_seqs: int, has_tokenizer: bool) -> None:
+    """Raise ValueError for a request an engine with these fixed settings cannot serve."""
+    if not prompt_token_ids:
+        raise ValueError("the prompt is empty")
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_token_ids):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    if len(prompt_token_ids) + params.max_tokens > max_model_len:
+        raise ValueError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                         f"the maximum model length of {max_model_len} tokens")
+    if params.n > max_num_seqs:
+        raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({max_num_seqs})")
+    if params.stop and not has_tokenizer:
+        raise ValueError("stop strings need a tokenizer; this checkpoint has none")
+
+
 class LLMEngine:
     def __init__(self, model: GlmMoeDsaForCausalLM, config: EngineConfig, tokenizer=None) -> None:
         self.config = config
@@ -90,18 +106,8 @@ class LLMEngine:
     # -- requests ------------------------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError for a request the engine cannot serve. Reads only fixed settings: any thread may call it."""
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty")
-        V = self.model_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < V for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {V})")
-        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                             f"the maximum model length of {self.max_model_len} tokens")
-        if params.n > self.config.max_num_seqs:
-            raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({self.config.max_num_seqs})")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this checkpoint has none")
+        validate_request(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len,
+                         self.config.max_num_seqs, self.tokenizer is not None)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> None:
