@@ -1,7 +1,7 @@
 """Start, probe and stop the servers under test, one at a time, and read their peak memory.
 
-- glm-serve: `python -m service --model DIR` from this repository's .venv, torch pinned to N threads through
-  OMP_NUM_THREADS (the server has no thread flag).
+- glm-serve: `python -m service --model DIR` from this repository's .venv with `--torch-threads max(1, N - 1)`
+  (its own default on N cores: the engine process computes, the HTTP process keeps a core) and OMP_NUM_THREADS=N.
 - vLLM: `python -m vllm.entrypoints.openai.api_server` from .venv-vllm (bench/setup_peers.sh), its OpenMP threads
   bound with VLLM_CPU_OMP_THREADS_BIND (cores 0..N-1). vLLM compiles the model with inductor at start-up, so
   its first start takes a minute or two.
@@ -114,7 +114,8 @@ def start_glm_serve(model: Path, threads: int, log: Path, *, port: int | None = 
                     extra_args: list[str] | None = None, python: str | None = None) -> Server:
     port = port or free_port()
     cmd = [python or sys.executable, "-m", "service", "--model", str(model), "--port", str(port),
-           "--served-model-name", "bench", "--log-level", "warning", *(extra_args or [])]
+           "--served-model-name", "bench", "--log-level", "warning", "--torch-threads", str(max(1, threads - 1)),
+           *(extra_args or [])]
     return _spawn(name, cmd, thread_env(threads), port, log)
 
 

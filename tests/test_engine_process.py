@@ -109,3 +109,11 @@ def test_fault_injection_needs_the_in_process_engine(engine_ckpt) -> None:
             engine.fault_injector = lambda sched: None
     finally:
         asyncio.run(engine.shutdown())
+
+
+def test_the_engine_process_exits_when_the_server_goes(engine_ckpt) -> None:
+    """A server killed outright closes its end of the command pipe: the engine process must not linger."""
+    engine = ProcessAsyncEngine.from_config(config(engine_ckpt))
+    engine._commands.close()  # what the kernel does to a dead server's pipe ends
+    engine._proc.join(20)
+    assert not engine._proc.is_alive() and engine._proc.exitcode == 0
