@@ -21,6 +21,8 @@ from .layers import ColumnParallelLinear, ReplicatedLinear, RMSNorm, RotaryTable
 # O(T) per query but no [Q, k] copy. Training always masks: its KL loss needs the dense distribution.
 SPARSE_GATHER_MAX_ELEMENTS = 1 << 26
 
+TopK = torch.Tensor | list[torch.Tensor | None] | None  # one per group of a grouped batch
+
 
 class MLAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
@@ -46,8 +48,9 @@ class MLAttention(nn.Module):
         self.indexer = Indexer(cfg, layer) if cfg.use_indexer and cfg.has_own_indexer(layer) else None
 
     def forward(self, x: torch.Tensor, rope: RotaryTable, fb: ForwardBatch,
-                prev_topk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: [N, hidden] -> ([N, hidden], this layer's top-k indices for a following shared-indexer layer)."""
+                prev_topk: TopK = None) -> tuple[torch.Tensor, TopK]:
+        """x: [N, hidden] -> ([N, hidden], this layer's top-k indices for a following shared-indexer layer: one
+        tensor [B, Q, k], or one per group of `fb.groups`)."""
         N, nh = x.shape[0], self.n_heads
         if hasattr(self, "q_a_proj"):
             q_lat = self.q_a_layernorm(self.q_a_proj(x))
@@ -59,22 +62,48 @@ class MLAttention(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)
         q_rope = rope.rotate(q_rope, self.interleave)
         k_rope = rope.rotate(k_rope, self.interleave)
-
-        store = fb.cache.latent if fb.cache is not None else None
         latent = torch.cat([c_kv, k_rope], dim=-1)  # [N, kv_rank + rope]
-        fb.write(store, self.layer, latent)
+        fb.write(fb.cache.latent if fb.cache is not None else None, self.layer, latent)
 
-        topk, index_scores = prev_topk, None
+        index_k = index_q = index_w = None
         if self.indexer is not None:
-            topk, index_scores = self.indexer(x, q_lat, rope, fb)
+            index_k = self.indexer.keys(x, rope)
+            fb.write(fb.cache.index if fb.cache is not None else None, self.layer, index_k)
+            if self.indexer.needed(fb):
+                index_q, index_w = self.indexer.queries(x, q_lat, rope)
 
         # Plain (batched) matmuls rather than einsum: on CPU einsum's own dispatch costs more than these tiny
         # products, and the [B, Q, h, .] layout below needs no permutes.
         w_kv = self.kv_b_proj.weight.view(nh, self.nope + self.v_dim, self.kv_rank)
         w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]
         q_abs = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, nh, kv_rank]
-        qp = fb.to_padded(torch.cat([q_abs, q_rope], dim=-1)).float()  # [B, Q, nh, C]
-        B, Q = qp.shape[:2]
+        q_all = torch.cat([q_abs, q_rope], dim=-1)  # [N, nh, C]
+        parts = (q_all, latent, index_k, index_q, index_w)
+        if fb.groups is None:
+            o_lat, topk = self._attend(*parts, fb, prev_topk)
+        else:  # a mixed batch, attended group by group (see ForwardBatch.groups); every token is in one group
+            o_lat, topk = q_all.new_empty(N, nh, self.kv_rank), []
+            for i, g in enumerate(fb.groups):
+                sel = g.token_index
+                o, t = self._attend(*(p[sel] if p is not None else None for p in parts), g,
+                                    prev_topk[i] if prev_topk is not None else None)
+                o_lat[sel] = o
+                topk.append(t)
+        o = torch.bmm(o_lat.to(x.dtype).transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [N, nh, v_dim]
+        return self.o_proj(o.reshape(N, nh * self.v_dim)), topk
+
+    def _attend(self, q_all: torch.Tensor, latent: torch.Tensor, index_k: torch.Tensor | None,
+                index_q: torch.Tensor | None, index_w: torch.Tensor | None, fb: ForwardBatch,
+                prev_topk: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of the batch's queries over their contexts: ([N, nh, kv_rank] latent outputs, top-k)."""
+        store = fb.cache.latent if fb.cache is not None else None
+        topk, index_scores = prev_topk, None
+        if self.indexer is not None:
+            topk, index_scores = None, None
+            if index_q is not None:
+                topk, index_scores = self.indexer.select(index_q, index_w, index_k, fb)
+        qp = fb.to_padded(q_all).float()  # [B, Q, nh, C]
+        B, Q, nh = qp.shape[:3]
         if topk is not None and fb.collect is None and topk.numel() * latent.shape[-1] <= SPARSE_GATHER_MAX_ELEMENTS:
             # Read only the selected latents from the cache: O(k) per query instead of O(T).
             keys = fb.read(store, self.layer, latent, topk).float()  # [B, Q, k, C]
@@ -93,6 +122,4 @@ class MLAttention(nn.Module):
             if fb.collect is not None:
                 fb.collect.append({"layer": self.layer, "attn": probs.transpose(1, 2), "index": index_scores,
                                    "topk": topk})
-        o_lat = fb.to_flat(o_lat.to(x.dtype))  # [N, nh, kv_rank]
-        o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [N, nh, v_dim]
-        return self.o_proj(o.reshape(N, nh * self.v_dim)), topk
+        return fb.to_flat(o_lat), topk

@@ -50,6 +50,10 @@ class KVCache:
         return total * size
 
 
+# Attend a batch as one padded [B, Q] block while that pads at most this factor over its real query count.
+PAD_LIMIT = 1.25
+
+
 @dataclass
 class ForwardBatch:
     """Metadata of one forward over a ragged batch of B sequences and N new tokens.
@@ -78,11 +82,21 @@ class ForwardBatch:
     uniform: bool = field(init=False)
     # Set by training to collect attention / indexer distributions for the indexer's KL loss.
     collect: list | None = None
+    # A mixed batch (one long prefill chunk next to many decodes) would pad every sequence to the longest query
+    # block: 16 decodes beside a 128-token prompt would attend 2048 padded queries instead of 144. Such a batch is
+    # attended in groups of similar query length instead (`groups`, each a ForwardBatch over some of the
+    # sequences, whose `token_index` gives its tokens' rows in this flat batch); token-wise work stays flat.
+    allow_groups: bool = True
+    groups: list[ForwardBatch] | None = field(init=False, default=None)
+    token_index: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         device = self.positions.device
         B = len(self.query_lens)
         Q = max(self.query_lens)
+        if self.allow_groups and self.cache is not None and B * Q > PAD_LIMIT * sum(self.query_lens):
+            self._split()
+            return
         starts = torch.tensor([0] + self.query_lens[:-1], device=device).cumsum(0)
         qlens = torch.tensor(self.query_lens, device=device)
         j = torch.arange(Q, device=device)
@@ -111,6 +125,30 @@ class ForwardBatch:
         self.key_mask = mask
         self.key_hidden = ~mask
         self.uniform = min(self.query_lens) == Q
+
+    def _split(self) -> None:
+        """Group the sequences by query length (sorted, each group padded by at most PAD_LIMIT) and build one
+        sub-batch per group. The cache is written through this batch's slot_mapping, read through the groups'."""
+        ql = self.query_lens
+        starts = [0]
+        for n in ql[:-1]:
+            starts.append(starts[-1] + n)
+        groups: list[list[int]] = []
+        for i in sorted(range(len(ql)), key=ql.__getitem__):  # ascending: the newcomer is the group's longest
+            g = groups[-1] if groups else None
+            if g is not None and (len(g) + 1) * ql[i] <= PAD_LIMIT * (sum(ql[j] for j in g) + ql[i]):
+                g.append(i)
+            else:
+                groups.append([i])
+        device = self.positions.device
+        self.groups = []
+        for g in groups:
+            tok = torch.cat([torch.arange(starts[i], starts[i] + ql[i]) for i in g]).to(device)
+            sub = ForwardBatch(self.positions[tok], [ql[i] for i in g], [self.context_lens[i] for i in g],
+                               self.block_tables[torch.tensor(g, device=device)], self.slot_mapping[tok], self.cache,
+                               allow_groups=False)
+            sub.token_index = tok
+            self.groups.append(sub)
 
     @property
     def num_seqs(self) -> int:

@@ -54,23 +54,34 @@ class Indexer(nn.Module):
                     out.addcmul_(s, wp[:, q0:q1, h, None])
         return scores
 
-    def forward(self, x: torch.Tensor, q_lat: torch.Tensor, rope: RotaryTable, fb: ForwardBatch
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Returns (top-k indices [B, Q, k] into the padded context, or None when dense; scores [B, Q, T] when
-        computed). Inputs are detached: the indexer learns only from its own KL loss."""
-        x, q_lat = x.detach(), q_lat.detach()
+    def keys(self, x: torch.Tensor, rope: RotaryTable) -> torch.Tensor:
+        """The cached key of every new token [N, D]. Inputs are detached here and in `queries`: the indexer learns
+        only from its own KL loss."""
+        return rope.rotate(self.k_norm(self.wk(x.detach())), self.interleave)  # the rope slice comes first here
+
+    def queries(self, x: torch.Tensor, q_lat: torch.Tensor, rope: RotaryTable) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per new token: head queries [N, H, D] (with the 1/sqrt(d), applied to the few queries rather than the T
+        keys) and head weights [N, H] (may be negative)."""
         N = x.shape[0]
-        k = rope.rotate(self.k_norm(self.wk(x)), self.interleave)  # [N, D]; the rope slice comes first here
-        store = fb.cache.index if fb.cache is not None else None
-        keys = fb.context(store, self.layer, k)  # [B, T, D]
-        T = keys.shape[1]
-        if T <= self.topk and fb.collect is None:
+        q = rope.rotate(self.wq_b(q_lat.detach()).view(N, self.n_heads, self.head_dim), self.interleave)
+        return q * self.head_dim**-0.5, self.weights_proj(x.detach()).float() * self.n_heads**-0.5
+
+    def needed(self, fb: ForwardBatch) -> bool:
+        """Whether any query of the batch has more than index_topk keys (else attention is dense by definition)."""
+        longest = max(fb.context_lens) if fb.cache is not None else max(fb.query_lens)
+        return longest > self.topk or fb.collect is not None
+
+    def select(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, fb: ForwardBatch
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """For the batch's queries (q, w of its tokens; k their new keys, already written): top-k indices [B, Q, k]
+        into the padded context, or None when dense; and the scores [B, Q, T] when computed."""
+        if not self.needed(fb):
             return None, None
-        # The 1/sqrt(d) goes on the few queries, not the T keys; keys are read as cached (fp32 models: no copy).
-        q = rope.rotate(self.wq_b(q_lat).view(N, self.n_heads, self.head_dim), self.interleave) * self.head_dim**-0.5
-        w = self.weights_proj(x).float() * self.n_heads**-0.5  # [N, H]; may be negative
+        store = fb.cache.index if fb.cache is not None else None
+        keys = fb.read(store, self.layer, k)  # [B, T, D]
+        T = keys.shape[1]
         qp, wp = fb.to_padded(q).float(), fb.to_padded(w)  # [B, Q, H, D], [B, Q, H]
-        keys_t = keys.float().transpose(1, 2)  # [B, D, T]
+        keys_t = keys.float().transpose(1, 2)  # [B, D, T]; fp32 models: no copy
         B, Q = qp.shape[:2]
         if B * Q * self.n_heads * T <= ALL_HEADS_MAX_ELEMENTS:  # decode / verify: all heads in one matmul
             s = F.relu(torch.bmm(qp.flatten(1, 2), keys_t)).view(B * Q, self.n_heads, T)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -81,13 +83,25 @@ def test_greedy_32_tokens_match_transformers_generate(ckpt):
     assert ours == ref
 
 
-@pytest.mark.parametrize("tiled", [False, True])
-def test_ragged_batch_equals_each_alone(ckpt, monkeypatch, tiled):
-    """Three sequences at different stages (prefill chunk, decode, fresh prompt) in one forward; `tiled` sends the
-    batched indexer through its query-tiled path (tiles of 2 queries over a [3, Q, T] batch)."""
-    from model import indexer
+@pytest.mark.parametrize("mode", ["grouped", "padded", "tiled", "shared-indexer"])
+def test_ragged_batch_equals_each_alone(ckpt, tmp_path, monkeypatch, mode):
+    """Three sequences at different stages (prefill chunk, decode, fresh prompt) in one forward. The batch is
+    attended in query-length groups (ForwardBatch.groups); `padded` forces one padded block instead, `tiled`
+    also sends the indexer through its query-tiled path, `shared-indexer` has a layer reusing the previous
+    layer's top-k (IndexShare), which then travels group by group."""
+    from model import batch, indexer
 
+    if mode == "shared-indexer":
+        ckpt = make_checkpoint(tmp_path / "shared", mtp=False)
+        cfg = json.loads((ckpt / "config.json").read_text())
+        (ckpt / "config.json").write_text(json.dumps({**cfg, "indexer_types": ["full", "shared", "full"]}))
+        from safetensors.torch import load_file, save_file
+
+        (f,) = ckpt.glob("*.safetensors")  # a shared layer has no indexer of its own
+        save_file({k: v for k, v in load_file(f).items() if "layers.1.self_attn.indexer." not in k}, f,
+                  metadata={"format": "pt"})
     ours = load_model(ckpt)
+    assert ours.config.has_own_indexer(1) == (mode != "shared-indexer")
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(2, 96, (n,), generator=g) for n in (30, 13, 5)]
     bs = 4
@@ -104,10 +118,13 @@ def test_ragged_batch_equals_each_alone(ckpt, monkeypatch, tiled):
         pos = torch.cat([torch.arange(c, len(s)) for s, c in zip(seqs, cached, strict=True)])
         slots = torch.cat([tables[b][torch.arange(c, len(s)) // bs] * bs + torch.arange(c, len(s)) % bs
                            for b, (s, c) in enumerate(zip(seqs, cached, strict=True))])
-        fb = ForwardBatch(pos, [len(n) for n in new], [len(s) for s in seqs], tables, slots, cache)
-        if tiled:
+        if mode == "tiled":
             monkeypatch.setattr(indexer, "ALL_HEADS_MAX_ELEMENTS", 0)
-            monkeypatch.setattr(indexer, "TILE_ELEMENTS", 2 * 3 * 30)
+            monkeypatch.setattr(indexer, "TILE_ELEMENTS", 2 * 30)
+        if mode == "padded":
+            monkeypatch.setattr(batch, "PAD_LIMIT", 100.0)
+        fb = ForwardBatch(pos, [len(n) for n in new], [len(s) for s in seqs], tables, slots, cache)
+        assert (fb.groups is None) == (mode == "padded")
         batched = ours.logits(ours(torch.cat(new), fb))
         monkeypatch.undo()
     alone = torch.cat([ours_full_logits(ours, s)[c:] for s, c in zip(seqs, cached, strict=True)])
