@@ -1,14 +1,16 @@
-"""Multi-head Latent Attention in its absorbed (MQA) form, with DSA top-k selection.
+"""Multi-head Latent Attention over the latent cache, with DSA top-k selection.
 
 Per token only the normed latent c_kv (kv_lora_rank) and the rotated shared rope key (qk_rope_head_dim) are
-cached. Keys and values are never expanded: W_UK is folded into the query (q~_h = W_UK,h^T q_h^nope scores
-directly against c_kv) and W_UV is applied after the weighted sum of latents. The same path serves prefill,
-chunked prefill, decode and speculative verification; it is exact, not an approximation of the expanded form.
+cached. Decode, verification and sparse attention use the absorbed (MQA) form: W_UK is folded into the query
+(q~_h = W_UK,h^T q_h^nope scores directly against c_kv) and W_UV is applied after the weighted sum of latents,
+so keys and values are never expanded. Dense attention of long query blocks (prefill chunks) expands the
+context's latents into per-head keys and values instead, which is cheaper there. Both are exact.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .batch import ForwardBatch
@@ -20,6 +22,9 @@ from .layers import ColumnParallelLinear, ReplicatedLinear, RMSNorm, RotaryTable
 # (decode, verify and prefill chunks of small models); otherwise it masks the dense scores, which costs
 # O(T) per query but no [Q, k] copy. Training always masks: its KL loss needs the dense distribution.
 SPARSE_GATHER_MAX_ELEMENTS = 1 << 26
+
+# Dense attention of a sequence with at least this many queries (a prefill chunk) uses the expanded form.
+EXPAND_MIN_QUERIES = 16
 
 TopK = torch.Tensor | list[torch.Tensor | None] | None  # one per group of a grouped batch
 
@@ -72,38 +77,39 @@ class MLAttention(nn.Module):
             if self.indexer.needed(fb):
                 index_q, index_w = self.indexer.queries(x, q_lat, rope)
 
-        # Plain (batched) matmuls rather than einsum: on CPU einsum's own dispatch costs more than these tiny
-        # products, and the [B, Q, h, .] layout below needs no permutes.
-        w_kv = self.kv_b_proj.weight.view(nh, self.nope + self.v_dim, self.kv_rank)
-        w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]
-        q_abs = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, nh, kv_rank]
-        q_all = torch.cat([q_abs, q_rope], dim=-1)  # [N, nh, C]
-        parts = (q_all, latent, index_k, index_q, index_w)
+        parts = (q_nope, q_rope, latent, index_k, index_q, index_w)
         if fb.groups is None:
-            o_lat, topk = self._attend(*parts, fb, prev_topk)
+            o, topk = self._attend(*parts, fb, prev_topk)
         else:  # a mixed batch, attended group by group (see ForwardBatch.groups); every token is in one group
-            o_lat, topk = q_all.new_empty(N, nh, self.kv_rank), []
+            o, topk = q.new_empty(N, nh, self.v_dim), []
             for i, g in enumerate(fb.groups):
                 sel = g.token_index
-                o, t = self._attend(*(p[sel] if p is not None else None for p in parts), g,
-                                    prev_topk[i] if prev_topk is not None else None)
-                o_lat[sel] = o
+                o_g, t = self._attend(*(p[sel] if p is not None else None for p in parts), g,
+                                      prev_topk[i] if prev_topk is not None else None)
+                o[sel] = o_g
                 topk.append(t)
-        o = torch.bmm(o_lat.to(x.dtype).transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [N, nh, v_dim]
         return self.o_proj(o.reshape(N, nh * self.v_dim)), topk
 
-    def _attend(self, q_all: torch.Tensor, latent: torch.Tensor, index_k: torch.Tensor | None,
+    def _attend(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, index_k: torch.Tensor | None,
                 index_q: torch.Tensor | None, index_w: torch.Tensor | None, fb: ForwardBatch,
                 prev_topk: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention of the batch's queries over their contexts: ([N, nh, kv_rank] latent outputs, top-k)."""
+        """Attention of the batch's queries over their contexts: ([N, nh, v_dim] outputs, top-k)."""
         store = fb.cache.latent if fb.cache is not None else None
         topk, index_scores = prev_topk, None
         if self.indexer is not None:
             topk, index_scores = None, None
             if index_q is not None:
                 topk, index_scores = self.indexer.select(index_q, index_w, index_k, fb)
-        qp = fb.to_padded(q_all).float()  # [B, Q, nh, C]
-        B, Q, nh = qp.shape[:3]
+        nh, dtype = self.n_heads, q_nope.dtype
+        w_kv = self.kv_b_proj.weight.view(nh, self.nope + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]
+        B, Q = fb.num_seqs, max(fb.query_lens)
+        if topk is None and fb.collect is None and Q >= EXPAND_MIN_QUERIES:
+            return self._attend_expanded(q_nope, q_rope, latent, fb), None
+        # Absorbed: W_UK folded into the query, W_UV applied after the weighted sum of latents. Plain (batched)
+        # matmuls rather than einsum: on CPU einsum's own dispatch costs more than these tiny products.
+        q_abs = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, nh, kv_rank]
+        qp = fb.to_padded(torch.cat([q_abs, q_rope], dim=-1)).float()  # [B, Q, nh, C]
         if topk is not None and fb.collect is None and topk.numel() * latent.shape[-1] <= SPARSE_GATHER_MAX_ELEMENTS:
             # Read only the selected latents from the cache: O(k) per query instead of O(T).
             keys = fb.read(store, self.layer, latent, topk).float()  # [B, Q, k, C]
@@ -122,4 +128,24 @@ class MLAttention(nn.Module):
             if fb.collect is not None:
                 fb.collect.append({"layer": self.layer, "attn": probs.transpose(1, 2), "index": index_scores,
                                    "topk": topk})
-        return fb.to_flat(o_lat), topk
+        o_lat = fb.to_flat(o_lat.to(dtype))  # [N, nh, kv_rank]
+        return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1), topk  # [N, nh, v_dim]
+
+    def _attend_expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, fb: ForwardBatch
+                         ) -> torch.Tensor:
+        """Dense attention for long query blocks in the expanded (plain multi-head) form: the context's latents
+        are decompressed once into per-head keys and values, then scaled-dot-product attention (a fused kernel
+        that never holds the [Q, T] scores) runs at head dim nope + rope instead of the absorbed kv_rank + rope.
+        The same result; cheaper once a sequence has many queries (vLLM's MLA prefill does the same)."""
+        nh, C, R = self.n_heads, self.kv_rank, self.rope
+        store = fb.cache.latent if fb.cache is not None else None
+        ctx = fb.read(store, self.layer, latent)  # [B, T, C + R]
+        B, T = ctx.shape[:2]
+        kv = F.linear(ctx[..., :C], self.kv_b_proj.weight).view(B, T, nh, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, ctx[:, :, None, C:].expand(B, T, nh, R)], dim=-1)  # [B, T, nh, nope + R]
+        q = fb.to_padded(torch.cat([q_nope, q_rope], dim=-1))  # [B, Q, nh, nope + R]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
+                                           v.transpose(1, 2).float(), attn_mask=fb.key_mask[:, None],
+                                           scale=self.scale)  # [B, nh, Q, v_dim]
+        return fb.to_flat(o.transpose(1, 2).to(q_nope.dtype))

@@ -102,6 +102,10 @@ class Rotary(nn.Module):
         return RotaryTable(freqs.cos(), freqs.sin())  # [N, dim/2] each
 
 
+# Up to this many tokens (decode, verification) a rotation is one matmul per tensor; beyond, elementwise.
+ROPE_MATRIX_MAX_TOKENS = 32
+
+
 class RotaryTable:
     """The rotations of one forward's positions, shared by every layer.
 
@@ -132,5 +136,15 @@ class RotaryTable:
 
     def rotate(self, x: torch.Tensor, interleave: bool) -> torch.Tensor:
         """x: [N, ..., D] with the rope dims first in the last axis (all of it for MLA's rope slice)."""
+        if x.shape[0] > ROPE_MATRIX_MAX_TOKENS:  # prefill: [N, D, D] matrices would cost more than they save
+            return self._rotate_elementwise(x, interleave)
         r = self.matrix(x.shape[-1], interleave, x.dtype)
         return torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), r).view(x.shape)
+
+    def _rotate_elementwise(self, x: torch.Tensor, interleave: bool) -> torch.Tensor:
+        half = self.cos.shape[1]
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (half,)
+        cos, sin = self.cos.view(shape).to(x.dtype), self.sin.view(shape).to(x.dtype)
+        rot, rest = x[..., : 2 * half], x[..., 2 * half :]
+        a, b = (rot[..., 0::2], rot[..., 1::2]) if interleave else rot.chunk(2, dim=-1)
+        return torch.cat([a * cos - b * sin, b * cos + a * sin, rest], dim=-1)

@@ -39,12 +39,44 @@ def rotate_reference(x: torch.Tensor, pos: torch.Tensor, dim: int, theta: float,
 
 
 @pytest.mark.parametrize("interleave", [True, False])
-@pytest.mark.parametrize("shape", [(5, 16), (5, 3, 16), (5, 2, 32)])  # k, q heads, the indexer's rope-first head
-def test_rotary_table_equals_pairwise_rotation(interleave, shape):
-    pos = torch.tensor([0, 1, 7, 300, 4095])
+@pytest.mark.parametrize("shape", [(5, 16), (5, 3, 16), (5, 2, 32), (40, 3, 16), (40, 2, 32)])  # k, q heads, the
+def test_rotary_table_equals_pairwise_rotation(interleave, shape):  # indexer's rope-first head; 40: elementwise
+    from model import layers
+
+    assert (shape[0] > layers.ROPE_MATRIX_MAX_TOKENS) == (shape[0] == 40)
+    pos = torch.tensor([0, 1, 7, 300, 4095] * (shape[0] // 5))
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     table = Rotary(16, 10000.0).table(pos)
     got = table.rotate(x, interleave)
     torch.testing.assert_close(got, rotate_reference(x, pos, 16, 10000.0, interleave), rtol=1e-5, atol=1e-5)
-    assert table.rotate(x, interleave) is not got  # fresh output; the matrix is reused
-    assert len(table._matrices) == 1
+    assert table.rotate(x, interleave) is not got  # fresh output; the matrix, if any, is reused
+    assert len(table._matrices) == (shape[0] <= 32)
+
+
+def test_expanded_prefill_attention_equals_absorbed(tmp_path, monkeypatch):
+    """Long dense query blocks take the expanded form (per-head K/V + SDPA); it must equal the absorbed form,
+    for a whole prompt chunk and for a chunk over a cached prefix (index_topk 64 > 40 tokens: dense)."""
+    from model import attention
+    from model.batch import ForwardBatch, KVCache
+    from model.loader import load_model
+    from tests.model_fixtures import make_checkpoint
+
+    model = load_model(make_checkpoint(tmp_path / "m", mtp=False, index_topk=64))
+    ids = torch.randint(2, 96, (40,), generator=torch.Generator().manual_seed(3))
+    calls = []
+    monkeypatch.setattr(attention.MLAttention, "_attend_expanded",
+                        lambda self, *a, _f=attention.MLAttention._attend_expanded: calls.append(1) or _f(self, *a))
+
+    def logits() -> torch.Tensor:
+        cache = KVCache(model.config, 16, 4, torch.float32)
+        with torch.inference_mode():
+            head = model(ids[:20], ForwardBatch.single(20, 0, cache))
+            tail = model(ids[20:], ForwardBatch.single(20, 20, cache))
+            return model.logits(torch.cat([head, tail]))
+
+    expanded = logits()
+    assert len(calls) == 2 * model.config.num_hidden_layers
+    monkeypatch.setattr(attention, "EXPAND_MIN_QUERIES", 10**9)
+    absorbed = logits()
+    assert len(calls) == 2 * model.config.num_hidden_layers
+    torch.testing.assert_close(expanded, absorbed, rtol=1e-5, atol=1e-5)
