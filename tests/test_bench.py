@@ -90,7 +90,7 @@ def test_headline_verdicts():
     assert v["best K (K=1) tok/s / K=0, batch 8, code"] == "info"
     assert v["acceptance by position, K=2, batch 1, code"] == "info"
     assert v["decode step DSA / dense at 16K"] == "MISS" and v["prefill DSA / dense at 16K"] == "PASS"
-    assert v["glm-serve peak RSS (shipped model)"] == "info"
+    assert v["glm-serve peak RSS, process tree (shipped model)"] == "info"
 
 
 def test_speculative_prompt_sets(monkeypatch, tmp_path):
