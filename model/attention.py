@@ -100,12 +100,12 @@ class MLAttention(nn.Module):
             topk, index_scores = None, None
             if index_q is not None:
                 topk, index_scores = self.indexer.select(index_q, index_w, index_k, fb)
-        nh, dtype = self.n_heads, q_nope.dtype
-        w_kv = self.kv_b_proj.weight.view(nh, self.nope + self.v_dim, self.kv_rank)
-        w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]
         B, Q = fb.num_seqs, max(fb.query_lens)
         if topk is None and fb.collect is None and Q >= EXPAND_MIN_QUERIES:
             return self._attend_expanded(q_nope, q_rope, latent, fb), None
+        nh, dtype = self.n_heads, q_nope.dtype
+        w_kv = self.kv_b_proj.weight.view(nh, self.nope + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]
         # Absorbed: W_UK folded into the query, W_UV applied after the weighted sum of latents. Plain (batched)
         # matmuls rather than einsum: on CPU einsum's own dispatch costs more than these tiny products.
         q_abs = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, nh, kv_rank]

@@ -197,11 +197,6 @@ class ForwardBatch:
         slots = self.key_slots.gather(1, index.flatten(1))
         return buf.index_select(0, slots.flatten()).view(*index.shape, -1)
 
-    def context(self, store: list[torch.Tensor | None] | None, layer: int, new: torch.Tensor) -> torch.Tensor:
-        """Write this step's per-token values [N, D] into `store[layer]` and return the context [B, T, D]."""
-        self.write(store, layer, new)
-        return self.read(store, layer, new)
-
     def last_token_index(self) -> torch.Tensor:
         """Flat index of each sequence's last new token (where the next-token logits come from)."""
         ends = torch.tensor(self.query_lens, device=self.positions.device).cumsum(0)
