@@ -141,7 +141,7 @@ class MLAttention(nn.Module):
         store = fb.cache.latent if fb.cache is not None else None
         ctx = fb.read(store, self.layer, latent)  # [B, T, C + R]
         B, T = ctx.shape[:2]
-        kv = F.linear(ctx[..., :C], self.kv_b_proj.weight).view(B, T, nh, self.nope + self.v_dim)
+        kv = self.kv_b_proj(ctx[..., :C]).view(B, T, nh, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, ctx[:, :, None, C:].expand(B, T, nh, R)], dim=-1)  # [B, T, nh, nope + R]
         q = fb.to_padded(torch.cat([q_nope, q_rope], dim=-1))  # [B, Q, nh, nope + R]

@@ -8,7 +8,9 @@ exact zero-score tie in the DSA top-k (all heads' ReLU at zero) rare enough not 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +130,19 @@ def assert_no_leaks(engine) -> None:
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks and not any(bm.ref_counts), "cache blocks leaked"
     assert not engine.scheduler.running and not engine.scheduler.waiting and not engine.requests
+
+
+async def until(cond, timeout: float = 10.0) -> None:
+    """Wait (polling) for `cond()` to hold; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def collect(engine, rid: str, prompt: list[int], params) -> list:
+    """Every output of one request streamed by an AsyncEngine-like `engine`."""
+    return [out async for out in engine.generate(rid, prompt, params)]
 
 
 def greedy(max_tokens: int, **kw):

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
 from service.engine.async_engine import AsyncEngine, EngineDeadError
 from service.engine.config import EngineConfig
-from tests.engine_fixtures import engine_ckpt_fixture, greedy, make_engine, one_torch_thread, prompts, run_engine  # noqa: F401
+from tests.engine_fixtures import (  # noqa: F401
+    collect,
+    engine_ckpt_fixture,
+    greedy,
+    make_engine,
+    one_torch_thread,
+    prompts,
+    run_engine,
+    until,
+)
 
 PROMPTS = prompts(8, [5, 17, 9, 30], seed=4)
 
@@ -32,20 +40,9 @@ def new_engine(path) -> AsyncEngine:
     return engine
 
 
-async def until(cond, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
-
-
 def idle_and_empty(engine: AsyncEngine) -> bool:
     s = engine.stats()
     return engine.num_unfinished() == 0 and s.num_running == 0 and s.num_waiting == 0 and s.kv_cache_usage == 0
-
-
-async def collect(engine: AsyncEngine, rid: str, prompt: list[int], params) -> list:
-    return [out async for out in engine.generate(rid, prompt, params)]
 
 
 def test_generate_streams_what_the_sync_engine_computes(engine_ckpt) -> None:

@@ -7,14 +7,22 @@ import asyncio
 import json
 import os
 import signal
-import time
 
 import pytest
 
 from service.engine.async_engine import EngineDeadError
 from service.engine.config import EngineConfig
 from service.engine.engine_process import ProcessAsyncEngine
-from tests.engine_fixtures import engine_ckpt_fixture, greedy, make_engine, one_torch_thread, prompts, run_engine  # noqa: F401
+from tests.engine_fixtures import (  # noqa: F401
+    collect,
+    engine_ckpt_fixture,
+    greedy,
+    make_engine,
+    one_torch_thread,
+    prompts,
+    run_engine,
+    until,
+)
 
 PROMPTS = prompts(6, [5, 17, 9, 30], seed=7)
 
@@ -22,17 +30,6 @@ PROMPTS = prompts(6, [5, 17, 9, 30], seed=7)
 def config(path, **kw) -> EngineConfig:
     return EngineConfig(model=path, device="cpu", dtype="float32", kv_cache_tokens=4096, block_size=4,
                         torch_threads=1, **kw)
-
-
-async def collect(engine, rid: str, prompt: list[int], params) -> list:
-    return [out async for out in engine.generate(rid, prompt, params)]
-
-
-async def until(cond, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 def test_streams_equal_the_sync_engine_and_abort_frees(engine_ckpt) -> None:
@@ -57,7 +54,7 @@ def test_streams_equal_the_sync_engine_and_abort_frees(engine_ckpt) -> None:
         first = await anext(gen)
         assert not first.finished
         await gen.aclose()
-        await until(lambda: engine.stats().num_running == 0 and engine.stats().kv_cache_usage == 0)
+        await until(lambda: engine.stats().num_running == 0 and engine.stats().kv_cache_usage == 0, timeout=20.0)
         # Refused here, before crossing the pipe, with the same message as the in-process engine.
         with pytest.raises(ValueError, match="maximum model length"):
             engine.generate("big", PROMPTS[0], greedy(1000))
@@ -79,7 +76,7 @@ def test_a_killed_engine_process_fails_streams_and_refuses_new_requests(engine_c
         os.kill(engine.pid, signal.SIGKILL)  # an OOM kill, say
         rest = [out async for out in gen]
         assert rest[-1].finished and rest[-1].error is not None and "exited" in rest[-1].error
-        await until(lambda: not engine.is_alive)
+        await until(lambda: not engine.is_alive, timeout=20.0)
         assert "exit code -9" in engine.dead_reason
         with pytest.raises(EngineDeadError):
             engine.generate("s", PROMPTS[0], greedy(4))
