@@ -12,7 +12,7 @@ from torch import nn
 from .attention import MLAttention
 from .batch import ForwardBatch
 from .config import ModelConfig
-from .layers import MLP, ReplicatedLinear, RMSNorm, Rotary, RotaryTable, linear
+from .layers import MLP, PrepackedLinear, ReplicatedLinear, RMSNorm, Rotary, RotaryTable
 from .moe import MoE
 
 
@@ -79,6 +79,8 @@ class GlmMoeDsaForCausalLM(nn.Module):
         self.model = GlmModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.qk_rope_head_dim, cfg.rope_theta)
+        self._head = PrepackedLinear()  # the LM head's product at CPU inference
+        self._mtp_head = PrepackedLinear()  # only for an MTP head a checkpoint stores apart from lm_head
 
     @property
     def has_mtp(self) -> bool:
@@ -94,7 +96,7 @@ class GlmMoeDsaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.lm_head.weight, pad_single=True).float()
+        return self._head(hidden, self.lm_head.weight).float()
 
     def mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor, fb: ForwardBatch, depth: int = 0) -> torch.Tensor:
         """One MTP step. next_ids [N]: the token after each position; hidden [N, H]: the main model's normed
@@ -107,4 +109,4 @@ class GlmMoeDsaForCausalLM(nn.Module):
     def mtp_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
         layer = self.model.layers[self.config.num_hidden_layers + depth % self.config.num_mtp_layers]
         head = getattr(layer.shared_head, "head", self.lm_head)
-        return linear(hidden, head.weight, head.bias, pad_single=True).float()
+        return (self._head if head is self.lm_head else self._mtp_head)(hidden, head.weight, head.bias).float()

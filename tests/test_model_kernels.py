@@ -1,6 +1,6 @@
 """The CPU fast paths of the network's small building blocks equal their plain definitions: `linear` (the
-small-batch GEMM orientation) equals F.linear, and `RotaryTable` (rotation as one matmul) equals rotating
-pairs of dims written out here."""
+small-batch GEMM orientation) and `PrepackedLinear` (the LM head through oneDNN) equal F.linear, and
+`RotaryTable` (rotation as one matmul) equals rotating pairs of dims written out here."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.layers import SMALL_BATCH_ROWS, Rotary, linear
+from model.layers import PACK_MIN_ELEMENTS, PACK_MIN_ROWS, SMALL_BATCH_ROWS, PrepackedLinear, Rotary, linear
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1, 40])
@@ -23,6 +23,40 @@ def test_linear_equals_f_linear(rows, pad_single, bias):
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     x3 = x.view(1, rows, 24)  # leading dims are kept
     torch.testing.assert_close(linear(x3, w, b, pad_single=pad_single), F.linear(x3, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, PACK_MIN_ROWS - 1, PACK_MIN_ROWS, 16, 33, 300])
+def test_prepacked_linear_equals_f_linear(rows):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(PACK_MIN_ELEMENTS // 128, 128, generator=g)
+    x, b = torch.randn(rows, 128, generator=g), torch.randn(w.shape[0], generator=g)
+    head = PrepackedLinear()
+    with torch.inference_mode():
+        assert head.applies(x, w) == (rows >= PACK_MIN_ROWS and torch.backends.mkldnn.is_available())
+        torch.testing.assert_close(head(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(head(x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+        x3 = x.view(1, rows, 128)[:, :, :]
+        torch.testing.assert_close(head(x3, w), F.linear(x3, w), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(head(x[::2], w), F.linear(x[::2], w), rtol=1e-4, atol=1e-4)  # strided rows
+
+
+def test_prepacked_linear_follows_the_weight():
+    """The packed copy is rebuilt after an in-place update (an optimizer step) and for another tensor, and autograd
+    products (training) never go through it."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(PACK_MIN_ELEMENTS // 64, 64, generator=g))
+    x = torch.randn(PACK_MIN_ROWS * 2, 64, generator=g)
+    head = PrepackedLinear()
+    with torch.no_grad():
+        head(x, w)
+        w.mul_(-0.5)
+        torch.testing.assert_close(head(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
+        other = torch.randn_like(w)
+        torch.testing.assert_close(head(x, other), F.linear(x, other), rtol=1e-4, atol=1e-4)
+    y = head(x, w)
+    assert y.requires_grad
+    y.sum().backward()
+    torch.testing.assert_close(w.grad, x.sum(0).expand_as(w))
 
 
 def rotate_reference(x: torch.Tensor, pos: torch.Tensor, dim: int, theta: float, interleave: bool) -> torch.Tensor:
