@@ -145,7 +145,11 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, ctx[:, :, None, C:].expand(B, T, nh, R)], dim=-1)  # [B, T, nh, nope + R]
         q = fb.to_padded(torch.cat([q_nope, q_rope], dim=-1))  # [B, Q, nh, nope + R]
+        # SDPA's fused kernel wants one head dim for q, k and v, else it takes the unfused math path (2x slower
+        # on CPU here): zero-pad the narrower side (zeros change neither q.k nor the kept output columns).
+        D = max(q.shape[-1], self.v_dim)
+        q, k, v = (F.pad(t, (0, D - t.shape[-1])) if t.shape[-1] < D else t for t in (q, k, v))
         o = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
                                            v.transpose(1, 2).float(), attn_mask=fb.key_mask[:, None],
-                                           scale=self.scale)  # [B, nh, Q, v_dim]
-        return fb.to_flat(o.transpose(1, 2).to(q_nope.dtype))
+                                           scale=self.scale)  # [B, nh, Q, D]
+        return fb.to_flat(o[..., : self.v_dim].transpose(1, 2).to(q_nope.dtype))
