@@ -34,25 +34,34 @@ class Indexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = ReplicatedLinear(cfg.hidden_size, self.n_heads)
 
-    def _score_tiled(self, qp: torch.Tensor, wp: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
+    def _tiles(self, qp: torch.Tensor, wp: torch.Tensor, keys_t: torch.Tensor):
         """sum_h w_h * ReLU(q_h . k) for long query blocks, a tile of queries at a time with the heads summed in
-        place, so one [B, tile, T] buffer stays cache-sized instead of [B, Q, H, T] (or [B, Q, T] per op)
-        streaming through memory: the prefill indexer is bound by those passes, not by its FLOPs."""
+        place: yields (q0, q1, scores [B, q1 - q0, T]) in one reused, cache-sized buffer, instead of [B, Q, H, T]
+        (or [B, Q, T] per op) streaming through memory: the prefill indexer is bound by those passes, not FLOPs."""
         B, Q, H, _ = qp.shape
         T = keys_t.shape[-1]
-        scores = torch.empty(B, Q, T, device=qp.device)
         tile = max(1, min(Q, TILE_ELEMENTS // max(1, B * T)))
-        buf = torch.empty(B, tile, T, device=qp.device)
+        buf, acc = torch.empty(B, tile, T, device=qp.device), torch.empty(B, tile, T, device=qp.device)
         for q0 in range(0, Q, tile):
             q1 = min(Q, q0 + tile)
-            out, s = scores[:, q0:q1], buf[:, : q1 - q0]
+            s, out = buf[:, : q1 - q0], acc[:, : q1 - q0]
             for h in range(H):
                 torch.bmm(qp[:, q0:q1, h], keys_t, out=s).relu_()
                 if h == 0:
                     torch.mul(s, wp[:, q0:q1, h, None], out=out)
                 else:
                     out.addcmul_(s, wp[:, q0:q1, h, None])
-        return scores
+            yield q0, q1, out
+
+    def _topk_tiled(self, qp: torch.Tensor, wp: torch.Tensor, keys_t: torch.Tensor, hidden: torch.Tensor
+                    ) -> torch.Tensor:
+        """Top-k indices [B, Q, k] of long query blocks, each tile reduced to its top-k at once: no [B, Q, T]
+        scores ever exist (at 16K context a 2048-query chunk would need 128 MB, fresh pages every layer)."""
+        B, Q = qp.shape[:2]
+        out = torch.empty(B, Q, self.topk, dtype=torch.long, device=qp.device)
+        for q0, q1, scores in self._tiles(qp, wp, keys_t):
+            out[:, q0:q1] = scores.masked_fill_(hidden[:, q0:q1], float("-inf")).topk(self.topk, dim=-1).indices
+        return out
 
     def keys(self, x: torch.Tensor, rope: RotaryTable) -> torch.Tensor:
         """The cached key of every new token [N, D]. Inputs are detached here and in `queries`: the indexer learns
@@ -86,8 +95,12 @@ class Indexer(nn.Module):
         if B * Q * self.n_heads * T <= ALL_HEADS_MAX_ELEMENTS:  # decode / verify: all heads in one matmul
             s = F.relu(torch.bmm(qp.flatten(1, 2), keys_t)).view(B * Q, self.n_heads, T)
             scores = torch.bmm(wp.reshape(B * Q, 1, self.n_heads), s).view(B, Q, T)
-        else:  # long query blocks (prefill): see _score_tiled
-            scores = self._score_tiled(qp, wp, keys_t)
+        elif fb.collect is None and T > self.topk:  # long query blocks at inference: only the top-k is kept
+            return self._topk_tiled(qp, wp, keys_t, fb.key_hidden), None
+        else:  # long query blocks whose scores training wants (the indexer's KL loss)
+            scores = torch.empty(B, Q, T, device=qp.device)
+            for q0, q1, tile in self._tiles(qp, wp, keys_t):
+                scores[:, q0:q1] = tile
         scores = scores.masked_fill_(fb.key_hidden, float("-inf"))
         if T <= self.topk:
             return None, scores

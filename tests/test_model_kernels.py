@@ -114,3 +114,29 @@ def test_expanded_prefill_attention_equals_absorbed(tmp_path, monkeypatch):
     absorbed = logits()
     assert len(calls) == 2 * model.config.num_hidden_layers
     torch.testing.assert_close(expanded, absorbed, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tile_elements", [1 << 20, 2 * 50 * 3])  # one tile; tiles of 3 queries (the last short)
+def test_indexer_tiled_topk_equals_full_scores(monkeypatch, tile_elements):
+    """Long query blocks at inference keep only each tile's top-k; it must select what the full [B, Q, T] scores
+    would (random scores: no ties), masked keys never outranking visible ones."""
+    import json
+    from pathlib import Path
+
+    from model import indexer
+    from model.config import ModelConfig
+
+    cfg = ModelConfig.from_dict(json.loads((Path(__file__).parents[1] / "model/weights/glm-5-tiny-py/config.json")
+                                           .read_text()) | {"index_topk": 8})
+    monkeypatch.setattr(indexer, "TILE_ELEMENTS", tile_elements)
+    idx = indexer.Indexer(cfg, 1)
+    g = torch.Generator().manual_seed(5)
+    B, Q, H, D, T = 2, 11, cfg.index_n_heads, cfg.index_head_dim, 50
+    qp, wp = torch.randn(B, Q, H, D, generator=g), torch.randn(B, Q, H, generator=g)
+    keys_t = torch.randn(B, D, T, generator=g)
+    hidden = torch.rand(B, Q, T, generator=g) < 0.5
+    got = idx._topk_tiled(qp, wp, keys_t, hidden)
+    full = torch.einsum("bqh,bqht->bqt", wp, torch.relu(torch.einsum("bqhd,bdt->bqht", qp, keys_t)))
+    want = full.masked_fill(hidden, float("-inf")).topk(cfg.index_topk, dim=-1).indices
+    assert got.shape == want.shape
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
