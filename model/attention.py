@@ -22,6 +22,10 @@ from .layers import ColumnParallelLinear, ReplicatedLinear, RMSNorm, RotaryTable
 # (decode, verify and prefill chunks of small models); otherwise it masks the dense scores, which costs
 # O(T) per query but no [Q, k] copy. Training always masks: its KL loss needs the dense distribution.
 SPARSE_GATHER_MAX_ELEMENTS = 1 << 26
+# ...unless a long query block reads a short context (T < this x k, e.g. a batch of fresh 128-token prompts with
+# k = 64): there Q*k gathered rows cost more than the masked dense scores (16 x 128-token prompts: 387 -> 272 ms;
+# at T = 8k the gather wins again, 76 vs 86 ms). Decode and verification always gather.
+GATHER_MIN_CONTEXT_RATIO = 4
 
 # Dense attention of a sequence with at least this many queries (a prefill chunk) uses the expanded form.
 EXPAND_MIN_QUERIES = 16
@@ -110,7 +114,7 @@ class MLAttention(nn.Module):
         # matmuls rather than einsum: on CPU einsum's own dispatch costs more than these tiny products.
         q_abs = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, nh, kv_rank]
         qp = fb.to_padded(torch.cat([q_abs, q_rope], dim=-1)).float()  # [B, Q, nh, C]
-        if topk is not None and fb.collect is None and topk.numel() * latent.shape[-1] <= SPARSE_GATHER_MAX_ELEMENTS:
+        if topk is not None and self._gather(topk, fb, latent.shape[-1]):
             # Read only the selected latents from the cache: O(k) per query instead of O(T).
             keys = fb.read(store, self.layer, latent, topk).float()  # [B, Q, k, C]
             hidden = fb.key_hidden.gather(2, topk)[:, :, None]  # [B, Q, 1, k]
@@ -130,6 +134,13 @@ class MLAttention(nn.Module):
                                    "topk": topk})
         o_lat = fb.to_flat(o_lat.to(dtype))  # [N, nh, kv_rank]
         return torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1), topk  # [N, nh, v_dim]
+
+    @staticmethod
+    def _gather(topk: torch.Tensor, fb: ForwardBatch, width: int) -> bool:
+        """Whether top-k attention reads the selected latents (else it masks the dense scores); see above."""
+        B, Q, k = topk.shape
+        return (fb.collect is None and topk.numel() * width <= SPARSE_GATHER_MAX_ELEMENTS
+                and (Q < EXPAND_MIN_QUERIES or fb.key_mask.shape[-1] >= GATHER_MIN_CONTEXT_RATIO * k))
 
     def _attend_expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, fb: ForwardBatch
                          ) -> torch.Tensor:

@@ -159,15 +159,19 @@ def test_bfloat16_close_to_float32(ckpt):
 
 
 def test_sparse_gather_and_dense_mask_paths_agree(ckpt, monkeypatch):
-    """The two exact implementations of top-k attention (gather the selected latents / mask dense scores)."""
+    """The two exact implementations of top-k attention (gather the selected latents / mask dense scores): the
+    default choice (a short context's prefill chunk masks, decode gathers), gather everywhere, mask everywhere."""
     from model import attention
 
     ours = load_model(ckpt)
     ids = torch.randint(2, 96, (40,), generator=torch.Generator().manual_seed(4))
+    chosen = ours_cached_logits(ours, ids, prefill=20)
+    monkeypatch.setattr(attention, "GATHER_MIN_CONTEXT_RATIO", 0)
     gathered = ours_cached_logits(ours, ids, prefill=20)
     monkeypatch.setattr(attention, "SPARSE_GATHER_MAX_ELEMENTS", 0)
     masked = ours_cached_logits(ours, ids, prefill=20)
     assert (gathered - masked).abs().max().item() <= 1e-5
+    assert (chosen - masked).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("tile_elements", [1 << 20, 40 * 3])  # one tile; tiles of 3 queries
