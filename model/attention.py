@@ -138,7 +138,7 @@ class MLAttention(nn.Module):
     @staticmethod
     def _gather(topk: torch.Tensor, fb: ForwardBatch, width: int) -> bool:
         """Whether top-k attention reads the selected latents (else it masks the dense scores); see above."""
-        B, Q, k = topk.shape
+        _, Q, k = topk.shape
         return (fb.collect is None and topk.numel() * width <= SPARSE_GATHER_MAX_ELEMENTS
                 and (Q < EXPAND_MIN_QUERIES or fb.key_mask.shape[-1] >= GATHER_MIN_CONTEXT_RATIO * k))
 

@@ -7,6 +7,8 @@ scoring is skipped there unless training asks for the scores.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,7 +36,8 @@ class Indexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = ReplicatedLinear(cfg.hidden_size, self.n_heads)
 
-    def _tiles(self, qp: torch.Tensor, wp: torch.Tensor, keys_t: torch.Tensor):
+    def _tiles(self, qp: torch.Tensor, wp: torch.Tensor, keys_t: torch.Tensor
+               ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """sum_h w_h * ReLU(q_h . k) for long query blocks, a tile of queries at a time with the heads summed in
         place: yields (q0, q1, scores [B, q1 - q0, T]) in one reused, cache-sized buffer, instead of [B, Q, H, T]
         (or [B, Q, T] per op) streaming through memory: the prefill indexer is bound by those passes, not FLOPs."""
