@@ -6,6 +6,8 @@ rank they are plain `nn.Linear`; sharding can be added here without touching the
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,8 +42,19 @@ PACK_MIN_ROWS = 8  # below, `linear`'s W @ x^T reads the cold head as fast (engi
 PACK_BATCH_HINT = 16  # the M oneDNN tunes the layout for; any M >= 8 measured the same
 
 
+@functools.cache
 def _onednn_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """These ops are torch-internal (Inductor's): checked once on a tiny product, so a torch build without them
+    or with another signature falls back to `linear` instead of failing."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w, x = torch.linspace(-1, 1, 128).view(16, 8), torch.linspace(1, -2, 8 * PACK_MIN_ROWS).view(-1, 8)  # no RNG
+        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT),
+                                               None, "none", [], "")
+        return bool(torch.allclose(y, F.linear(x, w), atol=1e-4))
+    except (AttributeError, RuntimeError, TypeError):
+        return False
 
 
 class PrepackedLinear:
