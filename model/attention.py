@@ -117,7 +117,7 @@ class MLAttention(nn.Module):
         if topk is not None and self._gather(topk, fb, latent.shape[-1]):
             # Read only the selected latents from the cache: O(k) per query instead of O(T).
             keys = fb.read(store, self.layer, latent, topk).float()  # [B, Q, k, C]
-            hidden = fb.key_hidden.gather(2, topk)[:, :, None]  # [B, Q, 1, k]
+            hidden = fb.hidden_at(topk)[:, :, None]  # [B, Q, 1, k]
             scores = torch.matmul(qp, keys.transpose(-1, -2)) * self.scale  # [B, Q, nh, k]
             probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
             o_lat = torch.matmul(probs, keys[..., : self.kv_rank])  # [B, Q, nh, kv_rank]
@@ -140,7 +140,7 @@ class MLAttention(nn.Module):
         """Whether top-k attention reads the selected latents (else it masks the dense scores); see above."""
         _, Q, k = topk.shape
         return (fb.collect is None and topk.numel() * width <= SPARSE_GATHER_MAX_ELEMENTS
-                and (Q < EXPAND_MIN_QUERIES or fb.key_mask.shape[-1] >= GATHER_MIN_CONTEXT_RATIO * k))
+                and (Q < EXPAND_MIN_QUERIES or fb.num_keys >= GATHER_MIN_CONTEXT_RATIO * k))
 
     def _attend_expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, fb: ForwardBatch
                          ) -> torch.Tensor:

@@ -10,6 +10,7 @@ Without a cache (training, or a whole-prompt forward) the context of a sequence 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -76,8 +77,9 @@ class ForwardBatch:
     q_valid: torch.Tensor = field(init=False)  # [B, Q]
     flat_to_padded: torch.Tensor = field(init=False)  # [N] index into the flattened [B*Q] view
     key_slots: torch.Tensor | None = field(init=False)  # [B, T] cache slot of each context key
-    key_mask: torch.Tensor = field(init=False)  # [B, Q, T] query may attend key (causal, in-context)
-    key_hidden: torch.Tensor = field(init=False)  # ~key_mask, built once for every layer's masked_fill
+    q_pos: torch.Tensor = field(init=False)  # [B, Q] position of each padded query
+    k_pos: torch.Tensor = field(init=False)  # [B, T] position of each key
+    k_valid: torch.Tensor = field(init=False)  # [B, T] key lies in its sequence's context
     # Every sequence has Q new tokens (decode, uniform verify, one prompt): padded <-> flat is a plain view.
     uniform: bool = field(init=False)
     # Set by training to collect attention / indexer distributions for the indexer's KL loss.
@@ -103,27 +105,20 @@ class ForwardBatch:
         self.q_valid = j[None, :] < qlens[:, None]
         self.q_index = torch.where(self.q_valid, starts[:, None] + j[None, :], 0)
         self.flat_to_padded = (torch.arange(B, device=device)[:, None] * Q + j[None, :])[self.q_valid]
-        q_pos = self.positions[self.q_index]  # [B, Q]
+        self.q_pos = self.positions[self.q_index]  # [B, Q]
         if self.cache is None:
             # The context is this step's tokens: key t is query t.
-            T = Q
-            k_pos = q_pos
-            k_valid = self.q_valid
+            self.k_pos, self.k_valid = self.q_pos, self.q_valid
             self.key_slots = None
         else:
             T = max(self.context_lens)
             bs = self.cache.block_size
             t = torch.arange(T, device=device)
             ctx = torch.tensor(self.context_lens, device=device)
-            k_valid = t[None, :] < ctx[:, None]
+            self.k_valid = t[None, :] < ctx[:, None]
             blocks = self.block_tables[:, torch.clamp(t // bs, max=self.block_tables.shape[1] - 1)]
-            self.key_slots = torch.where(k_valid, blocks * bs + t % bs, 0)
-            k_pos = t[None, :].expand(B, T)
-        mask = (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :] & self.q_valid[:, :, None]
-        # Padding query rows see key 0 only, so their softmax stays finite; their outputs are discarded.
-        mask[:, :, 0] |= ~self.q_valid
-        self.key_mask = mask
-        self.key_hidden = ~mask
+            self.key_slots = torch.where(self.k_valid, blocks * bs + t % bs, 0)
+            self.k_pos = t[None, :].expand(B, T)
         self.uniform = min(self.query_lens) == Q
 
     def _split(self) -> None:
@@ -153,6 +148,50 @@ class ForwardBatch:
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
+
+    @property
+    def num_keys(self) -> int:
+        """T: keys per sequence in the padded context view."""
+        return self.k_pos.shape[1]
+
+    def hidden_rows(self, q0: int = 0, q1: int | None = None) -> torch.Tensor:
+        """[B, q1 - q0, T]: whether each key is hidden from padded query rows q0..q1 (causal, in-context); sliced
+        from key_hidden when that exists."""
+        if "key_hidden" in self.__dict__:
+            return self.key_hidden[:, q0:q1]
+        q_pos, q_valid = self.q_pos[:, q0:q1], self.q_valid[:, q0:q1]
+        hidden = self.k_pos[:, None, :] > q_pos[:, :, None]
+        if self.cache is None:  # padding keys carry token 0's position: only validity hides them
+            hidden |= ~self.k_valid[:, None, :]
+        # (with a cache key t sits at position t, and t <= a query's position < its context length: in context)
+        if not self.uniform:
+            hidden |= ~q_valid[:, :, None]
+            # Padding query rows see key 0 only, so their softmax stays finite; their outputs are discarded.
+            hidden[:, :, 0] &= q_valid
+        return hidden
+
+    # The whole [B, Q, T] mask, built on first use and shared by every layer. Long DSA prefill never builds it:
+    # at 16K a 2048-query chunk's mask is 32 MB (64 MB with its complement).
+    @functools.cached_property
+    def key_hidden(self) -> torch.Tensor:
+        return self.hidden_rows()
+
+    @functools.cached_property
+    def key_mask(self) -> torch.Tensor:
+        """~key_hidden: query may attend key (SDPA's boolean mask)."""
+        return ~self.key_hidden
+
+    def hidden_at(self, index: torch.Tensor) -> torch.Tensor:
+        """index [B, Q, k] into the keys -> [B, Q, k] whether each key is hidden from its query, from positions
+        (or gathered from key_hidden when that exists) rather than through the whole mask."""
+        if "key_hidden" in self.__dict__:
+            return self.key_hidden.gather(2, index)
+        B, Q, k = index.shape
+        flat = index.reshape(B, Q * k)
+        k_pos, k_valid = self.k_pos.gather(1, flat).view(B, Q, k), self.k_valid.gather(1, flat).view(B, Q, k)
+        see = (k_pos <= self.q_pos[:, :, None]) & k_valid & self.q_valid[:, :, None]
+        see |= (index == 0) & ~self.q_valid[:, :, None]  # padding rows see key 0 (as in hidden_rows)
+        return ~see
 
     def to_padded(self, x: torch.Tensor) -> torch.Tensor:
         """[N, ...] -> [B, Q, ...] (padding rows hold token 0's values; key_mask hides them)."""

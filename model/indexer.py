@@ -56,14 +56,15 @@ class Indexer(nn.Module):
                     out.addcmul_(s, wp[:, q0:q1, h, None])
             yield q0, q1, out
 
-    def _topk_tiled(self, qp: torch.Tensor, wp: torch.Tensor, keys_t: torch.Tensor, hidden: torch.Tensor
+    def _topk_tiled(self, qp: torch.Tensor, wp: torch.Tensor, keys_t: torch.Tensor, fb: ForwardBatch
                     ) -> torch.Tensor:
         """Top-k indices [B, Q, k] of long query blocks, each tile reduced to its top-k at once: no [B, Q, T]
         scores ever exist (at 16K context a 2048-query chunk would need 128 MB, fresh pages every layer)."""
         B, Q = qp.shape[:2]
         out = torch.empty(B, Q, self.topk, dtype=torch.long, device=qp.device)
         for q0, q1, scores in self._tiles(qp, wp, keys_t):
-            out[:, q0:q1] = scores.masked_fill_(hidden[:, q0:q1], float("-inf")).topk(self.topk, dim=-1).indices
+            hidden = fb.hidden_rows(q0, q1)
+            out[:, q0:q1] = scores.masked_fill_(hidden, float("-inf")).topk(self.topk, dim=-1).indices
         return out
 
     def keys(self, x: torch.Tensor, rope: RotaryTable) -> torch.Tensor:
@@ -99,7 +100,7 @@ class Indexer(nn.Module):
             s = F.relu(torch.bmm(qp.flatten(1, 2), keys_t)).view(B * Q, self.n_heads, T)
             scores = torch.bmm(wp.reshape(B * Q, 1, self.n_heads), s).view(B, Q, T)
         elif fb.collect is None and T > self.topk:  # long query blocks at inference: only the top-k is kept
-            return self._topk_tiled(qp, wp, keys_t, fb.key_hidden), None
+            return self._topk_tiled(qp, wp, keys_t, fb), None
         else:  # long query blocks whose scores training wants (the indexer's KL loss)
             scores = torch.empty(B, Q, T, device=qp.device)
             for q0, q1, tile in self._tiles(qp, wp, keys_t):

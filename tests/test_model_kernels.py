@@ -1,14 +1,21 @@
 """The CPU fast paths of the network's small building blocks equal their plain definitions: `linear` (the
-small-batch GEMM orientation) and `PrepackedLinear` (the LM head through oneDNN) equal F.linear, and
-`RotaryTable` (rotation as one matmul) equals rotating pairs of dims written out here."""
+small-batch GEMM orientation) and `PrepackedLinear` (the LM head through oneDNN) equal F.linear, `RotaryTable`
+(rotation as one matmul) equals rotating pairs of dims written out here, and the indexer's tiled top-k and the
+batch's piecewise mask equal their whole-tensor forms."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model.layers import PACK_MIN_ELEMENTS, PACK_MIN_ROWS, SMALL_BATCH_ROWS, PrepackedLinear, Rotary, linear
+
+CONFIG = Path(__file__).parents[1] / "model/weights/glm-5-tiny-py/config.json"
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1, 40])
@@ -120,14 +127,10 @@ def test_expanded_prefill_attention_equals_absorbed(tmp_path, monkeypatch):
 def test_indexer_tiled_topk_equals_full_scores(monkeypatch, tile_elements):
     """Long query blocks at inference keep only each tile's top-k; it must select what the full [B, Q, T] scores
     would (random scores: no ties), masked keys never outranking visible ones."""
-    import json
-    from pathlib import Path
-
     from model import indexer
     from model.config import ModelConfig
 
-    cfg = ModelConfig.from_dict(json.loads((Path(__file__).parents[1] / "model/weights/glm-5-tiny-py/config.json")
-                                           .read_text()) | {"index_topk": 8})
+    cfg = ModelConfig.from_dict(json.loads(CONFIG.read_text()) | {"index_topk": 8})
     monkeypatch.setattr(indexer, "TILE_ELEMENTS", tile_elements)
     idx = indexer.Indexer(cfg, 1)
     g = torch.Generator().manual_seed(5)
@@ -135,8 +138,47 @@ def test_indexer_tiled_topk_equals_full_scores(monkeypatch, tile_elements):
     qp, wp = torch.randn(B, Q, H, D, generator=g), torch.randn(B, Q, H, generator=g)
     keys_t = torch.randn(B, D, T, generator=g)
     hidden = torch.rand(B, Q, T, generator=g) < 0.5
-    got = idx._topk_tiled(qp, wp, keys_t, hidden)
+    got = idx._topk_tiled(qp, wp, keys_t, SimpleNamespace(hidden_rows=lambda q0, q1: hidden[:, q0:q1]))
     full = torch.einsum("bqh,bqht->bqt", wp, torch.relu(torch.einsum("bqhd,bdt->bqht", qp, keys_t)))
     want = full.masked_fill(hidden, float("-inf")).topk(cfg.index_topk, dim=-1).indices
     assert got.shape == want.shape
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
+@pytest.mark.parametrize("qlens", [[5, 2, 7], [4, 4, 4]])  # ragged (padding rows) / uniform
+@pytest.mark.parametrize("cached", [True, False])
+def test_batch_mask_pieces_equal_the_whole_mask(cached, qlens):
+    """Long DSA prefill reads the attention mask a tile of query rows at a time (`hidden_rows`) and at the selected
+    keys only (`hidden_at`), never whole: both, and the whole mask, must equal the mask written out here, for a
+    batch over a paged cache and for a cache-free forward."""
+    from model.batch import ForwardBatch, KVCache
+    from model.config import ModelConfig
+
+    cached_lens = [9, 0, 3] if cached else [0, 0, 0]
+    B, Q, T = 3, max(qlens), max(q + c for q, c in zip(qlens, cached_lens, strict=True))
+    whole = torch.ones(B, Q, T, dtype=torch.bool)  # hidden unless causal and in context
+    for b in range(B):
+        for j in range(Q):
+            if j >= qlens[b]:
+                whole[b, j, 0] = False  # a padding row sees key 0 only
+            else:
+                whole[b, j, : cached_lens[b] + j + 1] = False
+
+    def make() -> ForwardBatch:
+        if not cached:
+            return ForwardBatch(torch.cat([torch.arange(q) for q in qlens]), qlens, qlens, allow_groups=False)
+        pos = torch.cat([torch.arange(c, c + q) for q, c in zip(qlens, cached_lens, strict=True)])
+        tables = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]])
+        slots = torch.cat([tables[b][p // 4] * 4 + p % 4 for b, p in enumerate(pos.split(qlens))])
+        cache = KVCache(ModelConfig.from_dict(json.loads(CONFIG.read_text())), 12, 4, torch.float32)
+        return ForwardBatch(pos, qlens, [q + c for q, c in zip(qlens, cached_lens, strict=True)], tables, slots,
+                            cache, allow_groups=False)
+
+    assert torch.equal(make().key_hidden, whole)
+    assert torch.equal(make().key_mask, ~whole)
+    fresh = make()  # nothing built yet: the pieces come from positions
+    assert torch.equal(torch.cat([fresh.hidden_rows(q0, min(Q, q0 + 3)) for q0 in range(0, Q, 3)], 1), whole)
+    index = torch.randint(0, T, (B, Q, 4), generator=torch.Generator().manual_seed(0))
+    index[:, :, 0] = 0  # key 0: the one padding rows see
+    assert torch.equal(fresh.hidden_at(index), whole.gather(2, index))
+    assert "key_hidden" not in fresh.__dict__
