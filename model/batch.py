@@ -154,21 +154,30 @@ class ForwardBatch:
         """T: keys per sequence in the padded context view."""
         return self.k_pos.shape[1]
 
-    def hidden_rows(self, q0: int = 0, q1: int | None = None) -> torch.Tensor:
-        """[B, q1 - q0, T]: whether each key is hidden from padded query rows q0..q1 (causal, in-context); sliced
-        from key_hidden when that exists."""
+    def hidden_rows(self, q0: int = 0, q1: int | None = None, k1: int | None = None) -> torch.Tensor:
+        """[B, q1 - q0, k1]: whether each of keys 0..k1 is hidden from padded query rows q0..q1 (causal,
+        in-context); sliced from key_hidden when that exists."""
         if "key_hidden" in self.__dict__:
-            return self.key_hidden[:, q0:q1]
+            return self.key_hidden[:, q0:q1, :k1]
         q_pos, q_valid = self.q_pos[:, q0:q1], self.q_valid[:, q0:q1]
-        hidden = self.k_pos[:, None, :] > q_pos[:, :, None]
+        hidden = self.k_pos[:, None, :k1] > q_pos[:, :, None]
         if self.cache is None:  # padding keys carry token 0's position: only validity hides them
-            hidden |= ~self.k_valid[:, None, :]
+            hidden |= ~self.k_valid[:, None, :k1]
         # (with a cache key t sits at position t, and t <= a query's position < its context length: in context)
         if not self.uniform:
             hidden |= ~q_valid[:, :, None]
             # Padding query rows see key 0 only, so their softmax stays finite; their outputs are discarded.
             hidden[:, :, 0] &= q_valid
         return hidden
+
+    def key_limit(self, q0: int, q1: int) -> int:
+        """Every key from this index on is hidden from padded query rows q0..q1 (causality), so work on those
+        rows may stop there. Python-side, from the lengths: no device sync."""
+        if self.cache is None:
+            return min(q1, self.num_keys)  # key t is query t
+        # Row j < q of a sequence with q new tokens and context c sits at position c - q + j; padding rows see key 0.
+        return max(c - q + min(q1, q) if q0 < q else 1 for q, c in zip(self.query_lens, self.context_lens,
+                                                                         strict=True))
 
     # The whole [B, Q, T] mask, built on first use and shared by every layer. Long DSA prefill never builds it:
     # at 16K a 2048-query chunk's mask is 32 MB (64 MB with its complement).

@@ -7,7 +7,7 @@ scoring is skipped there unless training asks for the scores.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,20 +36,26 @@ class Indexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = ReplicatedLinear(cfg.hidden_size, self.n_heads)
 
-    def _tiles(self, qp: torch.Tensor, wp: torch.Tensor, keys_t: torch.Tensor
-               ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def _tiles(self, qp: torch.Tensor, wp: torch.Tensor, keys_t: torch.Tensor,
+               key_limit: Callable[[int, int], int] | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
         """sum_h w_h * ReLU(q_h . k) for long query blocks, a tile of queries at a time with the heads summed in
-        place: yields (q0, q1, scores [B, q1 - q0, T]) in one reused, cache-sized buffer, instead of [B, Q, H, T]
-        (or [B, Q, T] per op) streaming through memory: the prefill indexer is bound by those passes, not FLOPs."""
+        place: yields (q0, q1, scores [B, q1 - q0, T']) in one reused, cache-sized buffer, instead of [B, Q, H, T]
+        (or [B, Q, T] per op) streaming through memory: the prefill indexer is bound by those passes, not FLOPs.
+        With `key_limit(q0, q1)` a tile scores only the keys before it (T' <= T; causally later keys are hidden
+        from the tile anyway), skipping the future half of a prefill chunk's own keys, as causal flash attention
+        skips blocks."""
         B, Q, H, _ = qp.shape
         T = keys_t.shape[-1]
         tile = max(1, min(Q, TILE_ELEMENTS // max(1, B * T)))
-        buf, acc = torch.empty(B, tile, T, device=qp.device), torch.empty(B, tile, T, device=qp.device)
+        buf, acc = torch.empty(B * tile * T, device=qp.device), torch.empty(B * tile * T, device=qp.device)
         for q0 in range(0, Q, tile):
             q1 = min(Q, q0 + tile)
-            s, out = buf[:, : q1 - q0], acc[:, : q1 - q0]
+            n = q1 - q0
+            width = T if key_limit is None else min(T, max(key_limit(q0, q1), self.topk))
+            s, out = buf[: B * n * width].view(B, n, width), acc[: B * n * width].view(B, n, width)
+            k = keys_t[..., :width]
             for h in range(H):
-                torch.bmm(qp[:, q0:q1, h], keys_t, out=s).relu_()
+                torch.bmm(qp[:, q0:q1, h], k, out=s).relu_()
                 if h == 0:
                     torch.mul(s, wp[:, q0:q1, h, None], out=out)
                 else:
@@ -62,8 +68,8 @@ class Indexer(nn.Module):
         scores ever exist (at 16K context a 2048-query chunk would need 128 MB, fresh pages every layer)."""
         B, Q = qp.shape[:2]
         out = torch.empty(B, Q, self.topk, dtype=torch.long, device=qp.device)
-        for q0, q1, scores in self._tiles(qp, wp, keys_t):
-            hidden = fb.hidden_rows(q0, q1)
+        for q0, q1, scores in self._tiles(qp, wp, keys_t, fb.key_limit):
+            hidden = fb.hidden_rows(q0, q1, scores.shape[-1])
             out[:, q0:q1] = scores.masked_fill_(hidden, float("-inf")).topk(self.topk, dim=-1).indices
         return out
 

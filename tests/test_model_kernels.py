@@ -125,8 +125,8 @@ def test_expanded_prefill_attention_equals_absorbed(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("tile_elements", [1 << 20, 2 * 50 * 3])  # one tile; tiles of 3 queries (the last short)
 def test_indexer_tiled_topk_equals_full_scores(monkeypatch, tile_elements):
-    """Long query blocks at inference keep only each tile's top-k; it must select what the full [B, Q, T] scores
-    would (random scores: no ties), masked keys never outranking visible ones."""
+    """Long query blocks at inference keep only each tile's top-k over the keys before the tile's key limit; it
+    must select what the full [B, Q, T] scores would, masked keys never outranking visible ones."""
     from model import indexer
     from model.config import ModelConfig
 
@@ -137,12 +137,17 @@ def test_indexer_tiled_topk_equals_full_scores(monkeypatch, tile_elements):
     B, Q, H, D, T = 2, 11, cfg.index_n_heads, cfg.index_head_dim, 50
     qp, wp = torch.randn(B, Q, H, D, generator=g), torch.randn(B, Q, H, generator=g)
     keys_t = torch.randn(B, D, T, generator=g)
-    hidden = torch.rand(B, Q, T, generator=g) < 0.5
-    got = idx._topk_tiled(qp, wp, keys_t, SimpleNamespace(hidden_rows=lambda q0, q1: hidden[:, q0:q1]))
+    # Causal past a prefix of 20 keys (row j sees keys <= 20 + j, so tiles stop at key_limit), plus random holes.
+    hidden = (torch.arange(T) > 20 + torch.arange(Q)[:, None]) | (torch.rand(B, Q, T, generator=g) < 0.3)
+    fb = SimpleNamespace(hidden_rows=lambda q0, q1, k1: hidden[:, q0:q1, :k1], key_limit=lambda q0, q1: 20 + q1)
+    got = idx._topk_tiled(qp, wp, keys_t, fb)
     full = torch.einsum("bqh,bqht->bqt", wp, torch.relu(torch.einsum("bqhd,bdt->bqht", qp, keys_t)))
-    want = full.masked_fill(hidden, float("-inf")).topk(cfg.index_topk, dim=-1).indices
+    masked = full.masked_fill(hidden, float("-inf"))
+    want = masked.topk(cfg.index_topk, dim=-1).values
     assert got.shape == want.shape
-    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    # ReLU makes exact ties (all heads negative: score 0), so compare the selected scores, not the indices.
+    torch.testing.assert_close(masked.gather(2, got).sort(-1).values, want.sort(-1).values)
+    assert not hidden.gather(2, got).any()  # every row has more than k visible keys
 
 
 @pytest.mark.parametrize("qlens", [[5, 2, 7], [4, 4, 4]])  # ragged (padding rows) / uniform
@@ -178,6 +183,11 @@ def test_batch_mask_pieces_equal_the_whole_mask(cached, qlens):
     assert torch.equal(make().key_mask, ~whole)
     fresh = make()  # nothing built yet: the pieces come from positions
     assert torch.equal(torch.cat([fresh.hidden_rows(q0, min(Q, q0 + 3)) for q0 in range(0, Q, 3)], 1), whole)
+    for q0 in range(0, Q, 3):  # a tile of rows may stop at key_limit: every key past it is hidden from them
+        q1 = min(Q, q0 + 3)
+        limit = fresh.key_limit(q0, q1)
+        assert limit <= T and whole[:, q0:q1, limit:].all() and not whole[:, q0:q1, limit - 1].all()
+        assert torch.equal(fresh.hidden_rows(q0, q1, limit), whole[:, q0:q1, :limit])
     index = torch.randint(0, T, (B, Q, 4), generator=torch.Generator().manual_seed(0))
     index[:, :, 0] = 0  # key 0: the one padding rows see
     assert torch.equal(fresh.hidden_at(index), whole.gather(2, index))
