@@ -31,6 +31,14 @@ def default_model() -> Path | None:
     return found[0] if found else None
 
 
+def model_or_shipped(model: Path | None) -> Path:
+    """`--model` if given, else the shipped checkpoint; exits with a hint when neither exists."""
+    model = model or default_model()
+    if model is None:
+        raise SystemExit("no shipped model yet (model/weights/*/model.safetensors); pass --model DIR")
+    return model
+
+
 def tokenizer_source() -> Path | None:
     """Where our tokenizer lives: the shipped model, else the trainer's tokenizer directory."""
     for d in (default_model(), ROOT / "runs" / "tokenizer"):

@@ -147,9 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     warn_if_busy()
     threads = pin_threads(args.threads)
-    model = args.model or checkpoints.default_model()
-    if model is None:
-        raise SystemExit("no shipped model yet (model/weights/*/model.safetensors); pass --model DIR")
+    model = checkpoints.model_or_shipped(args.model)
     if args.random_prompts or not (model / "tokenizer.json").is_file():
         from model.config import ModelConfig
 
