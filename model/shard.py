@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -56,3 +57,23 @@ def tensor_slices(shape: tuple[int, ...], spec: ShardSpec | None) -> tuple[slice
             raise ValueError(f"shard dim {spec.dim} of a {len(shape)}-d tensor")
         index[spec.dim] = slice(*spec.bounds(shape[spec.dim]))
     return tuple(index)
+
+
+def shrink_to_shards(model: Any, plan: Mapping[str, ShardSpec]) -> Any:
+    """Give each planned parameter of a network built whole on the meta device its per-rank shape, so the loader
+    can fill it. For tests and benchmarks of loading; the tensor-parallel network builds its layers at their local
+    sizes itself."""
+    import torch
+
+    for name, spec in plan.items():
+        owner_name, attr = name.rsplit(".", 1)
+        owner = model.get_submodule(owner_name)
+        p = getattr(owner, attr)
+        if p.device.type != "meta":
+            raise ValueError(f"{name}: shrink_to_shards works on a meta network")
+        shape = list(p.shape)
+        start, stop = spec.bounds(shape[spec.dim])
+        shape[spec.dim] = stop - start
+        setattr(owner, attr, torch.nn.Parameter(torch.empty(shape, dtype=p.dtype, device="meta"),
+                                                requires_grad=p.requires_grad))
+    return model
