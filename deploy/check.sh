@@ -37,7 +37,7 @@ if [[ ! -f $stamp ]]; then
   "$TOOLS/bin/pip" install -q "${PIP_TOOLS[@]}" >"$TOOLS/pip.log" 2>&1 || { cat "$TOOLS/pip.log" >&2; exit 1; }
   touch "$stamp"
 fi
-"$KUBECTL" version --client 2>/dev/null | head -1
+"$KUBECTL" version --client 2>/dev/null | sed -n 1p  # sed reads it all: head would SIGPIPE kubectl
 took
 
 step "hadolint Dockerfile"
