@@ -80,25 +80,32 @@ def local_shape(shape: tuple[int, ...], split: str, tp: int) -> tuple[int, ...]:
     return shape
 
 
-def plan(cfg: dict, tp: int, weights: str, gpu_mib: int, reserve_gib: float, block_size: int = 16) -> dict:
-    """The per-GPU figures. weights: fp8 (a block-FP8 checkpoint) or bf16 (everything bf16)."""
-    total_params = rank_params = rank_bytes = 0
-    for _, shape, storage, split, count in tensors(cfg):
-        n = math.prod(shape)
-        total_params += n * count
-        per_rank_count = count / tp if split == "ep" else count  # experts: E/N of them per rank, whole
+def per_gpu(cfg: dict, tp: int, weights: str) -> list[dict]:
+    """One row per tensor kind: how many of them one GPU holds, their local shape and bytes."""
+    rows = []
+    for name, shape, storage, split, count in tensors(cfg):
+        held = count / tp if split == "ep" else count  # experts: E/N of them per rank, whole
         local = shape if split == "ep" else local_shape(shape, split, tp)
         m = math.prod(local)
-        rank_params += m * per_rank_count
         if storage == "fp8" and weights == "fp8":
             size = m + 4 * blocks(local[0]) * blocks(local[-1])
-        elif storage == "fp32":
-            size = 4 * m
         else:
-            size = 2 * m
-        rank_bytes += size * per_rank_count
-    mtp_params = total_params - sum(math.prod(shape) * count for _, shape, _, _, count
-                                    in tensors({**cfg, "num_nextn_predict_layers": 0}))
+            storage = "fp32" if storage == "fp32" else "bf16"
+            size = (4 if storage == "fp32" else 2) * m
+        rows.append({"tensor": name, "shape": shape, "storage": storage, "split": split, "per_gpu": held,
+                     "local_shape": local, "params": m * held, "bytes": size * held,
+                     "model_params": math.prod(shape) * count})
+    return rows
+
+
+def plan(cfg: dict, tp: int, weights: str, gpu_mib: int, reserve_gib: float, block_size: int = 16) -> dict:
+    """The per-GPU figures. weights: fp8 (a block-FP8 checkpoint) or bf16 (everything bf16)."""
+    rows = per_gpu(cfg, tp, weights)
+    total_params = sum(r["model_params"] for r in rows)
+    rank_params = sum(r["params"] for r in rows)
+    rank_bytes = sum(r["bytes"] for r in rows)
+    mtp_params = total_params - sum(r["model_params"] for r in per_gpu({**cfg, "num_nextn_predict_layers": 0}, tp,
+                                                                       weights))
     layers = cfg["num_hidden_layers"] + cfg.get("num_nextn_predict_layers", 0)
     latent = cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]
     index_key = cfg.get("index_head_dim", 0) if cfg.get("model_type", "glm_moe_dsa") == "glm_moe_dsa" else 0
@@ -116,6 +123,14 @@ def plan(cfg: dict, tp: int, weights: str, gpu_mib: int, reserve_gib: float, blo
         "full_length_sequences": tokens / cfg["max_position_embeddings"],
         "fits": free > 0,
     }
+
+
+def render_detail(rows: list[dict]) -> str:
+    lines = [f"{'tensor':34} {'shape':>14} {'stored':>6} {'split':>5} {'per GPU':>8} {'local shape':>14} {'GiB':>8}"]
+    for r in rows:
+        lines.append(f"{r['tensor']:34} {'x'.join(map(str, r['shape'])):>14} {r['storage']:>6} {r['split']:>5} "
+                     f"{r['per_gpu']:8g} {'x'.join(map(str, r['local_shape'])):>14} {r['bytes'] / GIB:8.3f}")
+    return "\n".join(lines)
 
 
 def render(p: dict) -> str:
@@ -142,11 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-mib", type=int, default=H200_MIB, help="memory of one GPU (default: H200)")
     ap.add_argument("--reserve-gib", type=float, default=RESERVE_GIB)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--detail", action="store_true", help="also list every tensor kind's bytes per GPU")
     args = ap.parse_args(argv)
     cfg = json.loads(args.config.read_text())
     weights = args.weights or ("fp8" if cfg.get("quantization_config") else "bf16")
     p = plan(cfg, args.tp, weights, args.gpu_mib, args.reserve_gib)
     print(json.dumps(p, indent=2) if args.json else render(p))
+    if args.detail:
+        print(render_detail(per_gpu(cfg, args.tp, weights)))
     return 0 if p["fits"] else 1
 
 
