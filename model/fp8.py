@@ -134,10 +134,19 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """x @ W^T with FP8 activations and weights through torch's block-scaled matmul; None where it cannot run (the
     caller then dequantizes the weight)."""
     K, N = x.shape[-1], weight.shape[0]
-    if (x.device.type != "cuda" or K % (4 * BLOCK) or N % BLOCK or getattr(weight, "segments", None)
-            and any(n % BLOCK for n in weight.segments) or not scaled_mm_works(x.device, x.dtype)):
+    if x.device.type != "cuda" or not scaled_mm_works(x.device, x.dtype):
+        return None
+    segments = getattr(weight, "segments", None) or ()
+    if K % (4 * BLOCK) or N % BLOCK or any(n % BLOCK for n in segments):
+        _log_unaligned(N, K)
         return None
     return _scaled_mm(x, weight, weight.scale_inv, bias)
+
+
+@functools.cache
+def _log_unaligned(N: int, K: int) -> None:
+    log.info("fp8: %dx%d weights are dequantized per product (scaled_mm wants K %% %d == 0 and N %% %d == 0)",
+             N, K, 4 * BLOCK, BLOCK)
 
 
 def _quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

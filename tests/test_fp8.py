@@ -197,3 +197,13 @@ def test_fp8_linear_declines_off_cuda():
     q, s = fp8.quantize_blockwise(torch.randn(256, 512))
     fp8.attach_scale(q, s)
     assert fp8.fp8_linear(torch.randn(3, 512), q) is None  # CPU: the caller dequantizes
+
+
+def test_activation_quantization_is_per_token_per_128_channels():
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(3))
+    x[2, 128:] *= 1000  # one token's second group is far larger: its scale must not touch the others
+    q, scale = fp8._quantize_activation(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (5, 2)
+    back = q.float().view(5, 2, 128) * scale[..., None]
+    assert torch.allclose(back.view(5, 256), x, rtol=2 ** -4, atol=1e-4)  # e4m3: 3 mantissa bits
+    assert torch.equal(scale[:, 0], x[:, :128].abs().amax(-1) / 448)
