@@ -104,11 +104,14 @@ def dequantize_blockwise(w: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.
         return torch.cat(parts)
     R, C = w.shape
     r0, c0 = offset
-    s = scale_inv.float().repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
-    if s.shape[0] < r0 + R or s.shape[1] < c0 + C:
+    nr, nc = scale_inv.shape
+    if nr * BLOCK < r0 + R or nc * BLOCK < c0 + C:
         raise Fp8FormatError(f"scale_inv {tuple(scale_inv.shape)} does not cover a {R}x{C} weight at offset "
                              f"{offset}")
-    return (w.float() * s[r0:r0 + R, c0:c0 + C]).to(dtype)
+    # Placed on the scale's block grid (padding to whole blocks), each block is one broadcast multiply.
+    grid = F.pad(w.float(), (c0, nc * BLOCK - c0 - C, r0, nr * BLOCK - r0 - R)).view(nr, BLOCK, nc, BLOCK)
+    out = (grid * scale_inv.float()[:, None, :, None]).view(nr * BLOCK, nc * BLOCK)
+    return out[r0:r0 + R, c0:c0 + C].to(dtype)
 
 
 def dequantize_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
