@@ -127,7 +127,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
                     if name in stored_fp8 and name + fp8.SCALE_SUFFIX in files:
                         scale = open_file(files[name + fp8.SCALE_SUFFIX]).get_slice(name + fp8.SCALE_SUFFIX)
                     problem = _read_one(open_file(file).get_slice(name), scale, reads[name], targets,
-                                        name, name in to_quantize, keep)
+                                        name, name in to_quantize)
                     if problem:
                         problems.append(problem)
                     done += 1
@@ -214,8 +214,8 @@ def _make_fp8(model: GlmMoeDsaForCausalLM, names: set[str]) -> dict[str, tuple[i
     return segments
 
 
-def _read_one(sl: Any, scale: Any, r: _Read, targets: dict[str, torch.Tensor], name: str, quantize: bool,
-              keep: bool) -> str | None:
+def _read_one(sl: Any, scale: Any, r: _Read, targets: dict[str, torch.Tensor], name: str, quantize: bool
+              ) -> str | None:
     """Read one stored tensor's slice into its destination, converting FP8 as the destination needs. Returns a
     problem, or None."""
     shape = tuple(sl.get_shape())
