@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     kv_cache_memory_fraction: float = Field(0.2, gt=0.0, le=1.0, description="share of free device memory "
                                                                              "for the KV cache")
     block_size: int = Field(16, ge=1, description="tokens per KV cache block")
+    quantization: Literal["fp8"] | None = Field(None, description="fp8: quantize a bf16/fp32 checkpoint's "
+                                                "projections to 128x128 block FP8 at load (FP8 checkpoints need no "
+                                                "flag)")
     num_speculative_tokens: int = Field(0, ge=0, description="MTP draft length; 0 disables speculative decoding")
     seed: int = Field(0, description="engine seed for requests without their own")
     engine_process: bool = Field(True, description="run the engine in its own process, so the model's Python "
@@ -75,7 +78,7 @@ class Settings(BaseSettings):
             return [p.strip() for item in v for p in str(item).split(",") if p.strip()]
         return v
 
-    @field_validator("log_level", "log_format", "device", "dtype", mode="before")
+    @field_validator("log_level", "log_format", "device", "dtype", "quantization", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
@@ -106,6 +109,7 @@ class Settings(BaseSettings):
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             kv_cache_tokens=self.kv_cache_tokens, kv_cache_memory_fraction=self.kv_cache_memory_fraction,
             block_size=self.block_size, num_speculative_tokens=self.num_speculative_tokens, seed=self.seed,
+            quantization=self.quantization,
             torch_threads=self.torch_threads or max(1, (os.cpu_count() or 2) - 1))
 
 

@@ -27,7 +27,7 @@ SAMPLE_ENV = {"model": "/tmp/m", "served_model_name": "glm", "host": "0.0.0.0", 
               "dtype": "float32", "max_model_len": "4096", "max_num_seqs": "8", "max_num_batched_tokens": "512",
               "kv_cache_tokens": "10000", "kv_cache_memory_fraction": "0.5", "block_size": "32",
               "num_speculative_tokens": "2", "seed": "5", "engine_process": "false", "torch_threads": "1",
-              "max_queue_size": "3", "retry_after": "7",
+              "max_queue_size": "3", "retry_after": "7", "quantization": "fp8",
               "request_timeout": "60", "max_request_body_bytes": "2048", "api_key": "k1,k2",
               "cors_origins": "https://a,https://b", "shutdown_timeout": "12.5", "log_level": "debug",
               "log_format": "json", "log_prompts": "true"}
@@ -82,7 +82,8 @@ def test_flags_beat_env(monkeypatch):
 @pytest.mark.parametrize("argv,flag", [(["--port", "abc"], "--port"), (["--port", "70000"], "--port"),
                                        (["--device", "tpu"], "--device"), (["--max-queue-size", "0"],
                                                                            "--max-queue-size"),
-                                       (["--kv-cache-memory-fraction", "2"], "--kv-cache-memory-fraction")])
+                                       (["--kv-cache-memory-fraction", "2"], "--kv-cache-memory-fraction"),
+                                       (["--quantization", "int4"], "--quantization")])
 def test_bad_values_name_the_flag(argv, flag):
     with pytest.raises(SettingsError, match=flag):
         parse_settings(argv)
@@ -90,10 +91,11 @@ def test_bad_values_name_the_flag(argv, flag):
 
 def test_engine_config_mapping(tmp_path):
     s = parse_settings(["--max-num-seqs", "4", "--kv-cache-tokens", "999", "--num-speculative-tokens", "2",
-                        "--dtype", "bfloat16"])
+                        "--dtype", "bfloat16", "--quantization", "FP8"])
     cfg = s.engine_config(tmp_path)
     assert (cfg.model, cfg.max_num_seqs, cfg.kv_cache_tokens, cfg.num_speculative_tokens, cfg.dtype) == \
         (tmp_path, 4, 999, 2, "bfloat16")
+    assert cfg.quantization == "fp8" and parse_settings([]).engine_config(tmp_path).quantization is None
 
 
 def test_default_model_discovery(tmp_path, monkeypatch):

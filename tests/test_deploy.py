@@ -67,6 +67,12 @@ DESIGN_FLAGS = {
     "shutdown-timeout",
     "log-level",
     "log-format",
+    "tensor-parallel-size",
+    "nnodes",
+    "node-rank",
+    "master-addr",
+    "master-port",
+    "quantization",
 }
 DRAIN_MARGIN_S = 5  # time to close sockets and exit after the drain
 
@@ -461,6 +467,15 @@ def test_gpu_overlay():
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec(objects)["tolerations"]
     assert settings(objects)["GLM_SERVE_DEVICE"] == "cuda"
     assert settings(objects)["GLM_SERVE_DTYPE"] == "bfloat16"
+    # GLM-5-FP8 on one 8-GPU node: TP = the GPUs the pod gets, the cache as deploy/memory_plan.py sizes it.
+    gpus = int(c["resources"]["limits"]["nvidia.com/gpu"])
+    assert int(settings(objects)["GLM_SERVE_TENSOR_PARALLEL_SIZE"]) == gpus == 8
+    cfg = json.loads((DEPLOY / "glm5-fp8" / "config.json").read_text())
+    want = memory_plan().plan(cfg, gpus, "fp8", memory_plan().H200_MIB, memory_plan().RESERVE_GIB)
+    assert int(settings(objects)["GLM_SERVE_KV_CACHE_TOKENS"]) == want["kv_cache_tokens"]
+    assert int(settings(objects)["GLM_SERVE_MAX_MODEL_LEN"]) == cfg["max_position_embeddings"]
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert settings(objects)["GLM_SERVE_MODEL"].startswith(mounts["/models"]["mountPath"] + "/")
 
 
 # ------------------------------------------------------------------ Dockerfile
@@ -507,3 +522,99 @@ def test_dockerignore_is_an_allow_list():
     patterns = [p for p in (ROOT / ".dockerignore").read_text().splitlines() if p and not p.startswith("#")]
     assert patterns[0] == "*"
     assert not any(p.startswith("!") and (".venv" in p or ".git" in p or "tests" in p) for p in patterns)
+
+
+# ------------------------------------------------------------------ multi-node (LeaderWorkerSet)
+
+
+@cache
+def memory_plan():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memory_plan", DEPLOY / "memory_plan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def lws_pods(objects):
+    lws = one(objects, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]
+    return lws, lws["leaderTemplate"], lws["workerTemplate"]
+
+
+def test_multinode_leader_and_workers():
+    objects = rendered("multinode")
+    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "LeaderWorkerSet", "Service"]
+    assert all(o["metadata"].get("namespace") == NAMESPACE for o in objects)
+    lws, leader, worker = lws_pods(objects)
+    assert lws["restartPolicy"] == "RecreateGroupOnPodRestart"  # one dead rank restarts the group
+    (lc,), (wc,) = leader["spec"]["containers"], worker["spec"]["containers"]
+    (cm,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    for c in (lc, wc):  # both read the generated ConfigMap by its hashed name
+        assert [e["configMapRef"]["name"] for e in c["envFrom"]] == [cm["metadata"]["name"]]
+    conf = cm["data"]
+    for key in conf:
+        assert key.removeprefix("GLM_SERVE_").lower().replace("_", "-") in DESIGN_FLAGS, key
+
+    def flags(c):
+        args = c["args"]
+        return dict(zip(args[::2], args[1::2], strict=True))
+
+    lf, wf = flags(lc), flags(wc)
+    assert lf["--node-rank"] == "0" and wf["--node-rank"] == "$(LWS_WORKER_INDEX)"
+    for f in (lf, wf):
+        assert f["--nnodes"] == "$(LWS_GROUP_SIZE)" and f["--master-addr"] == "$(LWS_LEADER_ADDRESS)"
+    assert lf["--master-port"] == wf["--master-port"]
+    assert {p["name"]: p["containerPort"] for p in lc["ports"]}["dist"] == int(lf["--master-port"])
+    gpus = [int(c["resources"]["limits"]["nvidia.com/gpu"]) for c in (lc, wc)]
+    assert gpus[0] == gpus[1] and lws["size"] * gpus[0] == int(conf["GLM_SERVE_TENSOR_PARALLEL_SIZE"])
+    assert "ports" not in wc and "readinessProbe" not in wc  # headless: no HTTP server on workers
+    assert {k: lc[k]["httpGet"]["path"] for k in ("startupProbe", "readinessProbe", "livenessProbe")} == {
+        "startupProbe": "/health", "readinessProbe": "/ready", "livenessProbe": "/health"}
+    pre_stop = int(lc["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert leader["spec"]["terminationGracePeriodSeconds"] >= (
+        pre_stop + int(conf["GLM_SERVE_SHUTDOWN_TIMEOUT"]) + DRAIN_MARGIN_S)
+    for pod, c in ((leader, lc), (worker, wc)):
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert pod["spec"]["securityContext"]["runAsUser"] == dockerfile_uid()
+        assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert c["image"].endswith("-cuda")
+    # The Service reaches the leader (API server) only.
+    selector = one(objects, "Service")["spec"]["selector"]
+    assert all(leader["metadata"]["labels"].get(k) == v for k, v in selector.items())
+    assert not all(worker["metadata"]["labels"].get(k) == v for k, v in selector.items())
+    # Cache sized by the plan for bf16 GLM-5 over size x 8 GPUs.
+    cfg = {k: v for k, v in json.loads((DEPLOY / "glm5-fp8" / "config.json").read_text()).items()
+           if k != "quantization_config"}
+    want = memory_plan().plan(cfg, lws["size"] * gpus[0], "bf16", memory_plan().H200_MIB, memory_plan().RESERVE_GIB)
+    assert want["fits"] and int(conf["GLM_SERVE_KV_CACHE_TOKENS"]) == want["kv_cache_tokens"]
+
+
+def test_crd_validation_catches_what_kubernetes_would_reject():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("validate_crds", DEPLOY / "validate_crds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    schemas = module.crd_schemas(sorted((DEPLOY / "k8s" / "crds").glob("*.yaml")))
+    good = one(rendered("multinode"), "LeaderWorkerSet")
+    assert module.problems([good], schemas) == (1, [])
+    bad = json.loads(json.dumps(good))
+    bad["spec"]["leaderWorkerTemplate"]["size"] = "two"
+    bad["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]["argz"] = []
+    wrong_version = {**good, "apiVersion": "leaderworkerset.x-k8s.io/v9"}
+    checked, found = module.problems([bad, wrong_version], schemas)
+    text = "\n".join(found)
+    assert checked == 1 and len(found) == 3, text
+    assert "'two' is not of type 'integer'" in text and "'argz' was unexpected" in text and "/v9" in text
+
+
+def test_memory_plan_reproduces_glm5_figures():
+    """GLM-5's published size (744B without the MTP layer), and TP 8 bf16 not fitting an H200."""
+    cfg = json.loads((DEPLOY / "glm5-fp8" / "config.json").read_text())
+    mp = memory_plan()
+    fp8 = mp.plan(cfg, 8, "fp8", mp.H200_MIB, mp.RESERVE_GIB)
+    assert round(fp8["total_params_b"] - fp8["mtp_params_b"], 1) == 743.9
+    assert fp8["kv_bytes_per_token"] == 2 * (512 + 64 + 128) * 79
+    assert 85 < fp8["weight_gib_per_gpu"] < 95 and fp8["fits"]
+    assert not mp.plan(cfg, 8, "bf16", mp.H200_MIB, mp.RESERVE_GIB)["fits"]

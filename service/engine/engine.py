@@ -95,7 +95,7 @@ class LLMEngine:
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         """Load the checkpoint (and its tokenizer, when it has a tokenizer.json) named by `config.model`."""
         device, dtype = resolve_device_dtype(config)
-        model = load_model(config.model, dtype, device)
+        model = load_model(config.model, dtype, device, quantization=config.quantization)
         tokenizer = None
         if (Path(config.model) / "tokenizer.json").is_file():
             from model.tokenizer import Tokenizer
