@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests import model_fixtures
@@ -149,24 +148,3 @@ def greedy(max_tokens: int, **kw):
     from service.engine.sampling_params import SamplingParams
 
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
-
-
-# Fixtures are imported by the test modules under their function names and requested under `name`.
-@pytest.fixture(scope="session", name="engine_ckpt")
-def engine_ckpt_fixture(tmp_path_factory) -> Path:
-    """The tiny checkpoint shared by the engine tests (with an MTP layer and a tokenizer)."""
-    return make_checkpoint(tmp_path_factory.mktemp("engine_ckpt"))
-
-
-@pytest.fixture(scope="session", name="hf_oracle")
-def hf_oracle_fixture(engine_ckpt):
-    return hf_model(engine_ckpt)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared 2-core box OpenMP spin-waits cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -37,6 +37,7 @@ from service.engine.outputs import CompletionOutput, EngineStats, RequestOutput,
 from service.engine.sampling_params import SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
+CURRENT_TEST: Any = None  # the pytest item being set up or run (tests/conftest.py), None outside pytest
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.", "Hello world, this is a tiny test corpus.",
@@ -393,6 +394,9 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> ServerProcess:
+        if CURRENT_TEST is not None and CURRENT_TEST.get_closest_marker("server") is None:
+            raise RuntimeError(f"{CURRENT_TEST.nodeid} starts a server process: mark it `pytest.mark.server` "
+                               "(make test-fast deselects those)")
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         try:

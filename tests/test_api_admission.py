@@ -10,8 +10,6 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.service_fixtures import FakeAsyncEngine, ServerThread, shared_fake_model_dir
-
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
@@ -34,9 +32,8 @@ def wait_for(cond, timeout: float = 5.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def server():
-    model_dir = shared_fake_model_dir()
-    with ServerThread(FakeAsyncEngine(model_dir, step_s=0.01), model_dir, max_queue_size=1, retry_after=3) as s:
+def server(thread_server):
+    with thread_server(engine={"step_s": 0.01}, max_queue_size=1, retry_after=3) as s:
         yield s
 
 
@@ -128,9 +125,8 @@ def test_disconnect_before_first_token(server):
         server.engine.held = False
 
 
-def test_draining_refuses_new_requests():
-    model_dir = shared_fake_model_dir()
-    with ServerThread(FakeAsyncEngine(model_dir), model_dir) as s:
+def test_draining_refuses_new_requests(thread_server):
+    with thread_server() as s:
         s.ctx.queue.begin_drain()
         assert httpx.get(s.base_url + "/ready").status_code == 503
         assert httpx.get(s.base_url + "/health").status_code == 200  # liveness holds while draining

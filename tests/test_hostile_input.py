@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from tests.service_fixtures import ServerProcess, shared_fake_model_dir
+from tests.service_fixtures import ServerProcess
 from tests.soak.load import metric_values
 
+pytestmark = pytest.mark.server
 CHAT, COMP = "/v1/chat/completions", "/v1/completions"
 JSON = {"content-type": "application/json"}
 MiB = 2**20
@@ -110,9 +111,9 @@ CASES: list[tuple[str, str, Callable[[], bytes], dict[str, str], int, str | None
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, fake_model_dir):
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    with ServerProcess(["--model", str(shared_fake_model_dir())], log, module="tests.service_fixtures") as s:
+    with ServerProcess(["--model", str(fake_model_dir)], log, module="tests.service_fixtures") as s:
         yield s
 
 

@@ -17,9 +17,9 @@ import pytest
 
 from tests.service_fixtures import ServerProcess, sse_data
 from tests.soak.load import metric_values, rss_bytes, run_load, wait_idle
-from tests.soak.servers import SERVER_ENV, shared_tiny_checkpoint
+from tests.soak.servers import SERVER_ENV
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 CLIENTS = 32
 # 64 blocks of 16 tokens for up to 16 sequences of up to ~100 tokens (n up to 3): running requests get preempted
 SERVER_ARGS = ["--device", "cpu", "--max-model-len", "512", "--kv-cache-tokens", "1024", "--max-num-seqs", "16",
@@ -28,9 +28,9 @@ RSS_GROWTH_LIMIT = 128 * 2**20  # after a warm-up run; bench/soak_load.py measur
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_glm_ckpt):
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    with ServerProcess(["--model", str(shared_tiny_checkpoint()), *SERVER_ARGS], log, env=SERVER_ENV) as s:
+    with ServerProcess(["--model", str(tiny_glm_ckpt), *SERVER_ARGS], log, env=SERVER_ENV) as s:
         yield s
 
 

@@ -13,22 +13,17 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.service_fixtures import ServerProcess, check_stream, make_tiny_checkpoint, sse_data
+from tests.service_fixtures import ServerProcess, check_stream, sse_data
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]
 MAX_MODEL_LEN = 512
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-glm")
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
+def server(tiny_glm_ckpt, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    with ServerProcess(["--model", str(checkpoint), "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-tokens",
+    with ServerProcess(["--model", str(tiny_glm_ckpt), "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-tokens",
                         "8192", "--max-num-seqs", "8", "--device", "cpu"], log) as s:
         yield s
 
@@ -178,9 +173,9 @@ AUTH = {"Authorization": "Bearer beta"}
 
 
 @pytest.fixture(scope="module")
-def strict(checkpoint, tmp_path_factory):
+def strict(tiny_glm_ckpt, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "strict.log"
-    with ServerProcess(["--model", str(checkpoint), "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-tokens",
+    with ServerProcess(["--model", str(tiny_glm_ckpt), "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-tokens",
                         "8192", "--max-num-seqs", "1", "--max-queue-size", "1", "--retry-after", "2",
                         "--shutdown-timeout", "60", "--log-format", "json"], log, env=KEYS) as s:
         yield s
