@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +139,17 @@ async def until(cond, timeout: float = 10.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.01)
+
+
+def parked(thread: threading.Thread | None) -> bool:
+    """Whether `thread` sits in threading's Condition.wait() without a timeout (directly, or under Event.wait or
+    queue.Queue.get): it runs again only when notified, so it neither spins nor polls."""
+    frame = sys._current_frames().get(thread.ident) if thread is not None else None
+    while frame is not None:
+        if frame.f_code is threading.Condition.wait.__code__:
+            return frame.f_locals.get("timeout") is None
+        frame = frame.f_back
+    return False
 
 
 async def collect(engine, rid: str, prompt: list[int], params) -> list:

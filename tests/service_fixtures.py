@@ -316,6 +316,14 @@ class FakeAsyncEngine:
 
 
 # -- servers --------------------------------------------------------------------------------------------------------
+def wait_until(cond: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `cond()` until it holds; fail after `timeout` seconds. Tests wait on a state, never for a time."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"{what}: not met after {timeout} s"
+        time.sleep(0.01)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,12 +4,11 @@ the usage chunk with `choices: []`, `data: [DONE]` last, also after an error."""
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
 
-from tests.service_fixtures import check_stream, sse_data
+from tests.service_fixtures import check_stream, sse_data, wait_until
 
 MESSAGES = [{"role": "user", "content": "Tell me a story."}]
 
@@ -119,9 +118,7 @@ def test_request_timeout(thread_server):
         assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
         _, events = post_stream(s, "/v1/chat/completions", body)
         assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout"
-        deadline = time.monotonic() + 5
-        while s.engine.num_unfinished() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert s.engine.num_unfinished() == 0 and s.engine.used_blocks == 0
+        wait_until(lambda: s.engine.num_unfinished() == 0, 5, "the timed-out requests end in the engine")
+        assert s.engine.used_blocks == 0
         assert httpx.post(s.base_url + "/v1/chat/completions",
                           json={**body, "max_tokens": 3}).status_code == 200

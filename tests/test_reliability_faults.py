@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.service_fixtures import sse_data
+from tests.service_fixtures import sse_data, wait_until
 from tests.soak.load import metric_values, wait_idle
 from tests.soak.servers import real_engine
 
@@ -113,9 +112,7 @@ def test_dead_engine_loop_fails_in_flight_and_health_turns_503(tiny_glm_ckpt, th
         results: list = []
         runner = threading.Thread(target=lambda: results.extend(asyncio.run(_streams(s.base_url, 6, 200, [plain]))))
         runner.start()
-        deadline = time.monotonic() + 120
-        while steps[0] < 10 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: steps[0] >= 10, 120, "ten engine steps under load")
 
         def broken():
             raise MemoryError("simulated unrecoverable engine failure")

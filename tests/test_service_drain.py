@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 
 import httpx
 import pytest
 
-from tests.service_fixtures import ServerProcess, sse_data
+from tests.service_fixtures import ServerProcess, sse_data, wait_until
 
 pytestmark = pytest.mark.server
 SLOW = {"FAKE_ENGINE_STEP_S": "0.02"}  # 50 tokens/s: a 200-token stream takes 4 s
@@ -64,7 +63,7 @@ def test_second_signal_exits_immediately(tmp_path, fake_model_dir):
                        module="tests.service_fixtures", env=SLOW) as s:
         thread, _, _ = start_stream(s.base_url)
         s.terminate()
-        time.sleep(0.3)
+        wait_until(lambda: httpx.get(s.base_url + "/ready").status_code == 503, what="draining after SIGTERM")
         assert s.proc.poll() is None  # draining: waiting for the stream
         s.proc.send_signal(signal.SIGINT)
         assert s.proc.wait(10) == 0  # well before the 60 s drain would have ended
