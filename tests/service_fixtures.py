@@ -449,7 +449,8 @@ def sse_data(raw: str) -> list[str]:
 
 
 def check_stream(events: list[str], n: int, obj: str, usage: bool) -> list[dict]:
-    """DESIGN.md's SSE contract: one id, [DONE] once and last, one finish_reason per choice, usage chunk last."""
+    """The SSE contract (docs/ARCHITECTURE.md, "Streams"): one id, [DONE] once and last, one finish_reason per
+    choice, usage chunk last."""
     assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
     chunks = [json.loads(e) for e in events[:-1]]
     assert len({c["id"] for c in chunks}) == 1 and len({c["created"] for c in chunks}) == 1
