@@ -1,5 +1,5 @@
-"""Prometheus metrics in vLLM's schema with the `glm_serve:` prefix (DESIGN.md §2), every series labelled
-with `model_name`.
+"""Prometheus metrics in vLLM's schema with the `glm_serve:` prefix, every series labelled with `model_name`
+(the list: docs/ARCHITECTURE.md, "Metrics").
 
 Two sources: per-request counters and histograms that the API layer records as outputs stream by
 (`RequestRecorder`), and engine state (running/waiting, cache usage, preemptions, speculative decoding, DSA)

@@ -37,6 +37,7 @@ from service.engine.outputs import CompletionOutput, EngineStats, RequestOutput,
 from service.engine.sampling_params import SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
+CURRENT_TEST: Any = None  # the pytest item being set up or run (tests/conftest.py), None outside pytest
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.", "Hello world, this is a tiny test corpus.",
@@ -319,6 +320,14 @@ class FakeAsyncEngine:
 
 
 # -- servers --------------------------------------------------------------------------------------------------------
+def wait_until(cond: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `cond()` until it holds; fail after `timeout` seconds. Tests wait on a state, never for a time."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"{what}: not met after {timeout} s"
+        time.sleep(0.01)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -397,6 +406,9 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> ServerProcess:
+        if CURRENT_TEST is not None and CURRENT_TEST.get_closest_marker("server") is None:
+            raise RuntimeError(f"{CURRENT_TEST.nodeid} starts a server process: mark it `pytest.mark.server` "
+                               "(make test-fast deselects those)")
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         try:
@@ -441,7 +453,8 @@ def sse_data(raw: str) -> list[str]:
 
 
 def check_stream(events: list[str], n: int, obj: str, usage: bool) -> list[dict]:
-    """DESIGN.md's SSE contract: one id, [DONE] once and last, one finish_reason per choice, usage chunk last."""
+    """The SSE contract (docs/ARCHITECTURE.md, "Streams"): one id, [DONE] once and last, one finish_reason per
+    choice, usage chunk last."""
     assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
     chunks = [json.loads(e) for e in events[:-1]]
     assert len({c["id"] for c in chunks}) == 1 and len({c["created"] for c in chunks}) == 1

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+import threading
 
 import pytest
 
 from service.engine.client import EngineClient, EngineDeadError
 from service.engine.config import EngineConfig
-from tests.engine_fixtures import (  # noqa: F401
-    collect,
-    engine_ckpt_fixture,
-    greedy,
-    make_engine,
-    one_torch_thread,
-    prompts,
-    run_engine,
-    until,
-)
+from tests.engine_fixtures import collect, greedy, make_engine, parked, prompts, run_engine, until
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPTS = prompts(8, [5, 17, 9, 30], seed=4)
 
@@ -190,13 +185,39 @@ def test_the_loop_sleeps_when_idle(engine_ckpt) -> None:
         engine.local_engine.step = lambda: steps.append(1) or step()
         await engine.start()
         await collect(engine, "x", PROMPTS[0], greedy(5))
-        await until(lambda: idle_and_empty(engine))
-        before = len(steps)
-        await asyncio.sleep(0.3)
-        assert len(steps) == before  # no busy loop
+        done = len(steps)
+        # No busy loop, no polling: with nothing to do, the loop thread waits to be notified.
+        await until(lambda: idle_and_empty(engine) and parked(engine._thread))
+        assert len(steps) == done
         outs = await collect(engine, "y", PROMPTS[1], greedy(3))  # and it wakes up for new work
         assert outs[-1].num_generated_tokens == 3
         await engine.shutdown()
         assert engine.transport._thread is None
 
     asyncio.run(main())
+
+
+
+def test_parked_tells_a_notified_wait_from_a_timed_one() -> None:
+    """The check the idle test relies on: true only for a thread in an untimed Condition.wait()."""
+    release = threading.Event()
+
+    def waiting(thread: threading.Thread) -> bool:  # in Condition.wait(), whatever the timeout
+        frame = sys._current_frames().get(thread.ident)
+        while frame is not None and frame.f_code is not threading.Condition.wait.__code__:
+            frame = frame.f_back
+        return frame is not None
+
+    untimed = threading.Thread(target=release.wait)
+    timed = threading.Thread(target=release.wait, args=(60,))
+    spinning = threading.Thread(target=lambda: all(not release.is_set() for _ in iter(int, 1)))
+    threads = (untimed, timed, spinning)
+    for t in threads:
+        t.start()
+    try:
+        asyncio.run(until(lambda: parked(untimed) and waiting(timed)))
+        assert not parked(timed) and not parked(spinning) and not parked(None)
+    finally:
+        release.set()
+        for t in threads:
+            t.join(10)

@@ -12,16 +12,9 @@ import pytest
 
 from service.engine.client import EngineClient, EngineDeadError
 from service.engine.config import EngineConfig
-from tests.engine_fixtures import (  # noqa: F401
-    collect,
-    engine_ckpt_fixture,
-    greedy,
-    make_engine,
-    one_torch_thread,
-    prompts,
-    run_engine,
-    until,
-)
+from tests.engine_fixtures import collect, greedy, make_engine, prompts, run_engine, until
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPTS = prompts(6, [5, 17, 9, 30], seed=7)
 

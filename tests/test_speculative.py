@@ -13,15 +13,9 @@ from model.batch import ForwardBatch
 from service.engine import speculative
 from service.engine.sampler import Sampler, SamplingState
 from service.engine.sampling_params import SamplingParams
-from tests.engine_fixtures import (  # noqa: F401
-    assert_no_leaks,
-    engine_ckpt_fixture,
-    greedy,
-    make_engine,
-    one_torch_thread,
-    prompts,
-    run_engine,
-)
+from tests.engine_fixtures import assert_no_leaks, greedy, make_engine, prompts, run_engine
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MAX_TOKENS = 14
 PROMPTS = prompts(8, [3, 9, 17, 30, 41, 5, 12, 24], seed=3)  # index_topk is 8
