@@ -187,7 +187,7 @@ def test_the_loop_sleeps_when_idle(engine_ckpt) -> None:
         await collect(engine, "x", PROMPTS[0], greedy(5))
         done = len(steps)
         # No busy loop, no polling: with nothing to do, the loop thread waits to be notified.
-        await until(lambda: idle_and_empty(engine) and parked(engine._thread))
+        await until(lambda: idle_and_empty(engine) and parked(engine.transport._thread))
         assert len(steps) == done
         outs = await collect(engine, "y", PROMPTS[1], greedy(3))  # and it wakes up for new work
         assert outs[-1].num_generated_tokens == 3
