@@ -44,6 +44,11 @@ class Settings(BaseSettings):
                                                                              "for the KV cache")
     block_size: int = Field(16, ge=1, description="tokens per KV cache block")
     num_speculative_tokens: int = Field(0, ge=0, description="MTP draft length; 0 disables speculative decoding")
+    enable_prefix_caching: bool = Field(True, description="reuse the cache of prompt prefixes seen before "
+                                                          "(automatic prefix caching)")
+    prefix_caching_hash_algo: Literal["builtin", "sha256"] = Field(
+        "builtin", description="block hash of prefix caching: builtin (fastest, 64-bit) or sha256 "
+                               "(collision-resistant, for servers shared by tenants who distrust each other)")
     seed: int = Field(0, description="engine seed for requests without their own")
     engine_process: bool = Field(True, description="run the engine in its own process, so the model's Python "
                                                    "never waits for the HTTP event loop's GIL (off: a thread)")
@@ -75,7 +80,7 @@ class Settings(BaseSettings):
             return [p.strip() for item in v for p in str(item).split(",") if p.strip()]
         return v
 
-    @field_validator("log_level", "log_format", "device", "dtype", mode="before")
+    @field_validator("log_level", "log_format", "device", "dtype", "prefix_caching_hash_algo", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
@@ -106,6 +111,7 @@ class Settings(BaseSettings):
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             kv_cache_tokens=self.kv_cache_tokens, kv_cache_memory_fraction=self.kv_cache_memory_fraction,
             block_size=self.block_size, num_speculative_tokens=self.num_speculative_tokens, seed=self.seed,
+            enable_prefix_caching=self.enable_prefix_caching, prefix_caching_hash_algo=self.prefix_caching_hash_algo,
             torch_threads=self.torch_threads or max(1, (os.cpu_count() or 2) - 1))
 
 
