@@ -46,6 +46,8 @@ DESIGN_METRICS = {
     "glm_serve:spec_decode_num_draft_tokens": "counter",
     "glm_serve:spec_decode_num_accepted_tokens": "counter",
     "glm_serve:spec_decode_num_accepted_tokens_per_pos": "counter",
+    "glm_serve:prefix_cache_queries": "counter",
+    "glm_serve:prefix_cache_hits": "counter",
 }
 # Series Prometheus makes itself while scraping; queries may use them too.
 SCRAPE_SERIES = {"up"}
@@ -67,6 +69,8 @@ DESIGN_FLAGS = {
     "shutdown-timeout",
     "log-level",
     "log-format",
+    "enable-prefix-caching",
+    "prefix-caching-hash-algo",
 }
 DRAIN_MARGIN_S = 5  # time to close sockets and exit after the drain
 
@@ -245,6 +249,8 @@ def test_dashboard_covers_the_serving_signals():
             "kv_cache_usage_perc",
             "num_preemptions_total",
             "spec_decode_num_accepted_tokens_per_pos_total",
+            "prefix_cache_hits_total",
+            "prefix_cache_queries_total",
         ]
     }
     assert wanted - used == set()
