@@ -51,7 +51,7 @@ async def create_chat_completion(request: Request) -> Response:
                      [str(c.finish_reason) for c in result.choices])
         return JSONResponse({"id": response_id, "object": "chat.completion", "created": created,
                              "model": ctx.model_name, "choices": choices,
-                             "usage": usage(prompt_tokens, result.num_generated_tokens)})
+                             "usage": usage(prompt_tokens, result.num_generated_tokens, result.num_cached_tokens)})
 
     return await run_job(ctx, request, body)
 
@@ -61,13 +61,13 @@ async def _chunks(job: Job, req: ChatCompletionRequest, response_id: str, create
     """Role delta per choice first, then content deltas, one finish_reason per choice, optional usage."""
     base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": job.ctx.model_name}
     prompt_tokens = len(first.prompt_token_ids)
-    generated = 0
+    generated = cached = 0
     finished: dict[int, str] = {}
 
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         out = {**base, "choices": choices}
         if req.continuous_usage:
-            out["usage"] = usage(prompt_tokens, generated)
+            out["usage"] = usage(prompt_tokens, generated, cached)
         return out
 
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -79,7 +79,7 @@ async def _chunks(job: Job, req: ChatCompletionRequest, response_id: str, create
             yield out
 
     async for out in outputs():
-        generated = out.num_generated_tokens
+        generated, cached = out.num_generated_tokens, out.num_cached_tokens
         for o in out.outputs:
             if o.index in finished:
                 continue
@@ -95,5 +95,5 @@ async def _chunks(job: Job, req: ChatCompletionRequest, response_id: str, create
                 choice["stop_reason"] = o.stop_reason
             yield chunk([choice])
     if req.include_usage:
-        yield {**base, "choices": [], "usage": usage(prompt_tokens, generated)}
+        yield {**base, "choices": [], "usage": usage(prompt_tokens, generated, cached)}
     job.log_done(response_id, prompt_tokens, generated, [finished.get(i, "abort") for i in range(req.n)])
