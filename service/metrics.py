@@ -88,7 +88,7 @@ class EngineCollector(Collector):
                       s.dsa_tokens_read)
         yield counter("dsa_tokens_cached", "Cached latents a dense attention would have read in decode.",
                       s.dsa_tokens_cached)
-        yield counter("prefix_cache_queries", "Tokens looked up in the prefix cache (prompts as first scheduled).",
+        yield counter("prefix_cache_queries", "Tokens looked up in the prefix cache as requests are admitted.",
                       s.prefix_cache_queries)
         yield counter("prefix_cache_hits", "Of those, tokens found in the prefix cache (prefill skipped).",
                       s.prefix_cache_hits)

@@ -71,6 +71,8 @@ def both(engine_ckpt, waves, **settings) -> tuple[dict, dict, object]:
     assert_same(on, off)
     assert_no_leaks(engine)
     assert engine.block_manager.pool.consistency_errors() == []
+    # Idle: blocks still cached, but none in use (kv_cache_usage_perc counts only held blocks).
+    assert engine.block_manager.pool.num_cached > 0 and engine.stats().kv_cache_usage == 0
     return on, cached, engine
 
 
