@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from model.config import ModelConfig
 from model.loader import load_model
 from model.network import GlmMoeDsaForCausalLM
+from model.tokenizer import Tokenizer
 
 from .block_manager import BlockManager
 from .config import EngineConfig
@@ -48,7 +48,7 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, vocab_
 
 
 class LLMEngine:
-    def __init__(self, model: GlmMoeDsaForCausalLM, config: EngineConfig, tokenizer=None) -> None:
+    def __init__(self, model: GlmMoeDsaForCausalLM, config: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
         self.config = config
         self.model = model
         self.model_config: ModelConfig = model.config
@@ -80,7 +80,9 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, config.block_size, device, dtype, generator, k)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                           config.prefix_caching_hash_algo)
-        self.proposer = MTPProposer(self.runner, self.block_manager, k) if k else None
+        runner = self.runner
+        self.proposer = MTPProposer(runner.model, runner.cache, runner.sampler, self.block_manager, device, k) \
+            if k else None
         if self.proposer is not None:  # a drafting sequence reuses cached blocks only with their MTP entries
             self.block_manager.needs_mtp = self.proposer.eligible
         self.spec_drafts = self.spec_draft_tokens = self.spec_accepted = 0
@@ -98,13 +100,7 @@ class LLMEngine:
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         """Load the checkpoint (and its tokenizer, when it has a tokenizer.json) named by `config.model`."""
         device, dtype = resolve_device_dtype(config)
-        model = load_model(config.model, dtype, device)
-        tokenizer = None
-        if (Path(config.model) / "tokenizer.json").is_file():
-            from model.tokenizer import Tokenizer
-
-            tokenizer = Tokenizer.from_dir(config.model)
-        return cls(model, config, tokenizer)
+        return cls(load_model(config.model, dtype, device), config, Tokenizer.from_checkpoint(config.model))
 
     # -- requests ------------------------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -177,38 +173,64 @@ class LLMEngine:
         return [out for g in touched if (out := self._output(g)) is not None]
 
     def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> None:
+        """Apply a step's results: positions computed, prompt logprobs, forks, speculation counts, new tokens
+        (with stop checks), then the next drafts."""
+        starts = self._advance(sched)
+        self._store_prompt_logprobs(result)
+        self._fork(result)
+        self._count_verified(result)
+        self._append_samples(result)
+        if self.proposer is not None:
+            live = [(s, start, r) for s, start, r in starts if not s.is_finished and self.proposer.eligible(s)]
+            for seq, _, _ in live:  # roll the block table back past rejected drafts
+                self.block_manager.trim(seq, seq.num_tokens)
+            self.proposer.propose(live, result.hidden, self.max_model_len)
+
+    def _advance(self, sched: SchedulerOutput) -> list[tuple[Sequence, int, int]]:
+        """Count the step's positions as computed (and the sparse attention's reads); returns, per sequence, its
+        computed positions before the step and its first hidden row."""
         topk = self.model_config.index_topk if self.model_config.use_indexer else None
-        starts = []  # (sequence, computed positions before the step, its first hidden row)
+        starts = []
         row = 0
         for seq, n in sched.scheduled:
             starts.append((seq, seq.num_computed_tokens, row))
             row += n
-            drafts = len(seq.draft_token_ids)
             if topk is not None and seq.num_computed_tokens + 1 == seq.num_tokens:  # decode / verify queries
                 for p in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
                     self.dsa_tokens_read += min(topk, p + 1)
                     self.dsa_tokens_cached += p + 1
-            # Verified positions count once their drafts are accepted (below); rejected ones roll back.
-            seq.num_computed_tokens += n - drafts
+            # Verified positions count once their drafts are accepted (_count_verified); rejected ones roll back.
+            seq.num_computed_tokens += n - len(seq.draft_token_ids)
+        return starts
+
+    @staticmethod
+    def _store_prompt_logprobs(result: StepResult) -> None:
         for group, first, lps in result.prompt_logprobs:
             if group.prompt_logprobs is None:
                 group.prompt_logprobs = [None]
             assert len(group.prompt_logprobs) == first, "prompt logprobs out of order"
             group.prompt_logprobs.extend(lps)
+
+    def _fork(self, result: StepResult) -> None:
+        """An n>1 request's other choices start once choice 0's prefill is done, sharing its prompt blocks."""
         children: dict[SequenceGroup, list[Sequence]] = {}
         for seq, _, _ in result.samples:
             if seq.status is SequenceStatus.FORKING:
                 children.setdefault(seq.group, []).append(seq)
         for group, kids in children.items():
             self.runner.copy_blocks(self.scheduler.fork(group.seqs[0], kids))
-        for seq, drafted, accepted in result.spec:
-            seq.num_computed_tokens += accepted
-            seq.clear_drafts()
+
+    def _count_verified(self, result: StepResult) -> None:
+        for v in result.verified:
+            v.seq.num_computed_tokens += v.num_accepted
+            v.seq.clear_drafts()
             self.spec_drafts += 1
-            self.spec_draft_tokens += drafted
-            self.spec_accepted += accepted
-            for pos in range(accepted):
+            self.spec_draft_tokens += v.num_drafts
+            self.spec_accepted += v.num_accepted
+            for pos in range(v.num_accepted):
                 self.spec_accepted_per_pos[pos] += 1
+
+    def _append_samples(self, result: StepResult) -> None:
         for seq, tokens, logprobs in result.samples:
             for token, logprob in zip(tokens, logprobs, strict=True):
                 seq.output_token_ids.append(token)
@@ -219,11 +241,6 @@ class LLMEngine:
                 if seq.is_finished:  # a stop among accepted drafts drops the rest
                     self.scheduler.remove(seq)
                     break
-        if self.proposer is not None:
-            live = [(s, start, r) for s, start, r in starts if not s.is_finished and self.proposer.eligible(s)]
-            for seq, _, _ in live:  # roll the block table back past rejected drafts
-                self.block_manager.trim(seq, seq.num_tokens)
-            self.proposer.propose(live, result.hidden, self.max_model_len)
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params = seq.params
@@ -257,7 +274,7 @@ class LLMEngine:
             seq.finish_reported |= ended
         if not outputs:
             return None
-        out = RequestOutput(group.request_id, group.prompt_token_ids, outputs, finished=group.is_finished,
+        out = RequestOutput(group.request_id, outputs, finished=group.is_finished,
                             num_generated_tokens=group.num_generated_tokens, error=error,
                             num_cached_tokens=group.num_cached_tokens or 0)
         if not group.queue_time_reported:
