@@ -8,16 +8,19 @@ chat: `--conversations` conversations of `--turns` turns run at once. Every conv
 message (`--user-tokens` of English prose, a different one per turn and conversation) to the whole history,
 earlier replies included, as chat clients do; the reply is the greedy, ignore_eos completion of `--max-tokens`.
 A conversation sends its next turn as soon as its previous reply is complete (a closed loop per conversation).
-TTFT = request added -> first token, in-process (no HTTP). Prompt tokens computed = prompt positions the
-engine ran through the model (counted from each step's schedule: a cache hit skips its positions).
+TTFT = request added -> first token on its engine's clock, in-process (no HTTP). Prompt tokens computed = prompt
+positions the engine ran through the model (counted from each step's schedule: a cache hit skips its positions).
 
 unshared: the same number of requests and prompt lengths, every prompt different from its first token on
 (random token ids), `--conversations` at a time: the cost of hashing, registering and evicting when nothing is
-ever reused. Output tokens/s over the run; the runs alternate off/on `--repeats` times and report medians.
+ever reused. Output tokens/s over the run, and "bookkeeping": the share of the run spent inside prefix
+caching's own code (lookups, admission, hashing and registering blocks), which machine noise barely touches.
 
 Both workloads run on two engines loaded side by side (caching off, caching on), each with a cache of
 `--cache-tokens` (the unshared run overflows it, so evictions are part of what it measures); the cached
-prefixes are dropped before every run. Targets (issue 16): chat TTFT p50 on turns >= 2 at least 4x lower with
+prefixes are dropped before every run. The two engines run a workload paired: they take steps in turn and
+each run's clock counts only its own steps, so load drift on a shared machine hits both alike. `--repeats`
+pairs, medians reported. Targets (issue 16): chat TTFT p50 on turns >= 2 at least 4x lower with
 caching, prompt tokens computed at least 75% fewer; unshared at most 3% slower. Writes
 bench/results/prefix_cache.json.
 """
@@ -75,40 +78,61 @@ def timed(engine, fn):
     return wrapper
 
 
-def drive(engine, start: list[tuple[str, list[int]]], follow_up, max_tokens: int) -> dict:
-    """Run requests to completion; `follow_up(rid, reply)` may return the next (rid, prompt) when one ends."""
-    from service.engine.sampling_params import SamplingParams
+class Run:
+    """One workload on one engine, advanced a step at a time. Its clock counts only its own steps, so two runs
+    advanced in turn (`drive_paired`) see the same machine load, and neither's wait counts against the other."""
 
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    engine.block_manager.pool.reset()  # every run starts with nothing cached
-    added, ttft, replies, prompt_len = {}, {}, {}, {}
-    computed0, hits0, book0 = engine.prompt_computed, engine.stats().prefix_cache_hits, engine.bookkeeping_s
+    def __init__(self, engine, start: list[tuple[str, list[int]]], follow_up, max_tokens: int) -> None:
+        from service.engine.sampling_params import SamplingParams
 
-    def add(rid: str, prompt: list[int]) -> None:
-        added[rid], replies[rid], prompt_len[rid] = time.perf_counter(), [], len(prompt)
-        engine.add_request(rid, prompt, params)
+        self.engine, self.follow_up = engine, follow_up
+        self.params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        engine.block_manager.pool.reset()  # every run starts with nothing cached
+        self.clock = self.cpu = 0.0
+        self.added, self.ttft, self.replies, self.prompt_len = {}, {}, {}, {}
+        self.base = engine.prompt_computed, engine.stats().prefix_cache_hits, engine.bookkeeping_s
+        for rid, prompt in start:
+            self.add(rid, prompt)
 
-    for rid, prompt in start:
-        add(rid, prompt)
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    while engine.has_unfinished():
-        outs = engine.step()
-        now = time.perf_counter()
+    def add(self, rid: str, prompt: list[int]) -> None:
+        self.added[rid], self.replies[rid], self.prompt_len[rid] = self.clock, [], len(prompt)
+        self.engine.add_request(rid, prompt, self.params)
+
+    @property
+    def done(self) -> bool:
+        return not self.engine.has_unfinished()
+
+    def step(self) -> None:
+        t, c = time.perf_counter(), time.process_time()
+        outs = self.engine.step()
+        self.clock += time.perf_counter() - t
+        self.cpu += time.process_time() - c
         for out in outs:
             new = out.outputs[0].token_ids if out.outputs else []
-            if new and out.request_id not in ttft:
-                ttft[out.request_id] = now - added[out.request_id]
-            replies[out.request_id] += new
-            if out.finished and (nxt := follow_up(out.request_id, replies[out.request_id])) is not None:
-                add(*nxt)
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    return {"seconds": seconds, "cpu_s": cpu, "bookkeeping_s": engine.bookkeeping_s - book0, "ttft": ttft,
-            "prompt_tokens": sum(prompt_len.values()), "computed": engine.prompt_computed - computed0,
-            "hits": engine.stats().prefix_cache_hits - hits0,
-            "output_tokens": sum(len(r) for r in replies.values())}
+            if new and out.request_id not in self.ttft:
+                self.ttft[out.request_id] = self.clock - self.added[out.request_id]
+            self.replies[out.request_id] += new
+            if out.finished and (nxt := self.follow_up(out.request_id, self.replies[out.request_id])) is not None:
+                self.add(*nxt)
+
+    def result(self) -> dict:
+        e, (computed0, hits0, book0) = self.engine, self.base
+        return {"seconds": self.clock, "cpu_s": self.cpu, "bookkeeping_s": e.bookkeeping_s - book0,
+                "ttft": self.ttft, "prompt_tokens": sum(self.prompt_len.values()),
+                "computed": e.prompt_computed - computed0, "hits": e.stats().prefix_cache_hits - hits0,
+                "output_tokens": sum(len(r) for r in self.replies.values())}
 
 
-def chat_run(engine, system: list[int], users: list[list[list[int]]], max_tokens: int) -> dict:
+def drive_paired(runs: list[Run]) -> list[dict]:
+    """Advance the runs one step each in turn until all are done."""
+    while not all(r.done for r in runs):
+        for r in runs:
+            if not r.done:
+                r.step()
+    return [r.result() for r in runs]
+
+
+def chat_run(engine, system: list[int], users: list[list[list[int]]], max_tokens: int) -> Run:
     history = [list(system) + users[c][0] for c in range(len(users))]
 
     def follow_up(rid: str, reply: list[int]):
@@ -118,16 +142,19 @@ def chat_run(engine, system: list[int], users: list[list[list[int]]], max_tokens
         history[c] += reply + users[c][t + 1]
         return f"c{c}t{t + 1}", list(history[c])
 
-    run = drive(engine, [(f"c{c}t0", list(history[c])) for c in range(len(users))], follow_up, max_tokens)
+    return Run(engine, [(f"c{c}t0", list(history[c])) for c in range(len(users))], follow_up, max_tokens)
+
+
+def split_turns(run: dict) -> dict:
     run["turn1"] = [v for k, v in run["ttft"].items() if k.endswith("t0")]
     run["later"] = [v for k, v in run["ttft"].items() if not k.endswith("t0")]
     return run
 
 
-def unshared_run(engine, prompts: list[list[int]], concurrency: int, max_tokens: int) -> dict:
+def unshared_run(engine, prompts: list[list[int]], concurrency: int, max_tokens: int) -> Run:
     todo = [(f"u{i}", p) for i, p in enumerate(prompts)][::-1]
     start = [todo.pop() for _ in range(min(concurrency, len(todo)))]
-    return drive(engine, start, lambda rid, reply: todo.pop() if todo else None, max_tokens)
+    return Run(engine, start, lambda rid, reply: todo.pop() if todo else None, max_tokens)
 
 
 def row(workload: str, caching: bool, runs: list[dict]) -> dict:
@@ -175,19 +202,22 @@ def main() -> None:
     engines = {caching: make_engine(model, caching, args.cache_tokens, longest + 8, C) for caching in (False, True)}
     vocab = engines[False].model_config.vocab_size
     for engine in engines.values():  # warm up: first-call allocations and oneDNN reorders
-        unshared_run(engine, random_prompts(2, 64, vocab, seed=99), 2, 4)
+        drive_paired([unshared_run(engine, random_prompts(2, 64, vocab, seed=99), 2, 4)])
 
     chat = {False: [], True: []}
     unshared = {False: [], True: []}
     for rep in range(args.repeats):
-        for caching in (False, True) if rep % 2 == 0 else (True, False):  # alternate who runs first
-            chat[caching].append(chat_run(engines[caching], system, users, args.max_tokens))
+        order = (False, True) if rep % 2 == 0 else (True, False)  # alternate who steps first
+        runs = drive_paired([chat_run(engines[c], system, users, args.max_tokens) for c in order])
+        for c, r in zip(order, runs, strict=True):
+            chat[c].append(split_turns(r))
         # The unshared prompts: chat's prompt lengths, each starting from a different random token.
         lengths = [args.system_tokens + (t + 1) * args.user_tokens + t * args.max_tokens for t in range(T)] * C
         prompts = random_prompts(len(lengths), max(lengths), vocab, seed=100 + rep)
         prompts = [p[:n] for p, n in zip(prompts, lengths, strict=True)]
-        for caching in (True, False) if rep % 2 == 0 else (False, True):
-            unshared[caching].append(unshared_run(engines[caching], prompts, C, args.max_tokens))
+        runs = drive_paired([unshared_run(engines[c], prompts, C, args.max_tokens) for c in order])
+        for c, r in zip(order, runs, strict=True):
+            unshared[c].append(r)
     rows = [row("chat", c, chat[c]) for c in (False, True)] + [row("unshared", c, unshared[c]) for c in (False, True)]
     off, on = rows[0], rows[1]
     summary = {
