@@ -115,7 +115,6 @@ class SamplingState:
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
-    sampled: torch.Tensor  # the same tokens as a [B] long tensor on the logits' device
 
 
 def _bincount_2d(index: tuple[torch.Tensor, torch.Tensor], shape: tuple[int, int], device: torch.device
@@ -248,4 +247,4 @@ class Sampler:
             for i, lp in zip(rows, compute_logprobs(logits[idx], sampled[idx], k_max), strict=True):
                 lp.top = lp.top[: state.logprobs[i]]
                 logprobs[i] = lp
-        return SamplerOutput(token_ids=token_ids, logprobs=logprobs, sampled=sampled)
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
