@@ -238,7 +238,7 @@ def test_simulated_engine_every_reused_slot_holds_what_the_sequence_would_have_w
 
     hits = 0
     for _ in range(2000):
-        if not sched.has_work():
+        if not (sched.waiting or sched.running):
             break
         out = sched.schedule()
         for src, dst in out.copies:
