@@ -23,28 +23,12 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner, StepResult, num_cache_blocks, resolve_device_dtype
 from .outputs import CompletionOutput, EngineStats, RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, validate_request
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence, SequenceGroup, SequenceStatus
 from .speculative import MTPProposer
 
 log = logging.getLogger("glm_serve.engine")
-
-
-def validate_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
-                     max_num_seqs: int, has_tokenizer: bool) -> None:
-    """Raise ValueError for a request an engine with these fixed settings cannot serve."""
-    if not prompt_token_ids:
-        raise ValueError("the prompt is empty")
-    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_token_ids):
-        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
-    if len(prompt_token_ids) + params.max_tokens > max_model_len:
-        raise ValueError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                         f"the maximum model length of {max_model_len} tokens")
-    if params.n > max_num_seqs:
-        raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({max_num_seqs})")
-    if params.stop and not has_tokenizer:
-        raise ValueError("stop strings need a tokenizer; this checkpoint has none")
 
 
 class LLMEngine:
