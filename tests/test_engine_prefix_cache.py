@@ -12,17 +12,9 @@ import torch
 
 from service.engine.sampling_params import SamplingParams
 from service.engine.speculative import MTPProposer
-from tests.engine_fixtures import (  # noqa: F401
-    accumulate,
-    assert_no_leaks,
-    engine_ckpt_fixture,
-    greedy,
-    hf_greedy,
-    hf_oracle_fixture,
-    make_engine,
-    one_torch_thread,
-    prompts,
-)
+from tests.engine_fixtures import accumulate, assert_no_leaks, greedy, hf_greedy, make_engine, prompts
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MAX_TOKENS = 8
 SYSTEM = prompts(1, [22], seed=7)[0]  # 5 full blocks of 4 and 2 tokens: the shared prefix ends mid-block
