@@ -11,6 +11,8 @@ from model.loader import load_model
 from model.quantize import quantize_checkpoint
 from tests.service_fixtures import ServerProcess, make_tiny_checkpoint
 
+pytestmark = pytest.mark.server
+
 PROMPT = [5, 17, 42, 8, 99, 23, 61, 7, 30]
 
 
