@@ -15,8 +15,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import parallel
 from .config import ModelConfig
 from .network import GlmMoeDsaForCausalLM
+from .parallel import VocabParallelEmbedding, vocab_parallel_head
 
 log = logging.getLogger("glm_serve.model")
 
@@ -69,30 +71,33 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         prefix = f"model.layers.{L + depth}."
         if prefix + "embed_tokens.weight" in files:
             with torch.device("meta"):
-                layer.embed_tokens = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+                layer.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         if prefix + "shared_head.head.weight" in files:
             with torch.device("meta"):
-                layer.shared_head.head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+                layer.shared_head.head = vocab_parallel_head(cfg.hidden_size, cfg.vocab_size)
     model.to_empty(device=device)
     model.rotary.inv_freq.copy_(1.0 / (cfg.rope_theta ** (
         torch.arange(0, cfg.qk_rope_head_dim, 2, dtype=torch.float32, device=device) / cfg.qk_rope_head_dim)))
 
     targets = dict(model.state_dict(keep_vars=True))
     expected = set(_hf_names(model))
+    # Under tensor parallelism each rank loads only its slice of a tensor, and none of another rank's experts.
+    rank, world = parallel.tp().rank, parallel.tp().world
     missing = sorted(expected - files.keys())
-    unexpected = sorted(files.keys() - expected)
+    unexpected = sorted(k for k in files.keys() - expected if parallel.owns(k, cfg, rank, world))
     problems = [f"missing: {k}" for k in missing] + [f"unexpected: {k}" for k in unexpected]
 
     by_file: dict[Path, list[str]] = {}
     for name in sorted(expected & files.keys()):
         by_file.setdefault(files[name], []).append(name)
     done, total = 0, len(expected & files.keys())
+    first = _first_expert(model)
     with torch.no_grad():
         for file, names in by_file.items():
             with safe_open(file, "pt", device="cpu") as st:
                 for name in names:
-                    t = st.get_tensor(name)
-                    dst = _destination(targets, name)
+                    t = parallel.read_shard(st, name, parallel.shard_spec(name, cfg, rank, world), rank, world)
+                    dst = _destination(targets, name, first)
                     if tuple(t.shape) != tuple(dst.shape):
                         problems.append(f"shape: {name} is {tuple(t.shape)}, expected {tuple(dst.shape)}")
                     else:
@@ -107,11 +112,17 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     return model.eval()
 
 
-def _destination(targets: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+def _first_expert(model: GlmMoeDsaForCausalLM) -> int:
+    """The model's index of this rank's first routed expert (0 without expert parallelism)."""
+    cfg = model.config
+    return parallel.shard_range(cfg.n_routed_experts, parallel.tp().rank, parallel.tp().world)[0]
+
+
+def _destination(targets: dict[str, torch.Tensor], name: str, first_expert: int = 0) -> torch.Tensor:
     m = _EXPERT.match(name)
     if not m:
         return targets[name]
-    prefix, e, kind = m.group(1), int(m.group(2)), m.group(3)
+    prefix, e, kind = m.group(1), int(m.group(2)) - first_expert, m.group(3)
     if kind == "down_proj":
         return targets[f"{prefix}.down_proj"][e]
     gate_up = targets[f"{prefix}.gate_up_proj"][e]
@@ -120,15 +131,16 @@ def _destination(targets: dict[str, torch.Tensor], name: str) -> torch.Tensor:
 
 
 def _hf_names(model: GlmMoeDsaForCausalLM) -> Iterator[str]:
+    first = _first_expert(model)
     for name, t in model.state_dict().items():
         if name.endswith("experts.gate_up_proj"):
             prefix = name.rsplit(".", 1)[0]
-            for e in range(t.shape[0]):
+            for e in range(first, first + t.shape[0]):
                 yield f"{prefix}.{e}.gate_proj.weight"
                 yield f"{prefix}.{e}.up_proj.weight"
         elif name.endswith("experts.down_proj"):
             prefix = name.rsplit(".", 1)[0]
-            for e in range(t.shape[0]):
+            for e in range(first, first + t.shape[0]):
                 yield f"{prefix}.{e}.down_proj.weight"
         else:
             yield name
@@ -138,8 +150,9 @@ def hf_state_dict(model: GlmMoeDsaForCausalLM, dtype: torch.dtype | None = None)
     """The model's tensors under Hugging Face names, experts split per expert."""
     out: dict[str, torch.Tensor] = {}
     sd = model.state_dict()
+    first = _first_expert(model)
     for name in _hf_names(model):
-        t = _destination(sd, name).detach()
+        t = _destination(sd, name, first).detach()
         if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
             t = t.to(dtype)
         out[name] = t.contiguous().cpu()
