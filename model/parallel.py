@@ -27,11 +27,13 @@ DEFAULT_TIMEOUT_S = 60.0
 
 @dataclass(frozen=True)
 class TPGroup:
-    """The tensor-parallel group: this process's rank and the world size (`group` None at world size 1)."""
+    """The tensor-parallel group: this process's rank and the world size (`group` None at world size 1), and a
+    gloo group over the same ranks for control messages (the step plan) whatever the device."""
 
     rank: int = 0
     world: int = 1
     group: dist.ProcessGroup | None = None
+    cpu_group: dist.ProcessGroup | None = None
 
 
 _tp = TPGroup()
@@ -51,10 +53,14 @@ def init(rank: int, world: int, init_method: str | None = None, backend: str | N
         return _tp
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if backend == "nccl":  # one GPU per rank of this node
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
-    _tp = TPGroup(rank, world, dist.group.WORLD)
+                                timeout=timeout)
+    cpu = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    _tp = TPGroup(rank, world, dist.group.WORLD, cpu)
     return _tp
 
 
@@ -110,6 +116,16 @@ def local_size(size: int, what: str | None = None) -> int:
         raise ValueError(f"{what} ({size}) does not split evenly over {_tp.world} tensor-parallel ranks")
     start, stop = shard_range(size, _tp.rank, _tp.world)
     return stop - start
+
+
+def check_splits(cfg: ModelConfig, world: int) -> None:
+    """Raise ValueError unless heads, routed experts and MLP widths split evenly over `world` ranks."""
+    sizes = {"num_attention_heads": cfg.num_attention_heads, "n_routed_experts": cfg.n_routed_experts,
+             "intermediate_size": cfg.intermediate_size,
+             "moe_intermediate_size * n_shared_experts": cfg.moe_intermediate_size * cfg.n_shared_experts}
+    bad = [f"{k} ({v})" for k, v in sizes.items() if v % world]
+    if bad:
+        raise ValueError(f"tensor parallel size {world} must divide {', '.join(bad)}")
 
 
 # -- the layers -------------------------------------------------------------------------------------------------

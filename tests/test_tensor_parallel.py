@@ -16,7 +16,7 @@ from safetensors import safe_open
 from model import parallel
 from model.config import ModelConfig
 from tests import engine_fixtures, model_fixtures
-from tests.tp_fixtures import STEPS, WORKLOADS, run_ranks
+from tests.tp_fixtures import STEPS, run_ranks, run_tp_engine, workload
 
 ATOL = 1e-5
 
@@ -54,11 +54,11 @@ def dsv3_ckpt(tmp_path_factory) -> Path:
     return path
 
 
-def _world1(workload: str, ckpt: Path):
+def _world1(ckpt: Path):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return WORKLOADS[workload](ckpt)
+        return workload(ckpt)
     finally:
         torch.set_num_threads(before)
 
@@ -83,22 +83,31 @@ def _same(a, b, path: str = "") -> None:
         assert a == b, f"{path}: {a} vs {b}"
 
 
+@pytest.fixture(scope="module")
+def world1(request):
+    """The world size 1 outputs, per checkpoint."""
+    return {which: _world1(request.getfixturevalue(f"{which}_ckpt")) for which in ("glm", "dsv3")}
+
+
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("workload", ["model", "engine"])
 @pytest.mark.parametrize("which", ["glm", "dsv3"])
-def test_tensor_parallel_matches_one_rank(request, tmp_path, which, workload, world):
-    ckpt = request.getfixturevalue(f"{which}_ckpt")
-    ref = _world1(workload, ckpt)
-    ranks = run_ranks(workload, ckpt, world, tmp_path)
+def test_tensor_parallel_matches_one_rank(request, tmp_path, world1, which, world):
+    ref = world1[which]
+    ranks = run_ranks(request.getfixturevalue(f"{which}_ckpt"), world, tmp_path)
     for r, got in enumerate(ranks):
         _same(got, ref, f"rank {r}/{world}")
-    if workload == "model":
-        assert len(ref["tokens"]) == STEPS and "mtp_logits" in ref
-    else:
-        assert ref["accepted"] > 0  # the MTP drafts ran (and some were accepted)
-        toks = ref["tokens"]
-        assert len(toks) == 6 and all(len(t) == STEPS for ch in toks.values() for t in ch.values())
-        assert len(toks["n2"]) == len(toks["s2"]) == 2
+    assert len(ref["model"]["tokens"]) == STEPS and "mtp_logits" in ref["model"]
+    engine = ref["engine"]
+    assert engine["drafts"] > 0  # the MTP layer drafted (K = 2) and the main model verified
+    toks = engine["tokens"]
+    assert len(toks) == 6 and all(len(t) == STEPS for ch in toks.values() for t in ch.values())
+    assert len(toks["n2"]) == len(toks["s2"]) == 2
+
+
+def test_engine_tensor_parallel_size_2(tmp_path, glm_ckpt, world1):
+    """The engine at tensor_parallel_size 2: rank 0 schedules, samples and broadcasts each model call as the
+    step's plan; its spawned worker runs the same calls. Same tokens and logprobs as one rank."""
+    _same(run_tp_engine(glm_ckpt, 2, tmp_path), world1["glm"]["engine"], "engine tp 2")
 
 
 def test_shard_spec_covers_every_tensor(glm_ckpt):
@@ -147,3 +156,19 @@ def test_config_routing_is_group_limited(glm_ckpt, dsv3_ckpt):
     for ckpt in (glm_ckpt, dsv3_ckpt):
         cfg = json.loads((ckpt / "config.json").read_text())
         assert 1 < cfg["topk_group"] < cfg["n_group"] and cfg["num_nextn_predict_layers"] == 1
+
+
+def test_tensor_parallel_size_must_divide_the_model(glm_ckpt):
+    """Checked before any rank starts: 3 ranks cannot split 4 heads or 8 experts."""
+    with pytest.raises(ValueError, match=r"must divide num_attention_heads \(4\), n_routed_experts \(8\)"):
+        engine_fixtures.make_engine(glm_ckpt, tensor_parallel_size=3)
+
+
+def test_tp_flag_reaches_the_engine_config(glm_ckpt):
+    from service.settings import SettingsError, parse_settings
+
+    for argv in (["-tp", "2"], ["--tensor-parallel-size", "2"]):
+        assert parse_settings(argv).engine_config(glm_ckpt).tensor_parallel_size == 2
+    assert parse_settings([]).engine_config(glm_ckpt).tensor_parallel_size == 1
+    with pytest.raises(SettingsError, match="--tensor-parallel-size"):
+        parse_settings(["-tp", "0"])

@@ -22,27 +22,27 @@ STEPS = 32  # greedy decode steps compared token by token
 COLLECTIVE_TIMEOUT_S = 120.0  # a rank that waits this long on a peer fails instead of hanging the test
 
 
-def _rank_main(rank: int, world: int, init_file: str, workload: str, ckpt: str, out: str) -> None:
+def _rank_main(rank: int, world: int, init_file: str, ckpt: str, out: str) -> None:
     torch.set_num_threads(1)
     parallel.init(rank, world, init_method=f"file://{init_file}", backend="gloo", timeout_s=COLLECTIVE_TIMEOUT_S)
     try:
-        result = WORKLOADS[workload](Path(ckpt))
+        result = workload(Path(ckpt))
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         parallel.shutdown()
 
 
-def run_ranks(workload: str, ckpt: Path, world: int, tmp: Path, timeout_s: float = 600.0) -> list[Any]:
+def run_ranks(ckpt: Path, world: int, tmp: Path, timeout_s: float = 600.0) -> list[Any]:
     """Run `workload` on `world` spawned ranks; returns each rank's result. Fails (killing the ranks) when a rank
     fails or the whole run exceeds `timeout_s`."""
     tmp.mkdir(parents=True, exist_ok=True)
     init_file = tmp / "rendezvous"
-    ctx = mp.start_processes(_rank_main, args=(world, str(init_file), workload, str(ckpt), str(tmp)), nprocs=world,
+    ctx = mp.start_processes(_rank_main, args=(world, str(init_file), str(ckpt), str(tmp)), nprocs=world,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=5):
-            assert time.monotonic() < deadline, f"{workload} on {world} ranks did not finish in {timeout_s} s"
+            assert time.monotonic() < deadline, f"{world} ranks did not finish in {timeout_s} s"
     finally:
         for p in ctx.processes:
             if p.is_alive():
@@ -75,14 +75,14 @@ def model_workload(ckpt: Path) -> dict[str, Any]:
     return out
 
 
-def engine_workload(ckpt: Path) -> dict[str, Any]:
+def engine_workload(ckpt: Path, **engine_kw: Any) -> dict[str, Any]:
     """The engine's own step code (scheduler, model runner, sampler, MTP drafts with K = 2 when the checkpoint
     has an MTP layer): a batch of prompts of several lengths past index_topk, a greedy n = 2 request and a seeded
     sampled n = 2 request, STEPS tokens each with logprobs."""
     from service.engine.sampling_params import SamplingParams
     from tests.engine_fixtures import make_engine, prompts, run_engine
 
-    engine = make_engine(ckpt, num_speculative_tokens=2, max_num_batched_tokens=48)
+    engine = make_engine(ckpt, num_speculative_tokens=2, max_num_batched_tokens=48, **engine_kw)
     vocab = engine.model_config.vocab_size
     greedy = dict(temperature=0.0, max_tokens=STEPS, ignore_eos=True, logprobs=2)
     for i, p in enumerate(prompts(4, [5, 13, 24, 31], vocab=vocab, seed=1)):
@@ -91,13 +91,39 @@ def engine_workload(ckpt: Path) -> dict[str, Any]:
     engine.add_request("s2", prompts(1, [11], vocab=vocab, seed=3)[0],
                        SamplingParams(temperature=0.8, top_p=0.9, seed=7, n=2, max_tokens=STEPS, ignore_eos=True,
                                       logprobs=2))
-    results = run_engine(engine)
+    try:
+        results = run_engine(engine)
+    finally:
+        engine.close()
     return {
         "tokens": {rid: {i: c.token_ids for i, c in ch.items()} for rid, ch in results.items()},
         "logprobs": {rid: {i: [(lp.token_id, lp.logprob, lp.top) for lp in c.logprobs] for i, c in ch.items()}
                      for rid, ch in results.items()},
-        "accepted": engine.spec_accepted,
+        "drafts": engine.spec_draft_tokens, "accepted": engine.spec_accepted,
     }
 
 
-WORKLOADS = {"model": model_workload, "engine": engine_workload}
+def workload(ckpt: Path) -> dict[str, Any]:
+    """Both, in one run of the ranks (spawning them costs more than either)."""
+    return {"model": model_workload(ckpt), "engine": engine_workload(ckpt)}
+
+
+def _engine_main(ckpt: str, world: int, out: str) -> None:
+    torch.set_num_threads(1)
+    result = engine_workload(Path(ckpt), tensor_parallel_size=world, torch_threads=1)
+    torch.save(result, Path(out) / "engine.pt")
+
+
+def run_tp_engine(ckpt: Path, world: int, tmp: Path, timeout_s: float = 600.0) -> dict[str, Any]:
+    """`engine_workload` through `LLMEngine` at --tensor-parallel-size `world`: rank 0 (the engine, in a spawned
+    process so this one's torch.distributed state stays clean) spawns its workers itself."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    proc = mp.get_context("spawn").Process(target=_engine_main, args=(str(ckpt), world, str(tmp)))
+    proc.start()
+    proc.join(timeout_s)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        raise AssertionError(f"the engine at tensor parallel {world} did not finish in {timeout_s} s")
+    assert proc.exitcode == 0, f"the engine process failed (exit code {proc.exitcode})"
+    return torch.load(tmp / "engine.pt")
