@@ -49,6 +49,8 @@ class Settings(BaseSettings):
                                                    "never waits for the HTTP event loop's GIL (off: a thread)")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for the model (default: all cores "
                                                               "but one, which the HTTP event loop keeps)")
+    tensor_parallel_size: int = Field(1, ge=1, description="tensor + expert parallel ranks (vLLM's -tp): rank 0 "
+                                                           "runs the engine, ranks 1..N-1 are spawned on this node")
     max_queue_size: int = Field(256, ge=1, description="requests waiting for their first token before new "
                                                        "ones get 503")
     retry_after: int = Field(1, ge=0, description="seconds in the Retry-After header of a 503")
@@ -106,7 +108,8 @@ class Settings(BaseSettings):
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             kv_cache_tokens=self.kv_cache_tokens, kv_cache_memory_fraction=self.kv_cache_memory_fraction,
             block_size=self.block_size, num_speculative_tokens=self.num_speculative_tokens, seed=self.seed,
-            torch_threads=self.torch_threads or max(1, (os.cpu_count() or 2) - 1))
+            torch_threads=self.torch_threads or max(1, (os.cpu_count() or 2) - 1),
+            tensor_parallel_size=self.tensor_parallel_size)
 
 
 class SettingsError(ValueError):
@@ -115,6 +118,9 @@ class SettingsError(ValueError):
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+SHORT_FLAGS = {"tensor_parallel_size": "-tp"}  # vLLM's spellings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
             choices = _literal_choices(annotation)
             # choices are checked by pydantic (case-insensitively), argparse only shows them
             metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
-            parser.add_argument(_flag(name), dest=name, default=None, metavar=metavar, help=helptext)
+            flags = [_flag(name)] + ([SHORT_FLAGS[name]] if name in SHORT_FLAGS else [])
+            parser.add_argument(*flags, dest=name, default=None, metavar=metavar, help=helptext)
     return parser
 
 

@@ -143,7 +143,8 @@ class AsyncEngine:
             while True:
                 with self._cv:
                     while not (self._stop or self._inbox or engine.has_unfinished()):
-                        self._cv.wait()
+                        if not self._cv.wait(engine.idle_interval):
+                            engine.heartbeat()  # tensor parallel: the other ranks wait for the next plan
                     if self._stop:
                         return
                     inbox, self._inbox = self._inbox, []
@@ -163,6 +164,8 @@ class AsyncEngine:
             self.dead_reason = f"{type(e).__name__}: {e}"
             log.exception("engine loop died")
             self._fail_streams(f"the engine loop died: {self.dead_reason}")
+        finally:
+            engine.close()  # tensor parallel: stop the other ranks
 
     def _deliver_all(self, outputs: list[RequestOutput]) -> None:
         """One wake-up of each event loop per step for all its streams' outputs (not one per request)."""

@@ -22,3 +22,5 @@ class EngineConfig:
     # CPU only: torch intra-op threads (process-wide). None leaves torch's default. On a small CPU, threads that
     # spin-wait for the event loop's core cost more than they compute (measured in bench/http_overhead.py).
     torch_threads: int | None = None
+    # Tensor + expert parallel ranks (TP = EP, DP = 1); rank 0 runs the engine, the others follow its plan.
+    tensor_parallel_size: int = 1

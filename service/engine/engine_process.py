@@ -53,7 +53,8 @@ def run_core(config: EngineConfig, commands: Connection, results: Connection, lo
             refused: list[tuple[str, str]] = []
             # Idle: block until a command comes. Busy: take whatever has arrived, then step.
             if not engine.has_unfinished():
-                commands.poll(None)
+                while not commands.poll(engine.idle_interval):
+                    engine.heartbeat()  # tensor parallel: the other ranks wait for the next plan
             while commands.poll():
                 kind, args = commands.recv()
                 if kind == "stop":
@@ -72,6 +73,8 @@ def run_core(config: EngineConfig, commands: Connection, results: Connection, lo
     except BaseException as e:
         log.exception("engine loop died")
         results.send(("dead", f"{type(e).__name__}: {e}"))
+    finally:
+        engine.close()  # tensor parallel: stop the other ranks
 
 
 class ProcessAsyncEngine(AsyncEngine):
