@@ -36,7 +36,7 @@ GLM5_REAL = dict(  # reference/glm5-architecture.md §1 (GLM-5 column)
 def row_for(name: str, cfg, check: bool = True) -> dict:
     import torch
 
-    from model.batch import KVCache
+    from model.kv_cache import KVCache
 
     layers = cfg.num_cache_layers
     mla = cfg.latent_dim

@@ -36,7 +36,8 @@ def prefill(model, ids, L: int, chunk: int, block_size: int = 64):
     """Fill a fresh paged cache with L tokens in chunks; returns (cache, seconds)."""
     import torch
 
-    from model.batch import ForwardBatch, KVCache
+    from model.batch import ForwardBatch
+    from model.kv_cache import KVCache
 
     cache = KVCache(model.config, -(-(L + 1) // block_size), block_size, torch.float32)
     with torch.inference_mode():

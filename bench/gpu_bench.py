@@ -31,8 +31,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.batch import ForwardBatch, KVCache  # noqa: E402
+from model.batch import ForwardBatch  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
+from model.kv_cache import KVCache  # noqa: E402
 from model.loader import load_model  # noqa: E402
 from service.engine.config import EngineConfig  # noqa: E402
 from service.engine.engine import LLMEngine  # noqa: E402

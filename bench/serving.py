@@ -42,8 +42,8 @@ def cache_tokens_for(model_dir: Path, gib: float) -> int:
     """Our --kv-cache-tokens for a cache of `gib` GiB (fp32), so both servers get the same bytes."""
     import torch
 
-    from model.batch import KVCache
     from model.config import ModelConfig
+    from model.kv_cache import KVCache
 
     return int(gib * (1 << 30)) // KVCache.bytes_per_token(ModelConfig.from_dir(model_dir), torch.float32)
 

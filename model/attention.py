@@ -17,6 +17,7 @@ from . import parallel
 from .batch import ForwardBatch
 from .config import ModelConfig
 from .indexer import Indexer
+from .kv_cache import Store
 from .layers import ColumnParallelLinear, ReplicatedLinear, RMSNorm, RotaryTable, RowParallelLinear
 
 # Sparse attention gathers each query's top-k latents ([B, Q, k, C] floats) when that fits this many elements
@@ -73,14 +74,14 @@ class MLAttention(nn.Module):
         q_rope = rope.rotate(q_rope, self.interleave)
         k_rope = rope.rotate(k_rope, self.interleave)
         latent = torch.cat([c_kv, k_rope], dim=-1)  # [N, kv_rank + rope]
-        fb.write(fb.cache.latent if fb.cache is not None else None, self.layer, latent)
-
-        index_k = index_q = index_w = None
-        if self.indexer is not None:
-            index_k = self.indexer.keys(x, rope)
-            fb.write(fb.cache.index if fb.cache is not None else None, self.layer, index_k)
-            if self.indexer.needed(fb):
-                index_q, index_w = self.indexer.queries(x, q_lat, rope)
+        index_k = self.indexer.keys(x, rope) if self.indexer is not None else None
+        if fb.cache is not None:  # written before any read: a query attends its own token too
+            fb.cache.write(Store.LATENT, self.layer, fb.slot_mapping, latent)
+            if index_k is not None:
+                fb.cache.write(Store.INDEX_KEY, self.layer, fb.slot_mapping, index_k)
+        index_q = index_w = None
+        if self.indexer is not None and self.indexer.needed(fb):
+            index_q, index_w = self.indexer.queries(x, q_lat, rope)
 
         parts = (q_nope, q_rope, latent, index_k, index_q, index_w)
         if fb.groups is None:
@@ -99,7 +100,6 @@ class MLAttention(nn.Module):
                 index_q: torch.Tensor | None, index_w: torch.Tensor | None, fb: ForwardBatch,
                 prev_topk: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of the batch's queries over their contexts: ([N, nh, v_dim] outputs, top-k)."""
-        store = fb.cache.latent if fb.cache is not None else None
         topk, index_scores = prev_topk, None
         if self.indexer is not None:
             topk, index_scores = None, None
@@ -117,18 +117,18 @@ class MLAttention(nn.Module):
         qp = fb.to_padded(torch.cat([q_abs, q_rope], dim=-1)).float()  # [B, Q, nh, C]
         if topk is not None and self._gather(topk, fb, latent.shape[-1]):
             # Read only the selected latents from the cache: O(k) per query instead of O(T).
-            keys = fb.read(store, self.layer, latent, topk).float()  # [B, Q, k, C]
-            hidden = fb.hidden_at(topk)[:, :, None]  # [B, Q, 1, k]
+            keys = fb.context(Store.LATENT, self.layer, latent, topk).float()  # [B, Q, k, C]
+            masked_out = fb.masked_out_at(topk)[:, :, None]  # [B, Q, 1, k]
             scores = torch.matmul(qp, keys.transpose(-1, -2)) * self.scale  # [B, Q, nh, k]
-            probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
+            probs = torch.softmax(scores.masked_fill(masked_out, float("-inf")), dim=-1)
             o_lat = torch.matmul(probs, keys[..., : self.kv_rank])  # [B, Q, nh, kv_rank]
         else:
-            ctx32 = fb.read(store, self.layer, latent).float()  # [B, T, C]
-            hidden = fb.key_hidden
-            if topk is not None:
-                hidden = hidden | torch.ones_like(hidden).scatter_(2, topk, False)
+            ctx32 = fb.context(Store.LATENT, self.layer, latent).float()  # [B, T, C]
+            masked_out = fb.masked_out
+            if topk is not None:  # also hide every key outside the top-k
+                masked_out = masked_out | torch.ones_like(masked_out).scatter_(2, topk, False)
             scores = torch.bmm(qp.flatten(1, 2), ctx32.transpose(1, 2)).view(B, Q, nh, -1) * self.scale
-            probs = torch.softmax(scores.masked_fill(hidden[:, :, None], float("-inf")), dim=-1)
+            probs = torch.softmax(scores.masked_fill(masked_out[:, :, None], float("-inf")), dim=-1)
             o_lat = torch.bmm(probs.flatten(1, 2), ctx32[..., : self.kv_rank]).view(B, Q, nh, -1)
             if fb.collect is not None:
                 fb.collect.append({"layer": self.layer, "attn": probs.transpose(1, 2), "index": index_scores,
@@ -150,8 +150,7 @@ class MLAttention(nn.Module):
         that never holds the [Q, T] scores) runs at head dim nope + rope instead of the absorbed kv_rank + rope.
         The same result; cheaper once a sequence has many queries (vLLM's MLA prefill does the same)."""
         nh, C, R = self.n_heads, self.kv_rank, self.rope
-        store = fb.cache.latent if fb.cache is not None else None
-        ctx = fb.read(store, self.layer, latent)  # [B, T, C + R]
+        ctx = fb.context(Store.LATENT, self.layer, latent)  # [B, T, C + R]
         B, T = ctx.shape[:2]
         kv = self.kv_b_proj(ctx[..., :C]).view(B, T, nh, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
@@ -162,6 +161,6 @@ class MLAttention(nn.Module):
         D = max(q.shape[-1], self.v_dim)
         q, k, v = (F.pad(t, (0, D - t.shape[-1])) if t.shape[-1] < D else t for t in (q, k, v))
         o = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
-                                           v.transpose(1, 2).float(), attn_mask=fb.key_mask[:, None],
+                                           v.transpose(1, 2).float(), attn_mask=fb.attend_mask[:, None],
                                            scale=self.scale)  # [B, nh, Q, D]
         return fb.to_flat(o[..., : self.v_dim].transpose(1, 2).to(q_nope.dtype))

@@ -1,9 +1,10 @@
-"""The flat, ragged batch the network runs on, and the paged cache it reads and writes.
+"""The flat, ragged batch the network runs on: index maps, masks and grouping of one step.
 
 The engine packs the new tokens of several sequences into one flat tensor ``[N]``. Token-wise work (projections,
 norms, MoE) runs on that flat tensor; attention needs each sequence's context, so `ForwardBatch` also holds the
 index maps, built once per step, that scatter the flat queries into a padded ``[B, Q]`` view and gather each
-sequence's cached keys into a padded ``[B, T]`` view (through its block table).
+sequence's cached keys into a padded ``[B, T]`` view (through its block table); the cache itself (`KVCache`)
+stores and reads entries by slot.
 
 Without a cache (training, or a whole-prompt forward) the context of a sequence is just its own new tokens.
 """
@@ -15,41 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import ModelConfig
-
-
-class KVCache:
-    """Paged cache: per layer, the MLA latent (kv_lora_rank + rope dim) and the DSA indexer key of every token.
-
-    Slot ``s`` of a layer lives in block ``s // block_size``; a sequence's block table maps its logical
-    positions to blocks. Layers ``num_hidden_layers ..`` are the MTP layers.
-    """
-
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        slots = num_blocks * block_size
-        layers = range(cfg.num_cache_layers)
-        self.latent = [torch.zeros(slots, cfg.latent_dim, dtype=dtype, device=device) for _ in layers]
-        # MTP layers always score with their own indexer; shared main layers store nothing.
-        self.index = [
-            torch.zeros(slots, cfg.index_head_dim, dtype=dtype, device=device)
-            if cfg.use_indexer and (i >= cfg.num_hidden_layers or cfg.has_own_indexer(i)) else None
-            for i in layers
-        ]
-
-    @staticmethod
-    def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-        size = torch.empty((), dtype=dtype).element_size()
-        per_layer = cfg.latent_dim
-        total = 0
-        for i in range(cfg.num_cache_layers):
-            total += per_layer
-            if cfg.use_indexer and (i >= cfg.num_hidden_layers or cfg.has_own_indexer(i)):
-                total += cfg.index_head_dim
-        return total * size
-
+from .kv_cache import KVCache, Store
 
 # Attend a batch as one padded [B, Q] block while that pads at most this factor over its real query count.
 PAD_LIMIT = 1.25
@@ -63,7 +30,8 @@ class ForwardBatch:
     query_lens: new tokens per sequence (sums to N).
     context_lens: per sequence, tokens in its context after this step (cached + new). Key ``t`` of a
         sequence is the token at position ``t``; a query at position ``p`` sees keys ``t <= p``.
-    block_tables / slot_mapping / cache: the paged cache; None for a cache-free forward.
+    block_tables: [B, W] each sequence's cache blocks; slot_mapping: [N] the cache slot of every new token;
+        cache: the cache they address. All None for a cache-free forward.
     """
 
     positions: torch.Tensor
@@ -154,21 +122,21 @@ class ForwardBatch:
         """T: keys per sequence in the padded context view."""
         return self.k_pos.shape[1]
 
-    def hidden_rows(self, q0: int = 0, q1: int | None = None, k1: int | None = None) -> torch.Tensor:
-        """[B, q1 - q0, k1]: whether each of keys 0..k1 is hidden from padded query rows q0..q1 (causal,
-        in-context); sliced from key_hidden when that exists."""
-        if "key_hidden" in self.__dict__:
-            return self.key_hidden[:, q0:q1, :k1]
+    def masked_out_rows(self, q0: int = 0, q1: int | None = None, k1: int | None = None) -> torch.Tensor:
+        """[B, q1 - q0, k1] mask, True where key 0..k1 is hidden from padded query row q0..q1 (causal,
+        in-context); sliced from masked_out when that exists."""
+        if "masked_out" in self.__dict__:
+            return self.masked_out[:, q0:q1, :k1]
         q_pos, q_valid = self.q_pos[:, q0:q1], self.q_valid[:, q0:q1]
-        hidden = self.k_pos[:, None, :k1] > q_pos[:, :, None]
+        masked = self.k_pos[:, None, :k1] > q_pos[:, :, None]
         if self.cache is None:  # padding keys carry token 0's position: only validity hides them
-            hidden |= ~self.k_valid[:, None, :k1]
+            masked |= ~self.k_valid[:, None, :k1]
         # (with a cache key t sits at position t, and t <= a query's position < its context length: in context)
         if not self.uniform:
-            hidden |= ~q_valid[:, :, None]
+            masked |= ~q_valid[:, :, None]
             # Padding query rows see key 0 only, so their softmax stays finite; their outputs are discarded.
-            hidden[:, :, 0] &= q_valid
-        return hidden
+            masked[:, :, 0] &= q_valid
+        return masked
 
     def key_limit(self, q0: int, q1: int) -> int:
         """Every key from this index on is hidden from padded query rows q0..q1 (causality), so work on those
@@ -179,31 +147,31 @@ class ForwardBatch:
         return max(c - q + min(q1, q) if q0 < q else 1 for q, c in zip(self.query_lens, self.context_lens,
                                                                          strict=True))
 
-    # The whole [B, Q, T] mask, built on first use and shared by every layer. Long DSA prefill never builds it:
-    # at 16K a 2048-query chunk's mask is 32 MB (64 MB with its complement).
+    # The whole [B, Q, T] mask (True: key hidden from query), built on first use and shared by every layer. Long
+    # DSA prefill never builds it: at 16K a 2048-query chunk's mask is 32 MB (64 MB with its complement).
     @functools.cached_property
-    def key_hidden(self) -> torch.Tensor:
-        return self.hidden_rows()
+    def masked_out(self) -> torch.Tensor:
+        return self.masked_out_rows()
 
     @functools.cached_property
-    def key_mask(self) -> torch.Tensor:
-        """~key_hidden: query may attend key (SDPA's boolean mask)."""
-        return ~self.key_hidden
+    def attend_mask(self) -> torch.Tensor:
+        """~masked_out: query may attend key (SDPA's boolean mask)."""
+        return ~self.masked_out
 
-    def hidden_at(self, index: torch.Tensor) -> torch.Tensor:
-        """index [B, Q, k] into the keys -> [B, Q, k] whether each key is hidden from its query, from positions
-        (or gathered from key_hidden when that exists) rather than through the whole mask."""
-        if "key_hidden" in self.__dict__:
-            return self.key_hidden.gather(2, index)
+    def masked_out_at(self, index: torch.Tensor) -> torch.Tensor:
+        """index [B, Q, k] into the keys -> [B, Q, k] mask, True where the key is hidden from its query; from
+        positions (or gathered from masked_out when that exists) rather than through the whole mask."""
+        if "masked_out" in self.__dict__:
+            return self.masked_out.gather(2, index)
         B, Q, k = index.shape
         flat = index.reshape(B, Q * k)
         k_pos, k_valid = self.k_pos.gather(1, flat).view(B, Q, k), self.k_valid.gather(1, flat).view(B, Q, k)
         see = (k_pos <= self.q_pos[:, :, None]) & k_valid & self.q_valid[:, :, None]
-        see |= (index == 0) & ~self.q_valid[:, :, None]  # padding rows see key 0 (as in hidden_rows)
+        see |= (index == 0) & ~self.q_valid[:, :, None]  # padding rows see key 0 (as in masked_out_rows)
         return ~see
 
     def to_padded(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, ...] -> [B, Q, ...] (padding rows hold token 0's values; key_mask hides them)."""
+        """[N, ...] -> [B, Q, ...] (padding rows hold token 0's values; attend_mask hides them)."""
         if self.uniform:
             return x.reshape(self.num_seqs, -1, *x.shape[1:])
         return x.index_select(0, self.q_index.flatten()).view(*self.q_index.shape, *x.shape[1:])
@@ -214,41 +182,26 @@ class ForwardBatch:
             return x.flatten(0, 1)
         return x.flatten(0, 1).index_select(0, self.flat_to_padded)
 
-    def write(self, store: list[torch.Tensor | None] | None, layer: int, new: torch.Tensor) -> None:
-        """Write this step's per-token values [N, D] into `store[layer]` at their slots (no-op without a cache)."""
-        if self.cache is not None and store is not None:
-            buf = store[layer]
-            buf.index_copy_(0, self.slot_mapping, new.to(buf.dtype))
-
-    def read(self, store: list[torch.Tensor | None] | None, layer: int, new: torch.Tensor,
-             index: torch.Tensor | None = None) -> torch.Tensor:
-        """Each sequence's context [B, T, D]; or, given index [B, Q, k] into it, only those keys [B, Q, k, D]
-        (sparse attention reads k latents per query, never the whole context)."""
-        # index_select, not advanced indexing: the same row gather, several times faster on CPU.
-        if self.cache is None or store is None:
+    def context(self, store: Store, layer: int, new: torch.Tensor, index: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Each sequence's keys of `store` [B, T, D]; or, given index [B, Q, k] into them, only those [B, Q, k, D]
+        (sparse attention reads k latents per query, never the whole context). Read from the cache at the
+        step's slots; without a cache the context is the new tokens `new` [N, D] themselves."""
+        if self.cache is None:
             ctx = self.to_padded(new)
             if index is None:
                 return ctx
             B, T = ctx.shape[:2]
             rows = index + torch.arange(B, device=ctx.device)[:, None, None] * T
             return ctx.flatten(0, 1).index_select(0, rows.flatten()).view(*index.shape, -1)
-        buf = store[layer]
-        if index is None:
-            # Whole blocks (block_size rows per copy) rather than one row per key: a long context is read at
-            # memcpy speed. Keys past a sequence's length hold stale values that key_mask hides.
-            bs, (B, T) = self.cache.block_size, self.key_slots.shape
-            nb = -(-T // bs)
-            if self.block_tables.shape[1] >= nb:
-                blocks = buf.view(-1, bs * buf.shape[-1]).index_select(0, self.block_tables[:, :nb].flatten())
-                return blocks.view(B, nb * bs, -1)[:, :T]
-            return buf.index_select(0, self.key_slots.flatten()).view(B, T, -1)
-        slots = self.key_slots.gather(1, index.flatten(1))
-        return buf.index_select(0, slots.flatten()).view(*index.shape, -1)
-
-    def last_token_index(self) -> torch.Tensor:
-        """Flat index of each sequence's last new token (where the next-token logits come from)."""
-        ends = torch.tensor(self.query_lens, device=self.positions.device).cumsum(0)
-        return ends - 1
+        if index is not None:
+            return self.cache.read(store, layer, self.key_slots.gather(1, index.flatten(1)).view(index.shape))
+        # Whole blocks where the tables are wide enough; keys past a sequence's length hold stale values that
+        # the masks hide.
+        nb = -(-self.num_keys // self.cache.block_size)
+        if self.block_tables.shape[1] >= nb:
+            return self.cache.read_blocks(store, layer, self.block_tables[:, :nb])[:, : self.num_keys]
+        return self.cache.read(store, layer, self.key_slots)
 
     @classmethod
     def single(cls, num_tokens: int, start: int = 0, cache: KVCache | None = None, device: str | torch.device = "cpu"

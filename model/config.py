@@ -8,7 +8,7 @@ indexer) reads through the same class with `use_indexer = False`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    """Fields without a default must be in config.json. The others default, here and only here, to transformers'
+    `GlmMoeDsaConfig` defaults (GLM-5's own values; a test keeps them equal), except the token ids (see below);
+    fields transformers does not know default to GLM-5's behaviour."""
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -33,11 +37,11 @@ class ModelConfig:
     n_routed_experts: int
     num_experts_per_tok: int
     kv_lora_rank: int
-    q_lora_rank: int | None
     qk_nope_head_dim: int
     qk_rope_head_dim: int
     v_head_dim: int
-    first_k_dense_replace: int
+    q_lora_rank: int | None = 2048  # an explicit null: queries are projected without a low-rank step
+    first_k_dense_replace: int = 3
     model_type: str = "glm_moe_dsa"
     n_shared_experts: int = 1
     n_group: int = 1
@@ -56,12 +60,13 @@ class ModelConfig:
     index_topk: int = 2048
     index_head_dim: int = 128
     index_n_heads: int = 32
-    indexer_types: list[str] = field(default_factory=list)
-    mlp_layer_types: list[str] = field(default_factory=list)
+    indexer_types: list[str] = field(default_factory=list)  # empty: every layer "full" (transformers' default)
+    mlp_layer_types: list[str] = field(default_factory=list)  # empty: from first_k_dense_replace, as transformers
     num_nextn_predict_layers: int = 0
     attention_bias: bool = False
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
+    # Not transformers' placeholder ids 0 and 1: a checkpoint that names no end token must not stop on token 1.
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
@@ -120,7 +125,8 @@ class ModelConfig:
                 raise ConfigError(f"{source}: field '{name}' must be positive, got {v!r}")
             return v
 
-        def opt(name: str, default: Any, kind: type | tuple[type, ...]) -> Any:
+        def opt(name: str, kind: type | tuple[type, ...]) -> Any:
+            default = _default(name)
             v = d.get(name, default)
             if v is None:
                 return default
@@ -146,7 +152,7 @@ class ModelConfig:
         rope_scaling = d.get("rope_scaling")
         if not isinstance(rope, dict):
             raise ConfigError(f"{source}: field 'rope_parameters' must be an object, got {rope!r}")
-        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        theta = rope.get("rope_theta", d.get("rope_theta", _default("rope_theta")))
         if isinstance(theta, bool) or not isinstance(theta, int | float) or theta <= 0:
             raise ConfigError(f"{source}: field 'rope_theta' must be a positive number, got {theta!r}")
         if rope.get("rope_type", "default") != "default":
@@ -157,7 +163,7 @@ class ModelConfig:
         eos = d.get("eos_token_id")
         eos_list = [eos] if isinstance(eos, int) else list(eos or [])
         num_layers = need("num_hidden_layers")
-        scoring = opt("scoring_func", "sigmoid", str)
+        scoring = opt("scoring_func", str)
         if scoring not in ("sigmoid", "softmax"):
             raise ConfigError(f"{source}: field 'scoring_func' must be 'sigmoid' or 'softmax', got {scoring!r}")
         cfg = cls(
@@ -171,37 +177,37 @@ class ModelConfig:
             n_routed_experts=need("n_routed_experts"),
             num_experts_per_tok=need("num_experts_per_tok"),
             kv_lora_rank=need("kv_lora_rank"),
-            q_lora_rank=opt("q_lora_rank", None, int),
+            q_lora_rank=None if "q_lora_rank" in d and d["q_lora_rank"] is None else opt("q_lora_rank", int),
             qk_nope_head_dim=need("qk_nope_head_dim"),
             qk_rope_head_dim=need("qk_rope_head_dim"),
             v_head_dim=need("v_head_dim"),
-            first_k_dense_replace=opt("first_k_dense_replace", 0, int),
-            n_shared_experts=opt("n_shared_experts", 0, int),
-            n_group=opt("n_group", 1, int),
-            topk_group=opt("topk_group", 1, int),
-            routed_scaling_factor=float(opt("routed_scaling_factor", 1.0, (int, float))),
-            norm_topk_prob=opt("norm_topk_prob", True, bool),
+            first_k_dense_replace=opt("first_k_dense_replace", int),
+            n_shared_experts=opt("n_shared_experts", int),
+            n_group=opt("n_group", int),
+            topk_group=opt("topk_group", int),
+            routed_scaling_factor=float(opt("routed_scaling_factor", (int, float))),
+            norm_topk_prob=opt("norm_topk_prob", bool),
             scoring_func=scoring,
-            topk_method=opt("topk_method", "noaux_tc", str),
-            hidden_act=opt("hidden_act", "silu", str),
-            rms_norm_eps=float(opt("rms_norm_eps", 1e-5, (int, float))),
-            max_position_embeddings=opt("max_position_embeddings", 4096, int),
+            topk_method=opt("topk_method", str),
+            hidden_act=opt("hidden_act", str),
+            rms_norm_eps=float(opt("rms_norm_eps", (int, float))),
+            max_position_embeddings=opt("max_position_embeddings", int),
             rope_theta=float(theta),
             rope_scaling=rope_scaling,
-            rope_interleave=opt("rope_interleave", True, bool),
-            indexer_rope_interleave=opt("indexer_rope_interleave", model_type == "glm_moe_dsa", bool),
-            index_topk=opt("index_topk", 2048, int),
-            index_head_dim=opt("index_head_dim", 128, int),
-            index_n_heads=opt("index_n_heads", 32, int),
-            indexer_types=list(opt("indexer_types", [], list)),
-            mlp_layer_types=list(opt("mlp_layer_types", [], list)),
-            num_nextn_predict_layers=opt("num_nextn_predict_layers", 0, int),
-            attention_bias=opt("attention_bias", False, bool),
-            tie_word_embeddings=opt("tie_word_embeddings", False, bool),
-            initializer_range=float(opt("initializer_range", 0.02, (int, float))),
-            bos_token_id=opt("bos_token_id", None, int),
+            rope_interleave=opt("rope_interleave", bool),
+            indexer_rope_interleave=opt("indexer_rope_interleave", bool),
+            index_topk=opt("index_topk", int),
+            index_head_dim=opt("index_head_dim", int),
+            index_n_heads=opt("index_n_heads", int),
+            indexer_types=list(opt("indexer_types", list)),
+            mlp_layer_types=list(opt("mlp_layer_types", list)),
+            num_nextn_predict_layers=opt("num_nextn_predict_layers", int),
+            attention_bias=opt("attention_bias", bool),
+            tie_word_embeddings=opt("tie_word_embeddings", bool),
+            initializer_range=float(opt("initializer_range", (int, float))),
+            bos_token_id=opt("bos_token_id", int),
             eos_token_id=eos_list,
-            pad_token_id=opt("pad_token_id", None, int),
+            pad_token_id=opt("pad_token_id", int),
             torch_dtype=d.get("dtype") or d.get("torch_dtype"),
             raw=dict(d),
         )
@@ -240,6 +246,12 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{file}: expected a JSON object")
         return cls.from_dict(data, str(file))
+
+
+def _default(name: str) -> Any:
+    """The dataclass default of an optional field (a fresh one for list fields)."""
+    f = next(f for f in fields(ModelConfig) if f.name == name)
+    return f.default_factory() if f.default is MISSING else f.default
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:

@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from .batch import ForwardBatch, KVCache
+from .batch import ForwardBatch
+from .kv_cache import KVCache
 from .network import GlmMoeDsaForCausalLM
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from .batch import ForwardBatch
 from .config import ModelConfig
+from .kv_cache import Store
 from .layers import ReplicatedLinear, RotaryTable
 
 # Score all heads in one matmul while the [B, Q, H, T] intermediate stays this small; else head by head.
@@ -69,8 +70,8 @@ class Indexer(nn.Module):
         B, Q = qp.shape[:2]
         out = torch.empty(B, Q, self.topk, dtype=torch.long, device=qp.device)
         for q0, q1, scores in self._tiles(qp, wp, keys_t, fb.key_limit):
-            hidden = fb.hidden_rows(q0, q1, scores.shape[-1])
-            out[:, q0:q1] = scores.masked_fill_(hidden, float("-inf")).topk(self.topk, dim=-1).indices
+            masked_out = fb.masked_out_rows(q0, q1, scores.shape[-1])
+            out[:, q0:q1] = scores.masked_fill_(masked_out, float("-inf")).topk(self.topk, dim=-1).indices
         return out
 
     def keys(self, x: torch.Tensor, rope: RotaryTable) -> torch.Tensor:
@@ -96,8 +97,7 @@ class Indexer(nn.Module):
         into the padded context, or None when dense; and the scores [B, Q, T] when computed."""
         if not self.needed(fb):
             return None, None
-        store = fb.cache.index if fb.cache is not None else None
-        keys = fb.read(store, self.layer, k)  # [B, T, D]
+        keys = fb.context(Store.INDEX_KEY, self.layer, k)  # [B, T, D]
         T = keys.shape[1]
         qp, wp = fb.to_padded(q).float(), fb.to_padded(w)  # [B, Q, H, D], [B, Q, H]
         keys_t = keys.float().transpose(1, 2)  # [B, D, T]; fp32 models: no copy
@@ -111,7 +111,7 @@ class Indexer(nn.Module):
             scores = torch.empty(B, Q, T, device=qp.device)
             for q0, q1, tile in self._tiles(qp, wp, keys_t):
                 scores[:, q0:q1] = tile
-        scores = scores.masked_fill_(fb.key_hidden, float("-inf"))
+        scores = scores.masked_fill_(fb.masked_out, float("-inf"))
         if T <= self.topk:
             return None, scores
         return scores.topk(self.topk, dim=-1).indices, scores

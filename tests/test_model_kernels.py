@@ -98,7 +98,8 @@ def test_expanded_prefill_attention_equals_absorbed(tmp_path, monkeypatch):
     """Long dense query blocks take the expanded form (per-head K/V + SDPA); it must equal the absorbed form,
     for a whole prompt chunk and for a chunk over a cached prefix (index_topk 64 > 40 tokens: dense)."""
     from model import attention
-    from model.batch import ForwardBatch, KVCache
+    from model.batch import ForwardBatch
+    from model.kv_cache import KVCache
     from model.loader import load_model
     from tests.model_fixtures import make_checkpoint
 
@@ -139,7 +140,7 @@ def test_indexer_tiled_topk_equals_full_scores(monkeypatch, tile_elements):
     keys_t = torch.randn(B, D, T, generator=g)
     # Causal past a prefix of 20 keys (row j sees keys <= 20 + j, so tiles stop at key_limit), plus random holes.
     hidden = (torch.arange(T) > 20 + torch.arange(Q)[:, None]) | (torch.rand(B, Q, T, generator=g) < 0.3)
-    fb = SimpleNamespace(hidden_rows=lambda q0, q1, k1: hidden[:, q0:q1, :k1], key_limit=lambda q0, q1: 20 + q1)
+    fb = SimpleNamespace(masked_out_rows=lambda q0, q1, k1: hidden[:, q0:q1, :k1], key_limit=lambda q0, q1: 20 + q1)
     got = idx._topk_tiled(qp, wp, keys_t, fb)
     full = torch.einsum("bqh,bqht->bqt", wp, torch.relu(torch.einsum("bqhd,bdt->bqht", qp, keys_t)))
     masked = full.masked_fill(hidden, float("-inf"))
@@ -153,11 +154,12 @@ def test_indexer_tiled_topk_equals_full_scores(monkeypatch, tile_elements):
 @pytest.mark.parametrize("qlens", [[5, 2, 7], [4, 4, 4]])  # ragged (padding rows) / uniform
 @pytest.mark.parametrize("cached", [True, False])
 def test_batch_mask_pieces_equal_the_whole_mask(cached, qlens):
-    """Long DSA prefill reads the attention mask a tile of query rows at a time (`hidden_rows`) and at the selected
-    keys only (`hidden_at`), never whole: both, and the whole mask, must equal the mask written out here, for a
+    """Long DSA prefill reads the attention mask a tile of query rows at a time (`masked_out_rows`) and at the selected
+    keys only (`masked_out_at`), never whole: both, and the whole mask, must equal the mask written out here, for a
     batch over a paged cache and for a cache-free forward."""
-    from model.batch import ForwardBatch, KVCache
+    from model.batch import ForwardBatch
     from model.config import ModelConfig
+    from model.kv_cache import KVCache
 
     cached_lens = [9, 0, 3] if cached else [0, 0, 0]
     B, Q, T = 3, max(qlens), max(q + c for q, c in zip(qlens, cached_lens, strict=True))
@@ -179,16 +181,16 @@ def test_batch_mask_pieces_equal_the_whole_mask(cached, qlens):
         return ForwardBatch(pos, qlens, [q + c for q, c in zip(qlens, cached_lens, strict=True)], tables, slots,
                             cache, allow_groups=False)
 
-    assert torch.equal(make().key_hidden, whole)
-    assert torch.equal(make().key_mask, ~whole)
+    assert torch.equal(make().masked_out, whole)
+    assert torch.equal(make().attend_mask, ~whole)
     fresh = make()  # nothing built yet: the pieces come from positions
-    assert torch.equal(torch.cat([fresh.hidden_rows(q0, min(Q, q0 + 3)) for q0 in range(0, Q, 3)], 1), whole)
+    assert torch.equal(torch.cat([fresh.masked_out_rows(q0, min(Q, q0 + 3)) for q0 in range(0, Q, 3)], 1), whole)
     for q0 in range(0, Q, 3):  # a tile of rows may stop at key_limit: every key past it is hidden from them
         q1 = min(Q, q0 + 3)
         limit = fresh.key_limit(q0, q1)
         assert limit <= T and whole[:, q0:q1, limit:].all() and not whole[:, q0:q1, limit - 1].all()
-        assert torch.equal(fresh.hidden_rows(q0, q1, limit), whole[:, q0:q1, :limit])
+        assert torch.equal(fresh.masked_out_rows(q0, q1, limit), whole[:, q0:q1, :limit])
     index = torch.randint(0, T, (B, Q, 4), generator=torch.Generator().manual_seed(0))
     index[:, :, 0] = 0  # key 0: the one padding rows see
-    assert torch.equal(fresh.hidden_at(index), whole.gather(2, index))
-    assert "key_hidden" not in fresh.__dict__
+    assert torch.equal(fresh.masked_out_at(index), whole.gather(2, index))
+    assert "masked_out" not in fresh.__dict__

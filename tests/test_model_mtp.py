@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.batch import ForwardBatch, KVCache
+from model.batch import ForwardBatch
+from model.kv_cache import KVCache
 from model.loader import load_model
 from tests.model_fixtures import TINY, make_checkpoint
 

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from model.batch import ForwardBatch, KVCache
+from model.batch import ForwardBatch
 from model.generate import generate
+from model.kv_cache import KVCache
 from model.loader import load_model
 from tests.model_fixtures import hf_model, make_checkpoint
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from model.batch import ForwardBatch, KVCache
+from model.batch import ForwardBatch
+from model.kv_cache import KVCache
 from model.network import GlmMoeDsaForCausalLM
 
 from .block_manager import cdiv
@@ -232,13 +233,4 @@ class ModelRunner:
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole cache blocks src -> dst in every layer (an n>1 fork's partial prompt block)."""
-        if not pairs:
-            return
-        bs = self.block_size
-        j = torch.arange(bs)
-        src = torch.cat([s * bs + j for s, _ in pairs]).to(self.device)
-        dst = torch.cat([d * bs + j for _, d in pairs]).to(self.device)
-        with torch.inference_mode():
-            for buf in [*self.cache.latent, *self.cache.index]:
-                if buf is not None:
-                    buf.index_copy_(0, dst, buf[src])
+        self.cache.copy_blocks(pairs)
