@@ -15,7 +15,8 @@ import torch
 import torch.multiprocessing as mp
 
 from model import parallel
-from model.batch import ForwardBatch, KVCache
+from model.batch import ForwardBatch
+from model.kv_cache import KVCache
 from model.loader import load_model
 
 STEPS = 32  # greedy decode steps compared token by token

@@ -30,8 +30,9 @@ import torch
 import torch.distributed as dist
 
 from model import parallel
-from model.batch import ForwardBatch, KVCache
+from model.batch import ForwardBatch
 from model.config import ModelConfig
+from model.kv_cache import KVCache
 from model.loader import load_model
 from model.network import GlmMoeDsaForCausalLM
 
