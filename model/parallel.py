@@ -155,21 +155,24 @@ def vocab_parallel_head(hidden: int, vocab: int) -> nn.Linear:
 _COLUMN = re.compile(r"\.(self_attn\.(q_b_proj|q_proj|kv_b_proj)|(mlp|shared_experts)\.(gate_proj|up_proj))\.weight$")
 _ROW = re.compile(r"\.(self_attn\.o_proj|(mlp|shared_experts)\.down_proj)\.weight$")
 _VOCAB = re.compile(r"(embed_tokens\.weight|lm_head\.weight|shared_head\.head\.weight)$")
-_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
+_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")  # one expert's tensor in a checkpoint
+_STACKED = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")  # all experts of a layer in the network
 
 
 def _weight_name(name: str) -> str:
     """An FP8 checkpoint's `weight_scale_inv` blocks are split like their weight."""
-    return name[: -len("_scale_inv")] if name.endswith("weight_scale_inv") else name
+    return name.removesuffix("_scale_inv")
 
 
 def shard_spec(name: str, config: ModelConfig, rank: int, world: int) -> int | None:
-    """The dim along which rank keeps its slice (`shard_range` of that dim) of checkpoint tensor `name`, or None
-    when every rank keeps it whole. Routed experts are never sliced: a rank keeps its own whole (see `owns`)."""
+    """The dim along which rank keeps its slice (`shard_range` of that dim) of tensor `name`, or None when every
+    rank keeps it whole. `name` is a checkpoint name or a network parameter name (they differ only for routed
+    experts): the network's stacked experts split on dim 0, their experts; one expert's checkpoint tensor is
+    never sliced, its rank keeps it whole (see `owns`)."""
     if world == 1 or _EXPERT.search(name):
         return None
     name = _weight_name(name)
-    if _COLUMN.search(name) or _VOCAB.search(name):
+    if _COLUMN.search(name) or _VOCAB.search(name) or _STACKED.search(name):
         return 0
     if _ROW.search(name):
         return 1

@@ -139,6 +139,30 @@ def test_shard_spec_covers_every_tensor(glm_ckpt):
                 assert sum(p.shape[dim] for p in parts) == shape[dim]
 
 
+def test_shard_spec_of_network_parameters(glm_ckpt):
+    """The same function answers for the network's parameter names (what a loader given a per-parameter plan
+    asks): stacked experts split on dim 0 (expert parallel), everything else as its checkpoint name."""
+    cfg = ModelConfig.from_dir(glm_ckpt)
+    parallel.set_group(parallel.TPGroup(rank=1, world=2))
+    try:
+        from model.network import GlmMoeDsaForCausalLM
+
+        with torch.device("meta"):
+            sharded = GlmMoeDsaForCausalLM(cfg).state_dict()
+    finally:
+        parallel.set_group(parallel.TPGroup())
+    with torch.device("meta"):
+        whole = GlmMoeDsaForCausalLM(cfg).state_dict()
+    for name, t in whole.items():
+        dim = parallel.shard_spec(name, cfg, 1, 2)
+        want = list(t.shape)
+        if dim is not None:
+            want[dim] //= 2
+        assert list(sharded[name].shape) == want, name
+    assert parallel.shard_spec("model.layers.1.mlp.experts.gate_up_proj", cfg, 0, 2) == 0
+    assert parallel.shard_spec("model.layers.1.mlp.experts.gate_up_proj_scale_inv", cfg, 0, 2) == 0
+
+
 def test_uneven_split_refused_for_heads(glm_ckpt):
     """Heads (and experts, MLP columns) must split evenly; a world of 3 over 4 heads is a clear error."""
     parallel.set_group(parallel.TPGroup(rank=0, world=3))

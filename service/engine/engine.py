@@ -194,6 +194,8 @@ class LLMEngine:
             if not sched.is_empty:
                 self._postprocess(sched, self.runner.execute(sched.scheduled))
         except Exception as e:  # fail this step's requests, keep serving the rest
+            if self.executor is not None:
+                raise  # tensor parallel: the ranks may be out of step now; the loop dies and says so
             log.exception("engine step failed")
             # The step's requests; all of them when scheduling itself broke (its state is then unknown).
             failed = {s.group: None for s, _ in sched.scheduled} or dict.fromkeys(self.requests.values())

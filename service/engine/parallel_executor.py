@@ -165,8 +165,15 @@ class ParallelExecutor:
 
     def heartbeat(self) -> None:
         """Called by the engine loop while idle: keeps the other ranks' waits inside their timeout."""
+        self.check_workers()
         if time.monotonic() - self.last_sent >= HEARTBEAT_S / 2:
             self.send("idle")
+
+    def check_workers(self) -> None:
+        """Raise if a rank of this node has exited (its collectives would fail, or time out, anyway)."""
+        for rank, w in enumerate(self.workers, start=1):
+            if w.poll() is not None:
+                raise RuntimeError(f"tensor-parallel rank {rank} exited (exit code {w.returncode})")
 
     def shutdown(self) -> None:
         try:
