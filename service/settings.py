@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.engine.config import EngineConfig
@@ -50,7 +50,15 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for the model (default: all cores "
                                                               "but one, which the HTTP event loop keeps)")
     tensor_parallel_size: int = Field(1, ge=1, description="tensor + expert parallel ranks (vLLM's -tp): rank 0 "
-                                                           "runs the engine, ranks 1..N-1 are spawned on this node")
+                                                           "runs the engine, the other ranks of each node are "
+                                                           "spawned by it")
+    nnodes: int = Field(1, ge=1, description="nodes the tensor-parallel ranks span (each runs tp / nnodes)")
+    node_rank: int = Field(0, ge=0, description="this node: 0 serves HTTP and runs rank 0; others are headless "
+                                                "workers")
+    master_addr: str | None = Field(None, description="node 0's address for the torch.distributed rendezvous "
+                                                      "(default: $MASTER_ADDR, else 127.0.0.1 on one node)")
+    master_port: int | None = Field(None, ge=1, le=65535, description="its port (default: $MASTER_PORT, else a "
+                                                                      "free port on one node)")
     max_queue_size: int = Field(256, ge=1, description="requests waiting for their first token before new "
                                                        "ones get 503")
     retry_after: int = Field(1, ge=0, description="seconds in the Retry-After header of a 503")
@@ -76,6 +84,15 @@ class Settings(BaseSettings):
         if isinstance(v, list | tuple):  # every item may itself be a comma list (env and flags alike)
             return [p.strip() for item in v for p in str(item).split(",") if p.strip()]
         return v
+
+    @model_validator(mode="after")
+    def _nodes(self) -> Settings:
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"--tensor-parallel-size ({self.tensor_parallel_size}) must be a multiple of --nnodes "
+                             f"({self.nnodes})")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"--node-rank ({self.node_rank}) must be below --nnodes ({self.nnodes})")
+        return self
 
     @field_validator("log_level", "log_format", "device", "dtype", mode="before")
     @classmethod
@@ -109,7 +126,8 @@ class Settings(BaseSettings):
             kv_cache_tokens=self.kv_cache_tokens, kv_cache_memory_fraction=self.kv_cache_memory_fraction,
             block_size=self.block_size, num_speculative_tokens=self.num_speculative_tokens, seed=self.seed,
             torch_threads=self.torch_threads or max(1, (os.cpu_count() or 2) - 1),
-            tensor_parallel_size=self.tensor_parallel_size)
+            tensor_parallel_size=self.tensor_parallel_size, nnodes=self.nnodes, node_rank=self.node_rank,
+            master_addr=self.master_addr, master_port=self.master_port)
 
 
 class SettingsError(ValueError):

@@ -196,3 +196,10 @@ def test_tp_flag_reaches_the_engine_config(glm_ckpt):
     assert parse_settings([]).engine_config(glm_ckpt).tensor_parallel_size == 1
     with pytest.raises(SettingsError, match="--tensor-parallel-size"):
         parse_settings(["-tp", "0"])
+    with pytest.raises(SettingsError, match=r"multiple of --nnodes \(2\)"):
+        parse_settings(["-tp", "3", "--nnodes", "2"])
+    with pytest.raises(SettingsError, match=r"--node-rank \(2\) must be below --nnodes \(2\)"):
+        parse_settings(["-tp", "4", "--nnodes", "2", "--node-rank", "2"])
+    cfg = parse_settings(["-tp", "4", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",
+                          "--master-port", "29500"]).engine_config(glm_ckpt)
+    assert (cfg.nnodes, cfg.node_rank, cfg.master_addr, cfg.master_port) == (2, 1, "10.0.0.1", 29500)

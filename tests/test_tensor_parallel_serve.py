@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import openai
 import pytest
 
 from tests import engine_fixtures
-from tests.service_fixtures import ServerProcess, sse_data
+from tests.service_fixtures import ServerProcess, free_port, sse_data
 
 pytestmark = pytest.mark.slow
 ARGS = ["--device", "cpu", "--kv-cache-tokens", "4096", "--block-size", "4", "--torch-threads", "1",
@@ -63,6 +65,20 @@ def test_http_tensor_parallel_2_equals_one_rank(ckpt, tmp_path):
         got = _completions(two.base_url)
         assert httpx.get(two.base_url + "/health").status_code == 200
     assert got == want and all(len(t) == 32 for t in want[:3])
+    # Two "nodes" on this host: node 0 serves and runs rank 0, node 1 is a headless glm-serve running rank 1.
+    port = str(free_port())
+    nodes = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", port, "-tp", "2"]
+    log1 = tmp_path / "node1.log"
+    with log1.open("w") as out:
+        node1 = subprocess.Popen([sys.executable, "-m", "service", "--model", str(ckpt), *ARGS, *nodes,
+                                  "--node-rank", "1"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        with ServerProcess(["--model", str(ckpt), *ARGS, *nodes], tmp_path / "node0.log", ready_timeout=400) as node0:
+            assert _completions(node0.base_url) == want
+        assert node1.wait(30) == 0, log1.read_text()  # rank 0 stopped it
+    finally:
+        if node1.poll() is None:
+            node1.kill()
     deadline = time.monotonic() + 15
     while _ranks(ckpt) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -8,8 +8,10 @@ cache, so the collectives inside the model line up. Only rank 0 samples (the log
 so the others could; they need not). While idle, rank 0 sends a heartbeat so the others' waits never time out;
 a rank that stops answering makes a collective time out instead of hanging.
 
-One node: `ParallelExecutor.start` spawns ranks 1..N-1 as `python -m service.engine.parallel_executor` (a
-headless worker; run by hand, with the torchrun environment, it is a worker of another node too).
+One node: `ParallelExecutor.start` spawns ranks 1..N-1 as `python -m service.engine.parallel_executor`. Several
+nodes (`--nnodes`, `--node-rank`, `--master-addr`, `--master-port`, or torchrun's MASTER_ADDR / MASTER_PORT):
+node 0 serves HTTP and spawns its ranks 1..k-1 (k = N / nnodes); every other node runs `glm-serve` with its
+`--node-rank`, which serves nothing and spawns its k ranks (`run_node`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -127,21 +130,20 @@ class ParallelExecutor:
 
     @classmethod
     def start(cls, config: EngineConfig) -> ParallelExecutor:
-        """Spawn ranks 1..N-1 of this node and join them as rank 0 (before the model is built: it shards)."""
+        """Spawn this node's other ranks and join them as rank 0 (before the model is built: it shards)."""
         world = config.tensor_parallel_size
         parallel.check_splits(ModelConfig.from_dir(config.model), world)  # before any process starts
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
-        spec = json.dumps({**dataclasses.asdict(config), "model": str(config.model)})
-        workers = [subprocess.Popen([sys.executable, "-m", "service.engine.parallel_executor", "--rank", str(r),
-                                     "--world", str(world), "--init-method", init_method, "--config", spec])
-                   for r in range(1, world)]
+        config = rendezvous(config)
+        init_method = f"tcp://{config.master_addr}:{config.master_port}"
+        workers = spawn_local_ranks(config, init_method)
         try:
             parallel.init(0, world, init_method, timeout_s=COLLECTIVE_TIMEOUT_S)
         except BaseException:
             for w in workers:
                 w.kill()
             raise
-        log.info("tensor parallel: %d ranks (rank 0 here, workers %s)", world, [w.pid for w in workers])
+        log.info("tensor parallel: %d ranks over %d node(s), rendezvous %s (rank 0 here, this node's workers %s)",
+                 world, config.nnodes, init_method, [w.pid for w in workers])
         return cls(config, workers)
 
     def attach(self, engine) -> None:
@@ -187,6 +189,44 @@ class ParallelExecutor:
                 w.kill()
                 w.wait()
         parallel.shutdown()
+
+
+def rendezvous(config: EngineConfig) -> EngineConfig:
+    """Fill in the rendezvous address: flags, else torchrun's MASTER_ADDR / MASTER_PORT, else (one node) this
+    host and a free port."""
+    addr = config.master_addr or os.environ.get("MASTER_ADDR")
+    port = config.master_port or (int(os.environ["MASTER_PORT"]) if os.environ.get("MASTER_PORT") else None)
+    if config.nnodes > 1 and (addr is None or port is None):
+        raise ValueError("several nodes need --master-addr and --master-port (node 0's address and a free port)")
+    return dataclasses.replace(config, master_addr=addr or "127.0.0.1", master_port=port or _free_port())
+
+
+def spawn_local_ranks(config: EngineConfig, init_method: str, first: int = 1) -> list[subprocess.Popen]:
+    """Start this node's headless ranks from `first` to the node's last."""
+    per_node = config.tensor_parallel_size // config.nnodes
+    spec = json.dumps({**dataclasses.asdict(config), "model": str(config.model)})
+    last = (config.node_rank + 1) * per_node
+    return [subprocess.Popen([sys.executable, "-m", "service.engine.parallel_executor", "--rank", str(r),
+                              "--world", str(config.tensor_parallel_size), "--init-method", init_method,
+                              "--config", spec]) for r in range(first, last)]
+
+
+def run_node(config: EngineConfig) -> int:
+    """A node other than 0 (`--node-rank` > 0): no HTTP, no engine, only its ranks, until rank 0 stops them.
+    Returns the exit code (non-zero when a rank failed)."""
+    config = rendezvous(config)
+    init_method = f"tcp://{config.master_addr}:{config.master_port}"
+    first = config.node_rank * (config.tensor_parallel_size // config.nnodes)
+    ranks = spawn_local_ranks(config, init_method, first)
+    log.info("node %d: tensor-parallel ranks %d..%d, rendezvous %s", config.node_rank, first,
+             first + len(ranks) - 1, init_method)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below
+    try:
+        return max((r.wait() for r in ranks), key=abs)
+    finally:
+        for r in ranks:
+            if r.poll() is None:
+                r.kill()
 
 
 def run_worker(rank: int, world: int, init_method: str | None, config: EngineConfig) -> None:
