@@ -21,12 +21,15 @@ REPO = Path(__file__).resolve().parent.parent
 # DESIGN.md §2's flag table (plus the memory-fraction form of --kv-cache-tokens).
 DESIGN_FLAGS = ["model", "served-model-name", "host", "port", "device", "dtype", "max-model-len", "max-num-seqs",
                 "max-num-batched-tokens", "kv-cache-tokens", "kv-cache-memory-fraction", "num-speculative-tokens",
-                "max-queue-size", "api-key", "shutdown-timeout", "log-level", "log-format"]
+                "max-queue-size", "api-key", "shutdown-timeout", "log-level", "log-format", "tensor-parallel-size",
+                "nnodes", "node-rank", "master-addr", "master-port"]
 
 SAMPLE_ENV = {"model": "/tmp/m", "served_model_name": "glm", "host": "0.0.0.0", "port": "9001", "device": "cpu",
               "dtype": "float32", "max_model_len": "4096", "max_num_seqs": "8", "max_num_batched_tokens": "512",
               "kv_cache_tokens": "10000", "kv_cache_memory_fraction": "0.5", "block_size": "32",
               "num_speculative_tokens": "2", "seed": "5", "engine_process": "false", "torch_threads": "1",
+              "tensor_parallel_size": "4", "nnodes": "2", "node_rank": "1", "master_addr": "10.0.0.1",
+              "master_port": "29500",
               "max_queue_size": "3", "retry_after": "7",
               "request_timeout": "60", "max_request_body_bytes": "2048", "api_key": "k1,k2",
               "cors_origins": "https://a,https://b", "shutdown_timeout": "12.5", "log_level": "debug",
