@@ -5,9 +5,9 @@
 Writes a random GLM-5-layout checkpoint (about 90M parameters, fp32: expert-heavy, like the real model), then
 for each world size spawns the ranks (gloo, one thread each) and has each load it with `load_model`, which
 reads only the rank's slice of every tensor from the memory-mapped files. Per rank: the bytes of the parameters
-it holds (its share: 1/N of the split tensors plus the replicated ones), and the growth of its peak RSS from
-just before loading to just after (VmHWM, restarted before loading; file pages mapped while reading count
-while resident). No timing.
+it holds (its share: 1/N of the split tensors plus the replicated ones), the private memory it still holds after
+loading (RssAnon growth), and the growth of its peak RSS from just before loading to just after (VmHWM,
+restarted before loading; file pages mapped while reading count while resident). No timing.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ SIZE = dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=512, 
             num_experts_per_tok=4, n_group=4, topk_group=2, num_hidden_layers=4, first_k_dense_replace=1,
             num_attention_heads=8, num_key_value_heads=8, vocab_size=8192)
 COLUMNS = [("world", "world", "d"), ("rank", "rank", "d"), ("share_mb", "params MB", ".1f"),
-           ("even_share_mb", "whole/N MB", ".1f"), ("peak_growth_mb", "peak RSS growth MB", ".1f"),
-           ("ratio", "growth/params", ".2f")]
+           ("even_share_mb", "whole/N MB", ".1f"), ("kept_anon_mb", "kept anon MB", ".1f"),
+           ("peak_growth_mb", "peak RSS growth MB", ".1f"), ("ratio", "peak growth/params", ".2f")]
 
 
 def _status_mb(field: str) -> float:
@@ -44,11 +44,12 @@ def _rank(rank: int, world: int, init: str, ckpt: str, out: str) -> None:
     parallel.init(rank, world, init_method=f"file://{init}", backend="gloo")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) at the current RSS
-        before = _status_mb("VmRSS")
+        before, anon = _status_mb("VmRSS"), _status_mb("RssAnon")
         model = load_model(ckpt)
-        after = _status_mb("VmHWM")
+        peak, kept = _status_mb("VmHWM") - before, _status_mb("RssAnon") - anon
         share = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
-        torch.save({"rank": rank, "share_mb": share, "peak_growth_mb": after - before}, Path(out) / f"{rank}.pt")
+        torch.save({"rank": rank, "share_mb": share, "peak_growth_mb": peak, "kept_anon_mb": kept},
+                   Path(out) / f"{rank}.pt")
     finally:
         parallel.shutdown()
 
