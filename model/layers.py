@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import parallel
+from . import fp8, parallel
 
 # CPU BLAS (MKL here) reads a weight far faster as the left operand of a GEMM with a few columns than through
 # its GEMV/skinny-GEMM path for x @ W^T: measured on a 2-core EPYC, 8192x256 fp32 cold, 1 row 1.04 ms as x @ W^T
@@ -24,6 +24,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            ) -> torch.Tensor:
     """F.linear, computed as (W @ x^T)^T for 2..SMALL_BATCH_ROWS rows on CPU. `pad_single` also sends one row
     that way (duplicated to two): it pays only for very tall weights such as the LM head."""
+    if weight.dtype == fp8.FP8:  # a kept FP8 weight: block-scaled matmul, else dequantized for this product
+        y = fp8.fp8_linear(x, weight, bias)
+        if y is not None:
+            return y
+        weight = fp8.dequantize_weight(weight, x.dtype)
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     if x.device.type != "cpu" or rows > SMALL_BATCH_ROWS or rows == 0 or (rows == 1 and not pad_single):
         return F.linear(x, weight, bias)

@@ -10,6 +10,7 @@ from torch import nn
 
 from . import parallel
 from .config import ModelConfig
+from .fp8 import expert
 from .layers import MLP, linear
 
 
@@ -80,9 +81,9 @@ class Experts(nn.Module):
         for e, c in enumerate(counts):
             if c == 0:
                 continue
-            h = linear(xs[start : start + c], self.gate_up_proj[e])
+            h = linear(xs[start : start + c], expert(self.gate_up_proj, e))
             g, u = h.split(self.inter, dim=-1)
-            outs.append(linear(F.silu(g) * u, self.down_proj[e]))
+            outs.append(linear(F.silu(g) * u, expert(self.down_proj, e)))
             start += c
         ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, ys)

@@ -8,6 +8,7 @@ List fields take repeated flags or a comma-separated env value (`GLM_SERVE_API_K
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -19,6 +20,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from service.engine.config import EngineConfig
 
 ENV_PREFIX = "GLM_SERVE_"
+# The engine's settings keep EngineConfig's defaults (one source); Settings adds their flags and bounds.
+_ENGINE = {f.name: f.default for f in dataclasses.fields(EngineConfig) if f.name != "model"}
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "model" / "weights"
 
 
@@ -31,34 +34,42 @@ class Settings(BaseSettings):
                                                             "(default: the directory name)")
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="bind port")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when present, else cpu")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto = bfloat16 on cuda, "
-                                                                              "float32 on cpu")
-    max_model_len: int | None = Field(None, ge=1, description="longest prompt + completion (default: the "
-                                                              "checkpoint's max_position_embeddings)")
-    max_num_seqs: int = Field(64, ge=1, description="sequences batched per engine step")
-    max_num_batched_tokens: int = Field(2048, ge=1, description="tokens per engine step (chunked prefill budget)")
-    kv_cache_tokens: int | None = Field(None, ge=1, description="paged KV cache size in tokens (default: sized "
-                                                                "from --kv-cache-memory-fraction)")
-    kv_cache_memory_fraction: float = Field(0.2, gt=0.0, le=1.0, description="share of free device memory "
-                                                                             "for the KV cache")
-    block_size: int = Field(16, ge=1, description="tokens per KV cache block")
-    num_speculative_tokens: int = Field(0, ge=0, description="MTP draft length; 0 disables speculative decoding")
-    seed: int = Field(0, description="engine seed for requests without their own")
+    device: Literal["auto", "cpu", "cuda"] = Field(_ENGINE["device"], description="auto = cuda when present, "
+                                                                              "else cpu")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(_ENGINE["dtype"], description="auto = bfloat16 on "
+                                                                                     "cuda, float32 on cpu")
+    max_model_len: int | None = Field(_ENGINE["max_model_len"], ge=1, description="longest prompt + completion "
+                                      "(default: the checkpoint's max_position_embeddings)")
+    max_num_seqs: int = Field(_ENGINE["max_num_seqs"], ge=1, description="sequences batched per engine step")
+    max_num_batched_tokens: int = Field(_ENGINE["max_num_batched_tokens"], ge=1,
+                                        description="tokens per engine step (chunked prefill budget)")
+    kv_cache_tokens: int | None = Field(_ENGINE["kv_cache_tokens"], ge=1, description="paged KV cache size in "
+                                        "tokens (default: sized from --kv-cache-memory-fraction)")
+    kv_cache_memory_fraction: float = Field(_ENGINE["kv_cache_memory_fraction"], gt=0.0, le=1.0,
+                                            description="share of free device memory for the KV cache")
+    block_size: int = Field(_ENGINE["block_size"], ge=1, description="tokens per KV cache block")
+    quantization: Literal["fp8"] | None = Field(_ENGINE["quantization"], description="fp8: quantize a bf16/fp32 "
+                                                "checkpoint's projections to 128x128 block FP8 at load (FP8 "
+                                                "checkpoints need no flag)")
+    num_speculative_tokens: int = Field(_ENGINE["num_speculative_tokens"], ge=0,
+                                        description="MTP draft length; 0 disables speculative decoding")
+    seed: int = Field(_ENGINE["seed"], description="engine seed for requests without their own")
     engine_process: bool = Field(True, description="run the engine in its own process, so the model's Python "
                                                    "never waits for the HTTP event loop's GIL (off: a thread)")
-    torch_threads: int | None = Field(None, ge=1, description="CPU threads for the model (default: all cores "
-                                                              "but one, which the HTTP event loop keeps)")
-    tensor_parallel_size: int = Field(1, ge=1, description="tensor + expert parallel ranks (vLLM's -tp): rank 0 "
-                                                           "runs the engine, the other ranks of each node are "
-                                                           "spawned by it")
-    nnodes: int = Field(1, ge=1, description="nodes the tensor-parallel ranks span (each runs tp / nnodes)")
-    node_rank: int = Field(0, ge=0, description="this node: 0 serves HTTP and runs rank 0; others are headless "
-                                                "workers")
-    master_addr: str | None = Field(None, description="node 0's address for the torch.distributed rendezvous "
-                                                      "(default: $MASTER_ADDR, else 127.0.0.1 on one node)")
-    master_port: int | None = Field(None, ge=1, le=65535, description="its port (default: $MASTER_PORT, else a "
-                                                                      "free port on one node)")
+    torch_threads: int | None = Field(_ENGINE["torch_threads"], ge=1, description="CPU threads for the model "
+                                      "(default: all cores but one, which the HTTP event loop keeps)")
+    tensor_parallel_size: int = Field(_ENGINE["tensor_parallel_size"], ge=1, description="tensor + expert parallel "
+                                      "ranks (vLLM's -tp): rank 0 runs the engine, the other ranks of each node "
+                                      "are spawned by it")
+    nnodes: int = Field(_ENGINE["nnodes"], ge=1, description="nodes the tensor-parallel ranks span (each runs "
+                        "tp / nnodes)")
+    node_rank: int = Field(_ENGINE["node_rank"], ge=0, description="this node: 0 serves HTTP and runs rank 0; "
+                           "others are headless workers")
+    master_addr: str | None = Field(_ENGINE["master_addr"], description="node 0's address for the "
+                                    "torch.distributed rendezvous (default: $MASTER_ADDR, else 127.0.0.1 on one "
+                                    "node)")
+    master_port: int | None = Field(_ENGINE["master_port"], ge=1, le=65535, description="its port (default: "
+                                    "$MASTER_PORT, else a free port on one node)")
     max_queue_size: int = Field(256, ge=1, description="requests waiting for their first token before new "
                                                        "ones get 503")
     retry_after: int = Field(1, ge=0, description="seconds in the Retry-After header of a 503")
@@ -94,7 +105,7 @@ class Settings(BaseSettings):
             raise ValueError(f"--node-rank ({self.node_rank}) must be below --nnodes ({self.nnodes})")
         return self
 
-    @field_validator("log_level", "log_format", "device", "dtype", mode="before")
+    @field_validator("log_level", "log_format", "device", "dtype", "quantization", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
@@ -120,14 +131,9 @@ class Settings(BaseSettings):
         return self.served_model_name or model_dir.resolve().name
 
     def engine_config(self, model_dir: Path) -> EngineConfig:
-        return EngineConfig(
-            model=model_dir, device=self.device, dtype=self.dtype, max_model_len=self.max_model_len,
-            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            kv_cache_tokens=self.kv_cache_tokens, kv_cache_memory_fraction=self.kv_cache_memory_fraction,
-            block_size=self.block_size, num_speculative_tokens=self.num_speculative_tokens, seed=self.seed,
-            torch_threads=self.torch_threads or max(1, (os.cpu_count() or 2) - 1),
-            tensor_parallel_size=self.tensor_parallel_size, nnodes=self.nnodes, node_rank=self.node_rank,
-            master_addr=self.master_addr, master_port=self.master_port)
+        values = {name: getattr(self, name) for name in _ENGINE}
+        values["torch_threads"] = self.torch_threads or max(1, (os.cpu_count() or 2) - 1)
+        return EngineConfig(model=model_dir, **values)
 
 
 class SettingsError(ValueError):

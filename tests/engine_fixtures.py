@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests import model_fixtures
@@ -140,8 +141,19 @@ async def until(cond, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
+def parked(thread: threading.Thread | None) -> bool:
+    """Whether `thread` sits in threading's Condition.wait() without a timeout (directly, or under Event.wait or
+    queue.Queue.get): it runs again only when notified, so it neither spins nor polls."""
+    frame = sys._current_frames().get(thread.ident) if thread is not None else None
+    while frame is not None:
+        if frame.f_code is threading.Condition.wait.__code__:
+            return frame.f_locals.get("timeout") is None
+        frame = frame.f_back
+    return False
+
+
 async def collect(engine, rid: str, prompt: list[int], params) -> list:
-    """Every output of one request streamed by an AsyncEngine-like `engine`."""
+    """Every output of one request streamed by an EngineClient-like `engine`."""
     return [out async for out in engine.generate(rid, prompt, params)]
 
 
@@ -149,24 +161,3 @@ def greedy(max_tokens: int, **kw):
     from service.engine.sampling_params import SamplingParams
 
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
-
-
-# Fixtures are imported by the test modules under their function names and requested under `name`.
-@pytest.fixture(scope="session", name="engine_ckpt")
-def engine_ckpt_fixture(tmp_path_factory) -> Path:
-    """The tiny checkpoint shared by the engine tests (with an MTP layer and a tokenizer)."""
-    return make_checkpoint(tmp_path_factory.mktemp("engine_ckpt"))
-
-
-@pytest.fixture(scope="session", name="hf_oracle")
-def hf_oracle_fixture(engine_ckpt):
-    return hf_model(engine_ckpt)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared 2-core box OpenMP spin-waits cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

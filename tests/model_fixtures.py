@@ -1,5 +1,6 @@
 """Tiny random GlmMoeDsa checkpoints written by transformers (the oracle), with an MTP layer added the way
-DESIGN.md §4 describes: build L+1 layers, save, declare L layers + 1 MTP layer, add the MTP-only tensors."""
+docs/ARCHITECTURE.md describes ("Making a tiny test checkpoint"): build L+1 layers, save, declare L layers + 1
+MTP layer, add the MTP-only tensors."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Test helpers for the service: a tiny tokenizer, a fake engine, in-thread and subprocess servers.
 
-`FakeAsyncEngine` honours the AsyncEngine interface (generate/abort/stats/start/shutdown, tokenizer,
+`FakeAsyncEngine` honours the Engine interface (generate/abort/stats/start/shutdown, tokenizer,
 model_config, max_model_len, engine_config, is_alive/dead_reason) with a deterministic toy "model" and a
 block-counting cache, so API behaviour (streaming, n, logprobs, stop, aborts, cache release, overload,
 engine death) is tested fast and exactly. The end-to-end tests run the real engine on a tiny transformers
@@ -37,6 +37,7 @@ from service.engine.outputs import CompletionOutput, EngineStats, RequestOutput,
 from service.engine.sampling_params import SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
+CURRENT_TEST: Any = None  # the pytest item being set up or run (tests/conftest.py), None outside pytest
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.", "Hello world, this is a tiny test corpus.",
@@ -131,7 +132,7 @@ class _Req:
 
 
 class FakeAsyncEngine:
-    """A deterministic toy model behind the AsyncEngine interface, one step every `step_s` seconds."""
+    """A deterministic toy model behind the Engine interface, one step every `step_s` seconds."""
 
     def __init__(self, model_dir: Path, max_model_len: int = 256, max_num_seqs: int = 8, num_blocks: int = 256,
                  block_size: int = 16, step_s: float = 0.002) -> None:
@@ -172,7 +173,7 @@ class FakeAsyncEngine:
         for req in list(self.requests.values()):
             outs = [CompletionOutput(c.index, "", [], finish_reason="error")
                     for c in req.choices if not c.finish_reason]
-            req.queue.put_nowait(RequestOutput(req.request_id, req.prompt, outs, True, self._generated(req),
+            req.queue.put_nowait(RequestOutput(req.request_id, outs, True, self._generated(req),
                                                error=reason))
             self._free(req)
 
@@ -183,7 +184,8 @@ class FakeAsyncEngine:
     def num_unfinished(self) -> int:
         return len(self.requests)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+        """Checks the request now (as the engine client does), queues it when iteration starts."""
         if not prompt_token_ids:
             raise ValueError("prompt must not be empty")
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
@@ -192,6 +194,9 @@ class FakeAsyncEngine:
             raise ValueError(f"duplicate request id {request_id}")
         if not self.is_alive:
             raise RuntimeError(f"engine is dead: {self.dead_reason}")
+        return self._generate(request_id, prompt_token_ids, params)
+
+    async def _generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
         choices = [_Choice(i, rng=random.Random(f"{params.seed}-{i}") if params.seed is not None else random.Random())
                    for i in range(params.n)]
         req = _Req(request_id, list(prompt_token_ids), params, asyncio.Queue(), time.monotonic(), choices)
@@ -221,7 +226,7 @@ class FakeAsyncEngine:
         if notify:  # the consumer is still listening: end its stream with finish_reason "abort"
             outs = [CompletionOutput(c.index, "", [], finish_reason="abort")
                     for c in req.choices if not c.finish_reason]
-            req.queue.put_nowait(RequestOutput(request_id, req.prompt, outs, True, self._generated(req)))
+            req.queue.put_nowait(RequestOutput(request_id, outs, True, self._generated(req)))
         self._free(req)
 
     def _free(self, req: _Req) -> None:
@@ -304,7 +309,7 @@ class FakeAsyncEngine:
         need = self._blocks_for(req)
         self.used_blocks += need - req.blocks
         req.blocks = need
-        out = RequestOutput(req.request_id, req.prompt, outs, req.finished, self._generated(req),
+        out = RequestOutput(req.request_id, outs, req.finished, self._generated(req),
                             queue_time_s=(req.scheduled_at - req.arrival) if first and req.scheduled_at else None)
         if first and p.prompt_logprobs is not None:
             out.prompt_logprobs = [None] + [TokenLogprob(t, -1.5, [(t, -1.5)][:p.prompt_logprobs])
@@ -315,6 +320,14 @@ class FakeAsyncEngine:
 
 
 # -- servers --------------------------------------------------------------------------------------------------------
+def wait_until(cond: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `cond()` until it holds; fail after `timeout` seconds. Tests wait on a state, never for a time."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"{what}: not met after {timeout} s"
+        time.sleep(0.01)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -393,6 +406,9 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> ServerProcess:
+        if CURRENT_TEST is not None and CURRENT_TEST.get_closest_marker("server") is None:
+            raise RuntimeError(f"{CURRENT_TEST.nodeid} starts a server process: mark it `pytest.mark.server` "
+                               "(make test-fast deselects those)")
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         try:
@@ -437,7 +453,8 @@ def sse_data(raw: str) -> list[str]:
 
 
 def check_stream(events: list[str], n: int, obj: str, usage: bool) -> list[dict]:
-    """DESIGN.md's SSE contract: one id, [DONE] once and last, one finish_reason per choice, usage chunk last."""
+    """The SSE contract (docs/ARCHITECTURE.md, "Streams"): one id, [DONE] once and last, one finish_reason per
+    choice, usage chunk last."""
     assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
     chunks = [json.loads(e) for e in events[:-1]]
     assert len({c["id"] for c in chunks}) == 1 and len({c["created"] for c in chunks}) == 1

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.service_fixtures import FakeAsyncEngine, ServerThread, shared_fake_model_dir
+from tests.engine_fixtures import until
+from tests.service_fixtures import wait_until
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -25,18 +25,9 @@ def metric(base_url: str, name: str, **labels: str) -> float:
     return total
 
 
-def wait_for(cond, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
-
-
 @pytest.fixture(scope="module")
-def server():
-    model_dir = shared_fake_model_dir()
-    with ServerThread(FakeAsyncEngine(model_dir, step_s=0.01), model_dir, max_queue_size=1, retry_after=3) as s:
+def server(thread_server):
+    with thread_server(engine={"step_s": 0.01}, max_queue_size=1, retry_after=3) as s:
         yield s
 
 
@@ -49,8 +40,7 @@ def test_queue_full_503_with_retry_after(server):
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as c:
             tasks = [asyncio.create_task(c.post("/v1/chat/completions",
                                                 json={"messages": MESSAGES, "max_tokens": 3})) for _ in range(12)]
-            while server.ctx.queue.waiting < 1 or len([t for t in tasks if t.done()]) < 11:
-                await asyncio.sleep(0.01)
+            await until(lambda: server.ctx.queue.waiting >= 1 and len([t for t in tasks if t.done()]) >= 11)
             server.engine.held = False
             return await asyncio.gather(*tasks)
 
@@ -70,7 +60,7 @@ def test_queue_counts_only_waiting(server):
     with httpx.stream("POST", server.base_url + "/v1/chat/completions", timeout=30,
                       json={"messages": MESSAGES, "max_tokens": 100, "ignore_eos": True, "stream": True}) as r:
         assert r.status_code == 200
-        wait_for(lambda: server.ctx.queue.waiting == 0)
+        wait_until(lambda: server.ctx.queue.waiting == 0)
         second = httpx.post(server.base_url + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2})
         assert second.status_code == 200
         r.read()
@@ -85,7 +75,7 @@ def test_streaming_disconnect_aborts_and_frees_cache(server):
             for i, _ in enumerate(r.iter_lines()):
                 if i > 6:
                     break  # leaving the block closes the connection mid-stream
-    wait_for(lambda: metric(server.base_url, "glm_serve:num_requests_running") == 0
+    wait_until(lambda: metric(server.base_url, "glm_serve:num_requests_running") == 0
              and metric(server.base_url, "glm_serve:kv_cache_usage_perc") == 0)
     assert server.engine.num_unfinished() == 0 and server.engine.used_blocks == 0
     assert metric(server.base_url, "glm_serve:request_success_total", finished_reason="abort") - before == 3
@@ -99,7 +89,7 @@ def test_multi_prompt_stream_disconnect_aborts_every_prompt(server):
         for i, _ in enumerate(r.iter_lines()):
             if i > 6:
                 break
-    wait_for(lambda: server.engine.num_unfinished() == 0 and server.ctx.queue.active == 0)
+    wait_until(lambda: server.engine.num_unfinished() == 0 and server.ctx.queue.active == 0)
     assert len(server.engine.aborted) == n_aborted + 3 and server.engine.used_blocks == 0
 
 
@@ -108,9 +98,9 @@ def test_non_streaming_disconnect_aborts(server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.base_url + "/v1/completions", timeout=0.3,
                    json={"prompt": "hello", "max_tokens": 200, "ignore_eos": True})
-    wait_for(lambda: server.engine.num_unfinished() == 0)
+    wait_until(lambda: server.engine.num_unfinished() == 0)
     assert len(server.engine.aborted) == n_aborted + 1 and server.engine.used_blocks == 0
-    wait_for(lambda: server.ctx.queue.active == 0)
+    wait_until(lambda: server.ctx.queue.active == 0)
 
 
 def test_disconnect_before_first_token(server):
@@ -121,16 +111,15 @@ def test_disconnect_before_first_token(server):
         body = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": true}'
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        wait_for(lambda: server.engine.num_unfinished() == 1)
+        wait_until(lambda: server.engine.num_unfinished() == 1)
         sock.close()
-        wait_for(lambda: server.engine.num_unfinished() == 0 and server.ctx.queue.active == 0)
+        wait_until(lambda: server.engine.num_unfinished() == 0 and server.ctx.queue.active == 0)
     finally:
         server.engine.held = False
 
 
-def test_draining_refuses_new_requests():
-    model_dir = shared_fake_model_dir()
-    with ServerThread(FakeAsyncEngine(model_dir), model_dir) as s:
+def test_draining_refuses_new_requests(thread_server):
+    with thread_server() as s:
         s.ctx.queue.begin_drain()
         assert httpx.get(s.base_url + "/ready").status_code == 503
         assert httpx.get(s.base_url + "/health").status_code == 200  # liveness holds while draining

@@ -7,16 +7,14 @@ import openai
 import pytest
 
 from service.api.auth import APIKeyMiddleware, is_protected
-from tests.service_fixtures import FakeAsyncEngine, ServerThread, shared_fake_model_dir
 
 KEYS = ["key-one", "key-two"]
 ORIGIN = "https://ui.example.com"
 
 
 @pytest.fixture(scope="module")
-def server():
-    model_dir = shared_fake_model_dir()
-    with ServerThread(FakeAsyncEngine(model_dir), model_dir, api_key=KEYS, cors_origins=[ORIGIN]) as s:
+def server(thread_server):
+    with thread_server(api_key=KEYS, cors_origins=[ORIGIN]) as s:
         yield s
 
 

@@ -8,8 +8,6 @@ import json
 import httpx
 import pytest
 
-from tests.service_fixtures import FakeAsyncEngine, ServerThread, shared_fake_model_dir
-
 CHAT, COMP = "/v1/chat/completions", "/v1/completions"
 MSG = [{"role": "user", "content": "hi"}]
 MAX_MODEL_LEN = 128
@@ -104,10 +102,9 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def server():
-    model_dir = shared_fake_model_dir()
-    engine = FakeAsyncEngine(model_dir, max_model_len=MAX_MODEL_LEN, max_num_seqs=8)
-    with ServerThread(engine, model_dir, max_request_body_bytes=BODY_LIMIT) as s:
+def server(thread_server):
+    engine = {"max_model_len": MAX_MODEL_LEN, "max_num_seqs": 8}
+    with thread_server(engine=engine, max_request_body_bytes=BODY_LIMIT) as s:
         yield s
 
 

@@ -12,15 +12,12 @@ import httpx
 import openai
 import pytest
 
-from tests.service_fixtures import FakeAsyncEngine, ServerThread, shared_fake_model_dir
-
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say something."}]
 
 
 @pytest.fixture(scope="module")
-def server():
-    model_dir = shared_fake_model_dir()
-    with ServerThread(FakeAsyncEngine(model_dir, max_model_len=256), model_dir) as s:
+def server(thread_server):
+    with thread_server(engine={"max_model_len": 256}) as s:
         yield s
 
 

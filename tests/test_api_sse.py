@@ -4,20 +4,18 @@ the usage chunk with `choices: []`, `data: [DONE]` last, also after an error."""
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
 
-from tests.service_fixtures import FakeAsyncEngine, ServerThread, check_stream, shared_fake_model_dir, sse_data
+from tests.service_fixtures import check_stream, sse_data, wait_until
 
 MESSAGES = [{"role": "user", "content": "Tell me a story."}]
 
 
 @pytest.fixture(scope="module")
-def server():
-    model_dir = shared_fake_model_dir()
-    with ServerThread(FakeAsyncEngine(model_dir), model_dir) as s:
+def server(thread_server):
+    with thread_server() as s:
         yield s
 
 
@@ -87,11 +85,9 @@ def test_stream_logprobs(server):
     assert len(entries) == 5 and all(len(e["top_logprobs"]) == 2 for e in entries)
 
 
-def test_error_mid_stream_then_done():
+def test_error_mid_stream_then_done(thread_server):
     """An engine fault after the stream started: an error event, then [DONE], nothing else."""
-    model_dir = shared_fake_model_dir()
-    engine = FakeAsyncEngine(model_dir, step_s=0.02)
-    with ServerThread(engine, model_dir) as s, httpx.stream(
+    with thread_server(engine={"step_s": 0.02}) as s, httpx.stream(
             "POST", s.base_url + "/v1/chat/completions", timeout=30,
             json={"messages": MESSAGES, "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:
         assert r.status_code == 200
@@ -99,7 +95,7 @@ def test_error_mid_stream_then_done():
         for piece in r.iter_text():
             raw += piece
             if raw.count("\n\n") >= 3 and not killed:
-                s.in_loop(engine.kill, "boom")
+                s.in_loop(s.engine.kill, "boom")
                 killed = True
         events = sse_data(raw)
         assert events[-1] == "[DONE]"
@@ -114,18 +110,15 @@ def test_error_mid_stream_then_done():
         assert httpx.get(s.base_url + "/ready").status_code == 503
 
 
-def test_request_timeout():
-    model_dir = shared_fake_model_dir()
-    with ServerThread(FakeAsyncEngine(model_dir, step_s=0.02), model_dir, request_timeout=0.3) as s:
+def test_request_timeout(thread_server):
+    with thread_server(engine={"step_s": 0.02}, request_timeout=0.3) as s:
         body = {"messages": MESSAGES, "max_tokens": 200, "ignore_eos": True}
         # 200 tokens would take 4 s: a 504 within the client's 3 s timeout proves the server cut it
         r = httpx.post(s.base_url + "/v1/chat/completions", json=body, timeout=3)
         assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
         _, events = post_stream(s, "/v1/chat/completions", body)
         assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout"
-        deadline = time.monotonic() + 5
-        while s.engine.num_unfinished() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert s.engine.num_unfinished() == 0 and s.engine.used_blocks == 0
+        wait_until(lambda: s.engine.num_unfinished() == 0, 5, "the timed-out requests end in the engine")
+        assert s.engine.used_blocks == 0
         assert httpx.post(s.base_url + "/v1/chat/completions",
                           json={**body, "max_tokens": 3}).status_code == 200

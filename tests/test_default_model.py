@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 
 from model.batch import ForwardBatch
@@ -58,6 +59,7 @@ def python_in(text: str) -> str:
     return m.group(1) if m else text
 
 
+@pytest.mark.server
 def test_default_server_answers_with_python(tmp_path):
     with ServerProcess([], tmp_path / "server.log", env={"OMP_NUM_THREADS": "1"}) as server:
         models = httpx.get(server.base_url + "/v1/models").json()["data"]

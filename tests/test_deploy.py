@@ -4,8 +4,14 @@ dashboard, the alert rules and the autoscaler query.
 Rendering needs `kubectl kustomize`. deploy/check.sh renders each overlay once, validates the files
 and points DEPLOY_RENDERED_DIR at them, so these tests read exactly what was validated; elsewhere the
 tests render with the `kubectl` on PATH, and skip when there is none (DEPLOY_REQUIRE_TOOLS=1 turns
-that skip into a failure). Metric names are checked against DESIGN.md §2 now; DEPLOY_METRICS_URL
-(a live /metrics) adds the same check against what a running server exports.
+that skip into a failure).
+
+The manifests are checked against the server they run, not against restated literals: every metric a query
+names is one the server's metrics code exports (DEPLOY_METRICS_URL, a live /metrics, adds the same check against
+a running server); every probe path is a route of the app, and each probe answers as its role needs while the
+server drains; the grace period covers preStop, the drain and the server's own exit timeouts; every GLM_SERVE_*
+setting is a flag; image tags follow the package version. The checks that need the server's own dependencies
+(FastAPI, pydantic) skip in deploy/check.sh's tools venv and run in `make test`.
 """
 
 import json
@@ -13,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 import urllib.request
 from functools import cache
 from pathlib import Path
@@ -27,48 +34,8 @@ OVERLAYS = ("cpu", "gpu")
 NAMESPACE = "glm-serve"
 REQUIRE_TOOLS = os.environ.get("DEPLOY_REQUIRE_TOOLS") == "1"
 
-# DESIGN.md §2, "Metrics": every series glm-serve exports, by family name and type.
-DESIGN_METRICS = {
-    "glm_serve:num_requests_running": "gauge",
-    "glm_serve:num_requests_waiting": "gauge",
-    "glm_serve:kv_cache_usage_perc": "gauge",
-    "glm_serve:num_preemptions": "counter",
-    "glm_serve:prompt_tokens": "counter",
-    "glm_serve:generation_tokens": "counter",
-    "glm_serve:request_success": "counter",
-    "glm_serve:admission_rejections": "counter",
-    "glm_serve:time_to_first_token_seconds": "histogram",
-    "glm_serve:inter_token_latency_seconds": "histogram",
-    "glm_serve:request_time_per_output_token_seconds": "histogram",
-    "glm_serve:e2e_request_latency_seconds": "histogram",
-    "glm_serve:request_queue_time_seconds": "histogram",
-    "glm_serve:spec_decode_num_drafts": "counter",
-    "glm_serve:spec_decode_num_draft_tokens": "counter",
-    "glm_serve:spec_decode_num_accepted_tokens": "counter",
-    "glm_serve:spec_decode_num_accepted_tokens_per_pos": "counter",
-}
 # Series Prometheus makes itself while scraping; queries may use them too.
 SCRAPE_SERIES = {"up"}
-# DESIGN.md §2, "Command line and settings": the flags a GLM_SERVE_* variable may set.
-DESIGN_FLAGS = {
-    "model",
-    "served-model-name",
-    "host",
-    "port",
-    "device",
-    "dtype",
-    "max-model-len",
-    "max-num-seqs",
-    "max-num-batched-tokens",
-    "kv-cache-tokens",
-    "num-speculative-tokens",
-    "max-queue-size",
-    "api-key",
-    "shutdown-timeout",
-    "log-level",
-    "log-format",
-}
-DRAIN_MARGIN_S = 5  # time to close sockets and exit after the drain
 
 
 # ------------------------------------------------------------------ metric names
@@ -83,8 +50,17 @@ def family_sample_names(name, kind):
     return {name}
 
 
-def design_sample_names():
-    return set().union(*(family_sample_names(n, k) for n, k in DESIGN_METRICS.items()))
+@cache
+def server_sample_names():
+    """Every sample name the server's metrics code exports (service/metrics.py), engine series included."""
+    from prometheus_client import generate_latest
+
+    from service.engine.outputs import EngineStats
+    from service.metrics import ServiceMetrics
+
+    stats = EngineStats(spec_accepted_per_pos=[1])  # one draft position, so the labelled family has a sample
+    metrics = ServiceMetrics("m", 4096, stats=lambda: stats)
+    return exposition_sample_names(generate_latest(metrics.registry).decode())
 
 
 def exposition_sample_names(text):
@@ -218,8 +194,13 @@ def unknown_metrics(queries, exported):
     return {(n, q) for q in queries for n in promql_metric_names(q) if n not in exported | SCRAPE_SERIES}
 
 
-def test_queries_name_only_design_metrics():
-    assert unknown_metrics(shipped_queries(), design_sample_names()) == set()
+def test_queries_name_only_exported_metrics():
+    assert unknown_metrics(shipped_queries(), server_sample_names()) == set()
+
+
+def test_metric_check_can_fail():
+    assert unknown_metrics(["rate(glm_serve:no_such_metric_total[5m])"], server_sample_names()) == {
+        ("glm_serve:no_such_metric_total", "rate(glm_serve:no_such_metric_total[5m])")}
 
 
 def test_queries_name_only_live_metrics():
@@ -341,10 +322,20 @@ def test_overlay_has_every_object_in_the_namespace(objects):
         assert o["metadata"].get("namespace") == NAMESPACE, (o["kind"], o["metadata"])
 
 
+def server_flags():
+    """The flags of the server's parser, without the leading dashes (each reads GLM_SERVE_<FLAG>)."""
+    pytest.importorskip("pydantic_settings")
+    from service.settings import build_parser
+
+    return {opt[2:] for action in build_parser()._actions for opt in action.option_strings if opt.startswith("--")}
+
+
 def test_settings_are_known_flags(objects):
-    for key in settings(objects):
+    env = {e["name"] for e in container(objects)["env"] if e["name"].startswith("GLM_SERVE_")}
+    flags = server_flags()
+    for key in set(settings(objects)) | env:
         assert key.startswith("GLM_SERVE_"), key
-        assert key.removeprefix("GLM_SERVE_").lower().replace("_", "-") in DESIGN_FLAGS, key
+        assert key.removeprefix("GLM_SERVE_").lower().replace("_", "-") in flags, key
 
 
 def test_api_key_comes_from_a_secret(objects):
@@ -354,21 +345,53 @@ def test_api_key_comes_from_a_secret(objects):
     assert "GLM_SERVE_API_KEY" not in settings(objects)
 
 
-def test_probes(objects):
+@cache
+def probe_answers(paths):
+    """{path: (status of a GET while serving, while draining)} from the real app around the fake engine
+    (tests/service_fixtures.py), in process. An unknown path answers 404."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from service.api.app import build_app
+    from service.settings import Settings
+    from tests.service_fixtures import FakeAsyncEngine, shared_fake_model_dir
+
+    model_dir = shared_fake_model_dir()
+    app = build_app(Settings(model=model_dir), FakeAsyncEngine(model_dir), model_dir, "m")
+    with TestClient(app) as client:
+        serving = {path: client.get(path).status_code for path in paths}
+        app.state.ctx.queue.begin_drain()
+        draining = {path: client.get(path).status_code for path in paths}
+    return {path: (serving[path], draining[path]) for path in paths}
+
+
+def probes(objects):
+    c = container(objects)
+    return {kind: c[kind] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+
+
+def test_probes_use_the_http_port(objects):
     c = container(objects)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports["http"] == int(settings(objects)["GLM_SERVE_PORT"])
-    probes = {kind: c[kind] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
-    assert {k: (p["httpGet"]["path"], p["httpGet"]["port"]) for k, p in probes.items()} == {
-        "startupProbe": ("/health", "http"),
-        "readinessProbe": ("/ready", "http"),
-        # Never /ready: it turns 503 while draining, and liveness would then kill a draining pod.
-        "livenessProbe": ("/health", "http"),
-    }
-    startup = probes["startupProbe"]
+    for kind, probe in probes(objects).items():
+        assert probe["httpGet"]["port"] == "http", kind
+        assert probe["timeoutSeconds"] < probe["periodSeconds"], kind
+    startup = probes(objects)["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # weight loading
-    for probe in probes.values():
-        assert probe["timeoutSeconds"] < probe["periodSeconds"]
+
+
+def test_probes_name_real_routes_that_answer_as_their_role_needs(objects):
+    paths = {kind: p["httpGet"]["path"] for kind, p in probes(objects).items()}
+    monitor = {e["path"] for e in one(objects, "ServiceMonitor")["spec"]["endpoints"]}
+    answers = probe_answers(tuple(sorted(set(paths.values()) | monitor)))
+    # Every path is a route (no 404), and a loaded, serving pod passes every probe and can be scraped.
+    assert all(serving == 200 for serving, _ in answers.values()), answers
+    # Draining: readiness fails (out of rotation), liveness holds (a draining pod must not be killed), and startup
+    # asks what liveness asks.
+    assert answers[paths["readinessProbe"]][1] == 503, answers
+    assert answers[paths["livenessProbe"]][1] == 200, answers
+    assert paths["startupProbe"] == paths["livenessProbe"]
 
 
 def test_security_context(objects):
@@ -394,14 +417,59 @@ def test_scratch_volumes(objects):
     assert "emptyDir" in mounts["/home/glm-serve"]  # $HOME: caches, on a read-only root
 
 
+@cache
+def server_exit_after_drain_s():
+    """Seconds the server may still take after its drain deadline: the grace for aborted streams to end
+    (service/server.py) plus the graceful-shutdown timeout that `serve()` gives uvicorn (service/cli.py), both
+    read from the code."""
+    pytest.importorskip("fastapi")
+    import service.cli
+    import service.server
+    from service.settings import Settings
+    from tests.service_fixtures import FakeAsyncEngine, shared_fake_model_dir
+
+    captured = {}
+
+    class Capture:
+        started = True
+
+        def __init__(self, config, ctx, shutdown_timeout):
+            captured["config"] = config
+
+        def run(self):
+            pass
+
+    real, service.cli.DrainingServer = service.cli.DrainingServer, Capture
+    try:
+        model_dir = shared_fake_model_dir()
+        service.cli.serve(Settings(model=model_dir), FakeAsyncEngine(model_dir), model_dir, "m")
+    finally:
+        service.cli.DrainingServer = real
+    return service.server._ABORT_GRACE_S + captured["config"].timeout_graceful_shutdown
+
+
+def shutdown_timeout_s(objects):
+    """GLM_SERVE_SHUTDOWN_TIMEOUT from the ConfigMap, else the server's default."""
+    value = settings(objects).get("GLM_SERVE_SHUTDOWN_TIMEOUT")
+    if value is None:
+        pytest.importorskip("pydantic_settings")
+        from service.settings import Settings
+
+        return Settings.model_fields["shutdown_timeout"].default
+    return float(value)
+
+
 def test_drain_timing(objects):
     pod, c = pod_spec(objects), container(objects)
     command = c["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
     pre_stop = int(command[1])
-    shutdown_timeout = int(settings(objects)["GLM_SERVE_SHUTDOWN_TIMEOUT"])
     assert pre_stop >= 5  # endpoints and load balancers need a few seconds to drop the pod
-    assert pod["terminationGracePeriodSeconds"] >= pre_stop + shutdown_timeout + DRAIN_MARGIN_S
+    # SIGTERM comes after preStop; then the drain, then the server's own exit timeouts, all before SIGKILL.
+    grace, drained = pod["terminationGracePeriodSeconds"], pre_stop + shutdown_timeout_s(objects)
+    assert grace > drained, (grace, drained)
+    needed = drained + server_exit_after_drain_s()  # skips here without the server's dependencies
+    assert grace >= needed, (grace, needed)
 
 
 def test_resources(objects):
@@ -442,10 +510,21 @@ def test_selectors_match(objects):
     assert {e["path"] for e in monitor["spec"]["endpoints"]} == {"/metrics"}
 
 
+def package_version():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def image_name():
+    """The image the base Deployment names; overlays set only its tag."""
+    base = yaml.safe_load((DEPLOY / "k8s" / "base" / "deployment.yaml").read_text())
+    (c,) = base["spec"]["template"]["spec"]["containers"]
+    return c["image"]
+
+
 def test_cpu_overlay():
     objects = rendered("cpu")
     c = container(objects)
-    assert c["image"].endswith(":0.1.0")
+    assert c["image"] == f"{image_name()}:{package_version()}"
     assert settings(objects)["GLM_SERVE_DEVICE"] == "cpu"
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     env = {e["name"]: e for e in c["env"]}
@@ -456,11 +535,20 @@ def test_cpu_overlay():
 def test_gpu_overlay():
     objects = rendered("gpu")
     c = container(objects)
-    assert c["image"].endswith("-cuda")
+    assert c["image"] == f"{image_name()}:{package_version()}-cuda"
     assert int(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec(objects)["tolerations"]
     assert settings(objects)["GLM_SERVE_DEVICE"] == "cuda"
     assert settings(objects)["GLM_SERVE_DTYPE"] == "bfloat16"
+    # GLM-5-FP8 on one 8-GPU node: TP = the GPUs the pod gets, the cache as deploy/memory_plan.py sizes it.
+    gpus = int(c["resources"]["limits"]["nvidia.com/gpu"])
+    assert int(settings(objects)["GLM_SERVE_TENSOR_PARALLEL_SIZE"]) == gpus == 8
+    cfg = json.loads((DEPLOY / "glm5-fp8" / "config.json").read_text())
+    want = memory_plan().plan(cfg, gpus, "fp8", memory_plan().H200_MIB, memory_plan().RESERVE_GIB)
+    assert int(settings(objects)["GLM_SERVE_KV_CACHE_TOKENS"]) == want["kv_cache_tokens"]
+    assert int(settings(objects)["GLM_SERVE_MAX_MODEL_LEN"]) == cfg["max_position_embeddings"]
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert settings(objects)["GLM_SERVE_MODEL"].startswith(mounts["/models"]["mountPath"] + "/")
 
 
 # ------------------------------------------------------------------ Dockerfile
@@ -507,3 +595,100 @@ def test_dockerignore_is_an_allow_list():
     patterns = [p for p in (ROOT / ".dockerignore").read_text().splitlines() if p and not p.startswith("#")]
     assert patterns[0] == "*"
     assert not any(p.startswith("!") and (".venv" in p or ".git" in p or "tests" in p) for p in patterns)
+
+
+# ------------------------------------------------------------------ multi-node (LeaderWorkerSet)
+
+
+@cache
+def memory_plan():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memory_plan", DEPLOY / "memory_plan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def lws_pods(objects):
+    lws = one(objects, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]
+    return lws, lws["leaderTemplate"], lws["workerTemplate"]
+
+
+def test_multinode_leader_and_workers():
+    objects = rendered("multinode")
+    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "LeaderWorkerSet", "Service"]
+    assert all(o["metadata"].get("namespace") == NAMESPACE for o in objects)
+    lws, leader, worker = lws_pods(objects)
+    assert lws["restartPolicy"] == "RecreateGroupOnPodRestart"  # one dead rank restarts the group
+    (lc,), (wc,) = leader["spec"]["containers"], worker["spec"]["containers"]
+    (cm,) = [o for o in objects if o["kind"] == "ConfigMap"]
+    for c in (lc, wc):  # both read the generated ConfigMap by its hashed name
+        assert [e["configMapRef"]["name"] for e in c["envFrom"]] == [cm["metadata"]["name"]]
+    conf = cm["data"]
+    flags_known = server_flags()
+    for key in conf:
+        assert key.removeprefix("GLM_SERVE_").lower().replace("_", "-") in flags_known, key
+
+    def flags(c):
+        args = c["args"]
+        return dict(zip(args[::2], args[1::2], strict=True))
+
+    lf, wf = flags(lc), flags(wc)
+    assert lf["--node-rank"] == "0" and wf["--node-rank"] == "$(LWS_WORKER_INDEX)"
+    for f in (lf, wf):
+        assert f["--nnodes"] == "$(LWS_GROUP_SIZE)" and f["--master-addr"] == "$(LWS_LEADER_ADDRESS)"
+    assert lf["--master-port"] == wf["--master-port"]
+    assert {p["name"]: p["containerPort"] for p in lc["ports"]}["dist"] == int(lf["--master-port"])
+    gpus = [int(c["resources"]["limits"]["nvidia.com/gpu"]) for c in (lc, wc)]
+    assert gpus[0] == gpus[1] and lws["size"] * gpus[0] == int(conf["GLM_SERVE_TENSOR_PARALLEL_SIZE"])
+    assert "ports" not in wc and "readinessProbe" not in wc  # headless: no HTTP server on workers
+    assert {k: lc[k]["httpGet"]["path"] for k in ("startupProbe", "readinessProbe", "livenessProbe")} == {
+        "startupProbe": "/health", "readinessProbe": "/ready", "livenessProbe": "/health"}
+    pre_stop = int(lc["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert leader["spec"]["terminationGracePeriodSeconds"] >= (
+        pre_stop + int(conf["GLM_SERVE_SHUTDOWN_TIMEOUT"]) + server_exit_after_drain_s())
+    for pod, c in ((leader, lc), (worker, wc)):
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert pod["spec"]["securityContext"]["runAsUser"] == dockerfile_uid()
+        assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert c["image"].endswith("-cuda")
+    # The Service reaches the leader (API server) only.
+    selector = one(objects, "Service")["spec"]["selector"]
+    assert all(leader["metadata"]["labels"].get(k) == v for k, v in selector.items())
+    assert not all(worker["metadata"]["labels"].get(k) == v for k, v in selector.items())
+    # Cache sized by the plan for bf16 GLM-5 over size x 8 GPUs.
+    cfg = {k: v for k, v in json.loads((DEPLOY / "glm5-fp8" / "config.json").read_text()).items()
+           if k != "quantization_config"}
+    want = memory_plan().plan(cfg, lws["size"] * gpus[0], "bf16", memory_plan().H200_MIB, memory_plan().RESERVE_GIB)
+    assert want["fits"] and int(conf["GLM_SERVE_KV_CACHE_TOKENS"]) == want["kv_cache_tokens"]
+
+
+def test_crd_validation_catches_what_kubernetes_would_reject():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("validate_crds", DEPLOY / "validate_crds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    schemas = module.crd_schemas(sorted((DEPLOY / "k8s" / "crds").glob("*.yaml")))
+    good = one(rendered("multinode"), "LeaderWorkerSet")
+    assert module.problems([good], schemas) == (1, [])
+    bad = json.loads(json.dumps(good))
+    bad["spec"]["leaderWorkerTemplate"]["size"] = "two"
+    bad["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]["argz"] = []
+    wrong_version = {**good, "apiVersion": "leaderworkerset.x-k8s.io/v9"}
+    checked, found = module.problems([bad, wrong_version], schemas)
+    text = "\n".join(found)
+    assert checked == 1 and len(found) == 3, text
+    assert "'two' is not of type 'integer'" in text and "'argz' was unexpected" in text and "/v9" in text
+
+
+def test_memory_plan_reproduces_glm5_figures():
+    """GLM-5's published size (744B without the MTP layer), and TP 8 bf16 not fitting an H200."""
+    cfg = json.loads((DEPLOY / "glm5-fp8" / "config.json").read_text())
+    mp = memory_plan()
+    fp8 = mp.plan(cfg, 8, "fp8", mp.H200_MIB, mp.RESERVE_GIB)
+    assert round(fp8["total_params_b"] - fp8["mtp_params_b"], 1) == 743.9
+    assert fp8["kv_bytes_per_token"] == 2 * (512 + 64 + 128) * 79
+    assert 85 < fp8["weight_gib_per_gpu"] < 95 and fp8["fits"]
+    assert not mp.plan(cfg, 8, "bf16", mp.H200_MIB, mp.RESERVE_GIB)["fits"]

@@ -1,33 +1,28 @@
-"""The service's interface: AsyncEngine.generate / abort / cancellation, faults, a dead loop, an idle loop."""
+"""The service's interface: EngineClient.generate / abort / cancellation, faults, a dead loop, an idle loop."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
+import threading
 
 import pytest
 
-from service.engine.async_engine import AsyncEngine, EngineDeadError
+from service.engine.client import EngineClient, EngineDeadError
 from service.engine.config import EngineConfig
-from tests.engine_fixtures import (  # noqa: F401
-    collect,
-    engine_ckpt_fixture,
-    greedy,
-    make_engine,
-    one_torch_thread,
-    prompts,
-    run_engine,
-    until,
-)
+from tests.engine_fixtures import collect, greedy, make_engine, parked, prompts, run_engine, until
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPTS = prompts(8, [5, 17, 9, 30], seed=4)
 
 
-def new_engine(path) -> AsyncEngine:
-    """An AsyncEngine whose `finished` maps request id -> finish reasons, as the loop saw them (delivered or not)."""
-    engine = AsyncEngine.from_config(EngineConfig(model=path, device="cpu", dtype="float32", kv_cache_tokens=4096,
+def new_engine(path) -> EngineClient:
+    """An in-thread EngineClient whose `finished` maps request id -> finish reasons, as the loop saw them."""
+    engine = EngineClient.in_thread(EngineConfig(model=path, device="cpu", dtype="float32", kv_cache_tokens=4096,
                                                   block_size=4))
     engine.finished = {}
-    step = engine.engine.step
+    step = engine.local_engine.step
 
     def recording_step() -> list:
         outs = step()
@@ -36,11 +31,11 @@ def new_engine(path) -> AsyncEngine:
                 engine.finished[o.request_id] = [c.finish_reason for c in o.outputs]
         return outs
 
-    engine.engine.step = recording_step
+    engine.local_engine.step = recording_step
     return engine
 
 
-def idle_and_empty(engine: AsyncEngine) -> bool:
+def idle_and_empty(engine: EngineClient) -> bool:
     s = engine.stats()
     return engine.num_unfinished() == 0 and s.num_running == 0 and s.num_waiting == 0 and s.kv_cache_usage == 0
 
@@ -94,7 +89,7 @@ def test_leaving_the_stream_aborts_and_frees(engine_ckpt) -> None:
         assert outs[-1].outputs[-1].finish_reason == "length" and outs[-1].num_generated_tokens == 30
         await until(lambda: idle_and_empty(engine))
         assert engine.finished["broke"] == ["abort"] and engine.finished["cancelled"] == ["abort"]
-        assert engine.engine.block_manager.num_free_blocks == engine.engine.block_manager.num_blocks
+        assert engine.local_engine.block_manager.num_free_blocks == engine.local_engine.block_manager.num_blocks
         await engine.shutdown()
 
     asyncio.run(main())
@@ -169,7 +164,7 @@ def test_a_dead_loop_says_so(engine_ckpt) -> None:
         def broken() -> list:
             raise MemoryError("cannot continue")
 
-        engine.engine.step = broken  # an error outside the step's own handling kills the loop
+        engine.local_engine.step = broken  # an error outside the step's own handling kills the loop
         await engine.start()
         outs = await collect(engine, "x", PROMPTS[0], greedy(5))
         assert outs[-1].finished and "cannot continue" in outs[-1].error
@@ -186,17 +181,43 @@ def test_the_loop_sleeps_when_idle(engine_ckpt) -> None:
     async def main() -> None:
         engine = new_engine(engine_ckpt)
         steps = []
-        step = engine.engine.step
-        engine.engine.step = lambda: steps.append(1) or step()
+        step = engine.local_engine.step
+        engine.local_engine.step = lambda: steps.append(1) or step()
         await engine.start()
         await collect(engine, "x", PROMPTS[0], greedy(5))
-        await until(lambda: idle_and_empty(engine))
-        before = len(steps)
-        await asyncio.sleep(0.3)
-        assert len(steps) == before  # no busy loop
+        done = len(steps)
+        # No busy loop, no polling: with nothing to do, the loop thread waits to be notified.
+        await until(lambda: idle_and_empty(engine) and parked(engine.transport._thread))
+        assert len(steps) == done
         outs = await collect(engine, "y", PROMPTS[1], greedy(3))  # and it wakes up for new work
         assert outs[-1].num_generated_tokens == 3
         await engine.shutdown()
-        assert engine._thread is None
+        assert engine.transport._thread is None
 
     asyncio.run(main())
+
+
+
+def test_parked_tells_a_notified_wait_from_a_timed_one() -> None:
+    """The check the idle test relies on: true only for a thread in an untimed Condition.wait()."""
+    release = threading.Event()
+
+    def waiting(thread: threading.Thread) -> bool:  # in Condition.wait(), whatever the timeout
+        frame = sys._current_frames().get(thread.ident)
+        while frame is not None and frame.f_code is not threading.Condition.wait.__code__:
+            frame = frame.f_back
+        return frame is not None
+
+    untimed = threading.Thread(target=release.wait)
+    timed = threading.Thread(target=release.wait, args=(60,))
+    spinning = threading.Thread(target=lambda: all(not release.is_set() for _ in iter(int, 1)))
+    threads = (untimed, timed, spinning)
+    for t in threads:
+        t.start()
+    try:
+        asyncio.run(until(lambda: parked(untimed) and waiting(timed)))
+        assert not parked(timed) and not parked(spinning) and not parked(None)
+    finally:
+        release.set()
+        for t in threads:
+            t.join(10)

@@ -6,18 +6,9 @@ from __future__ import annotations
 import pytest
 
 from service.engine.sampling_params import SamplingParams
-from tests.engine_fixtures import (  # noqa: F401
-    accumulate,
-    assert_no_leaks,
-    engine_ckpt_fixture,
-    greedy,
-    hf_greedy,
-    hf_oracle_fixture,
-    make_engine,
-    one_torch_thread,
-    prompts,
-    run_engine,
-)
+from tests.engine_fixtures import accumulate, assert_no_leaks, greedy, hf_greedy, make_engine, prompts, run_engine
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MAX_TOKENS = 12
 # index_topk is 8: most prompts are past it at once, the short ones cross it while decoding.

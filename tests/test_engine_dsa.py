@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from tests.engine_fixtures import engine_ckpt_fixture, greedy, make_engine, one_torch_thread, prompts, run_engine  # noqa: F401
+from tests.engine_fixtures import greedy, make_engine, prompts, run_engine
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

@@ -7,17 +7,9 @@ import pytest
 import torch
 
 from service.engine.sampling_params import SamplingParams
-from tests.engine_fixtures import (  # noqa: F401
-    accumulate,
-    assert_no_leaks,
-    engine_ckpt_fixture,
-    greedy,
-    hf_oracle_fixture,
-    make_checkpoint,
-    make_engine,
-    one_torch_thread,
-    run_engine,
-)
+from tests.engine_fixtures import accumulate, assert_no_leaks, greedy, make_checkpoint, make_engine, run_engine
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MAX_TOKENS = 20
 # Prompts of whole characters: text at the prompt/output seam then belongs to the output alone.

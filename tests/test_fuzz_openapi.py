@@ -23,7 +23,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from service.api.routes import router
-from tests.service_fixtures import FakeAsyncEngine, ServerThread, shared_fake_model_dir
+from tests.service_fixtures import FakeAsyncEngine
 from tests.soak.sse_check import sse_contract
 
 KEY = "fuzz-key"
@@ -34,9 +34,8 @@ EXAMPLES_PER_OPERATION = 15  # x 10 operations x (positive, negative)
 
 
 @pytest.fixture(scope="module")
-def server():
-    model_dir = shared_fake_model_dir()
-    with ServerThread(FakeAsyncEngine(model_dir, max_model_len=128), model_dir, api_key=[KEY]) as s:
+def server(thread_server):
+    with thread_server(engine={"max_model_len": 128}, api_key=[KEY]) as s:
         yield s
 
 
@@ -94,12 +93,11 @@ def test_document_describes_every_route_and_the_streams(server):
             assert ("security" in op) == (path.startswith("/v1") or path in ("/tokenize", "/detokenize"))
 
 
-def test_document_without_keys_asks_for_none():
+def test_document_without_keys_asks_for_none(fake_model_dir):
     from service.api.app import build_app
     from service.settings import Settings
 
-    model_dir = shared_fake_model_dir()
-    app = build_app(Settings(model=model_dir), FakeAsyncEngine(model_dir), model_dir, "m")
+    app = build_app(Settings(model=fake_model_dir), FakeAsyncEngine(fake_model_dir), fake_model_dir, "m")
     doc = app.openapi()
     assert "securitySchemes" not in doc.get("components", {})
     assert not any("security" in op for ops in doc["paths"].values() for op in ops.values())

@@ -12,15 +12,17 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import select
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import pytest
 
-from tests.service_fixtures import ServerProcess, shared_fake_model_dir
+from tests.service_fixtures import ServerProcess
 from tests.soak.load import metric_values
 
+pytestmark = pytest.mark.server
 CHAT, COMP = "/v1/chat/completions", "/v1/completions"
 JSON = {"content-type": "application/json"}
 MiB = 2**20
@@ -110,9 +112,9 @@ CASES: list[tuple[str, str, Callable[[], bytes], dict[str, str], int, str | None
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, fake_model_dir):
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    with ServerProcess(["--model", str(shared_fake_model_dir())], log, module="tests.service_fixtures") as s:
+    with ServerProcess(["--model", str(fake_model_dir)], log, module="tests.service_fixtures") as s:
         yield s
 
 
@@ -162,12 +164,21 @@ def _raw_post(port: int, path: str, body: bytes, headers: dict[str, str]) -> htt
     head = "".join(f"{k}: {v}\r\n" for k, v in {"host": "x", **JSON, **headers}.items())
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
         sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + body)
-        reply = b""
-        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < _length(reply):
+        return _read_response(sock)
+
+
+def _read_response(sock: socket.socket) -> httpx.Response:
+    """One HTTP/1.1 response with a Content-Length, read from a raw socket."""
+    reply = b""
+    while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < _length(reply):
+        try:
             chunk = sock.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
+        except ConnectionResetError:  # reset after its answer, which the kernel has already handed over
+            break
+        if not chunk:
+            break
+        reply += chunk
+    assert b"\r\n\r\n" in reply, f"no complete response head: {reply[:200]!r}"
     head_bytes, content = reply.split(b"\r\n\r\n", 1)
     lines = head_bytes.decode("latin-1").split("\r\n")
     return httpx.Response(int(lines[0].split(" ")[1]), headers=[tuple(x.split(": ", 1)) for x in lines[1:]],
@@ -181,18 +192,31 @@ def _length(reply: bytes) -> int:
     return 0
 
 
-def test_chunked_body_over_the_limit_is_413(client, baseline_rss):
-    def chunks() -> Iterator[bytes]:
-        yield b'{"prompt": "'
-        for _ in range(9 * 16):  # 9 MiB, no Content-Length
-            yield b"a" * (64 * 1024)
-        yield b'"}'
+def test_chunked_body_over_the_limit_is_413(server, client, baseline_rss):
+    """9 MiB in chunks, no Content-Length: a 413 in OpenAI's shape, whether the server answers after the whole
+    upload or cuts it short (then the client stops sending, or finds the connection closed under it, and reads
+    the answer that came first), and the server serves on."""
+    def chunk(data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data)
 
-    try:
-        r = client.post(COMP, content=chunks(), headers=JSON)
-    except httpx.HTTPError:  # the server may answer and close before the whole upload was sent
-        return
+    head = f"POST {COMP} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    pieces = [chunk(b'{"prompt": "')] + [chunk(b"a" * (64 * 1024))] * (9 * 16) + [chunk(b'"}') + b"0\r\n\r\n"]
+    before = metric_values(server.base_url).get(
+        'glm_serve:http_requests_total{method=POST,route=/v1/completions,status=413}', 0.0)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(head.encode())
+        try:
+            for piece in pieces:
+                if select.select([sock], [], [], 0)[0]:
+                    break  # the server has answered (or closed): stop uploading
+                sock.sendall(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed while the upload went on; its answer was sent before the close
+        r = _read_response(sock)
     _check_error(r, 413, None, "request_too_large")
+    after = metric_values(server.base_url)
+    assert after['glm_serve:http_requests_total{method=POST,route=/v1/completions,status=413}'] == before + 1
+    assert client.get("/health").status_code == 200
 
 
 def test_valid_surrogate_pair_is_accepted(client):

@@ -11,7 +11,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from service.metrics import ITL_BUCKETS, REQUEST_LATENCY_BUCKETS, TTFT_BUCKETS, ServiceMetrics, build_1_2_5_buckets
-from tests.service_fixtures import FakeAsyncEngine, ServerThread, shared_fake_model_dir
 
 MESSAGES = [{"role": "user", "content": "Count to ten."}]
 DESIGN_NAMES = ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions_total",
@@ -38,10 +37,9 @@ def total(samples, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def run():
+def run(thread_server):
     """A fresh server; a known mix of requests; the usage they reported."""
-    model_dir = shared_fake_model_dir()
-    with ServerThread(FakeAsyncEngine(model_dir), model_dir) as s, httpx.Client(base_url=s.base_url) as c:
+    with thread_server() as s, httpx.Client(base_url=s.base_url) as c:
         prompt, completion, choices, engine_requests = 0, 0, 0, 0
         for n in (1, 2, 3):
             u = c.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 7, "n": n,
@@ -158,10 +156,10 @@ def test_broken_stats_do_not_break_the_scrape():
 
 def test_recorder_ttft_itl_tpot():
     m = ServiceMetrics("m", 64)
-    rec = m.recorder()
-    outs = [RequestOutput("r", [1, 2, 3], [CompletionOutput(0, "a", [5])], False, 1, queue_time_s=0.5),
-            RequestOutput("r", [1, 2, 3], [CompletionOutput(0, "b", [6, 7])], False, 3),
-            RequestOutput("r", [1, 2, 3], [CompletionOutput(0, "", [8], finish_reason="length")], True, 4)]
+    rec = m.recorder(3)
+    outs = [RequestOutput("r", [CompletionOutput(0, "a", [5])], False, 1, queue_time_s=0.5),
+            RequestOutput("r", [CompletionOutput(0, "b", [6, 7])], False, 3),
+            RequestOutput("r", [CompletionOutput(0, "", [8], finish_reason="length")], True, 4)]
     for o in outs:
         rec.on_output(o)
     rec.finish(["length"])

@@ -10,15 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.service_fixtures import ServerThread, sse_data
+from tests.service_fixtures import sse_data, wait_until
 from tests.soak.load import metric_values, wait_idle
-from tests.soak.servers import real_engine, shared_tiny_checkpoint
+from tests.soak.servers import real_engine
 
 pytestmark = pytest.mark.slow
 ENGINE = {"max_model_len": 512, "max_num_seqs": 8, "kv_cache_tokens": 8192}
@@ -48,8 +47,8 @@ def _choices(body: dict) -> int:
     return body.get("n", 1)
 
 
-def test_step_fault_fails_only_that_steps_requests():
-    engine = real_engine(shared_tiny_checkpoint(), **ENGINE)
+def test_step_fault_fails_only_that_steps_requests(tiny_glm_ckpt, thread_server):
+    engine = real_engine(tiny_glm_ckpt, **ENGINE)
     failed_ids: set[str] = set()
     steps = [0]
 
@@ -61,7 +60,7 @@ def test_step_fault_fails_only_that_steps_requests():
             failed_ids.update(groups)
             raise RuntimeError("injected step fault")
 
-    with ServerThread(engine, shared_tiny_checkpoint()) as s:
+    with thread_server(engine=engine, model_dir=tiny_glm_ckpt) as s:
         engine.fault_injector = injector
         results = asyncio.run(_streams(s.base_url, 12, 40))
         engine.fault_injector = None
@@ -98,29 +97,27 @@ def test_step_fault_fails_only_that_steps_requests():
         assert s.ctx.queue.active == 0 and not s.ctx.inflight
 
 
-def test_dead_engine_loop_fails_in_flight_and_health_turns_503():
-    engine = real_engine(shared_tiny_checkpoint(), **ENGINE)
-    with ServerThread(engine, shared_tiny_checkpoint()) as s:
+def test_dead_engine_loop_fails_in_flight_and_health_turns_503(tiny_glm_ckpt, thread_server):
+    engine = real_engine(tiny_glm_ckpt, **ENGINE)
+    with thread_server(engine=engine, model_dir=tiny_glm_ckpt) as s:
         steps = [0]
-        step = engine.engine.step
+        step = engine.local_engine.step
 
         def counting_step():
             steps[0] += 1
             return step()
 
-        engine.engine.step = counting_step
+        engine.local_engine.step = counting_step
         plain = ("/v1/completions", {"prompt": "non-streaming", "max_tokens": 200, "ignore_eos": True})
         results: list = []
         runner = threading.Thread(target=lambda: results.extend(asyncio.run(_streams(s.base_url, 6, 200, [plain]))))
         runner.start()
-        deadline = time.monotonic() + 120
-        while steps[0] < 10 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: steps[0] >= 10, 120, "ten engine steps under load")
 
         def broken():
             raise MemoryError("simulated unrecoverable engine failure")
 
-        engine.engine.step = broken  # outside the step's own error handling: the loop dies
+        engine.local_engine.step = broken  # outside the step's own error handling: the loop dies
         runner.join(120)
         assert len(results) == 7
         mid_stream = 0
@@ -144,9 +141,9 @@ def test_dead_engine_loop_fails_in_flight_and_health_turns_503():
         assert metric_values(s.base_url)["glm_serve:request_success_total{finished_reason=error}"] >= 6
 
 
-def test_request_timeouts_under_load_abort_and_free():
-    engine = real_engine(shared_tiny_checkpoint(), **ENGINE)
-    with ServerThread(engine, shared_tiny_checkpoint(), request_timeout=0.5) as s:
+def test_request_timeouts_under_load_abort_and_free(tiny_glm_ckpt, thread_server):
+    engine = real_engine(tiny_glm_ckpt, **ENGINE)
+    with thread_server(engine=engine, model_dir=tiny_glm_ckpt, request_timeout=0.5) as s:
         plain = [("/v1/chat/completions", {"messages": [{"role": "user", "content": f"plain {i}"}],
                                            "max_tokens": 480, "ignore_eos": True}) for i in range(4)]
         results = asyncio.run(_streams(s.base_url, 10, 480, plain))

@@ -10,16 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 
 import httpx
 import pytest
 
-from tests.service_fixtures import ServerProcess, sse_data
+from tests.service_fixtures import ServerProcess, sse_data, wait_until
 from tests.soak.load import metric_values, rss_bytes, run_load, wait_idle
-from tests.soak.servers import SERVER_ENV, shared_tiny_checkpoint
+from tests.soak.servers import SERVER_ENV
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 CLIENTS = 32
 # 64 blocks of 16 tokens for up to 16 sequences of up to ~100 tokens (n up to 3): running requests get preempted
 SERVER_ARGS = ["--device", "cpu", "--max-model-len", "512", "--kv-cache-tokens", "1024", "--max-num-seqs", "16",
@@ -28,9 +27,9 @@ RSS_GROWTH_LIMIT = 128 * 2**20  # after a warm-up run; bench/soak_load.py measur
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_glm_ckpt):
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    with ServerProcess(["--model", str(shared_tiny_checkpoint()), *SERVER_ARGS], log, env=SERVER_ENV) as s:
+    with ServerProcess(["--model", str(tiny_glm_ckpt), *SERVER_ARGS], log, env=SERVER_ENV) as s:
         yield s
 
 
@@ -89,13 +88,14 @@ def test_sigterm_under_load_drains_every_stream(server):
         t.start()
     started.wait()  # every request has its response headers: admitted, in the engine
     server.terminate()
-    refused = None
-    for _ in range(200):
-        refused = httpx.post(server.base_url + "/v1/completions", json={"prompt": "late", "max_tokens": 2})
-        if refused.status_code == 503:
-            break
-        time.sleep(0.02)
-    assert refused is not None and refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
+    late: list[httpx.Response] = []
+
+    def refused() -> bool:
+        late.append(httpx.post(server.base_url + "/v1/completions", json={"prompt": "late", "max_tokens": 2}))
+        return late[-1].status_code == 503
+
+    wait_until(refused, what="a new request refused after SIGTERM")
+    assert late[-1].json()["error"]["code"] == "draining"
     for t in threads:
         t.join(180)
     for i, events in enumerate(results):

@@ -16,7 +16,7 @@ import pytest
 from service.api.auth import is_protected
 from service.api.routes import router
 from service.engine.outputs import CompletionOutput, RequestOutput
-from tests.service_fixtures import FakeAsyncEngine, ServerProcess, ServerThread, shared_fake_model_dir, sse_data
+from tests.service_fixtures import FakeAsyncEngine, ServerProcess, sse_data
 
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -29,9 +29,8 @@ BODIES = {"/v1/chat/completions": {"messages": MSG, "max_tokens": 2},
 
 
 @pytest.fixture(scope="module")
-def server():
-    model_dir = shared_fake_model_dir()
-    with ServerThread(FakeAsyncEngine(model_dir), model_dir, api_key=[KEY], max_request_body_bytes=LIMIT) as s:
+def server(thread_server):
+    with thread_server(api_key=[KEY], max_request_body_bytes=LIMIT) as s:
         yield s
 
 
@@ -131,18 +130,18 @@ ESCAPES = [
 
 
 @pytest.fixture(scope="module")
-def hostile_template_server(tmp_path_factory):
+def hostile_template_server(tmp_path_factory, fake_model_dir, thread_server):
     """A checkpoint whose chat template runs escape attempt i when the last message says `escape i`."""
     root = tmp_path_factory.mktemp("hostile")
     model_dir = root / "hostile-ckpt"
-    shutil.copytree(shared_fake_model_dir(), model_dir)
+    shutil.copytree(fake_model_dir, model_dir)
     marker = root / "MARKER"
     branches = "".join(f"{{%- elif c == 'escape {i}' -%}}{e.replace('MARKER', str(marker))}"
                        for i, e in enumerate(ESCAPES))
     template = ("{%- set c = messages[-1].content -%}{%- if c == 'benign' -%}<|user|>\n{{ c }}<|assistant|>\n"
                 + branches + "{%- else -%}{{ raise_exception('unexpected') }}{%- endif -%}")
     (model_dir / "chat_template.jinja").write_text(template)
-    with ServerThread(FakeAsyncEngine(model_dir), model_dir) as s:
+    with thread_server(model_dir=model_dir) as s:
         yield s, marker
 
 
@@ -168,14 +167,14 @@ def test_benign_request_to_the_hostile_checkpoint_works(hostile_template_server)
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def test_missing_chat_template_names_no_path(tmp_path):
+def test_missing_chat_template_names_no_path(tmp_path, fake_model_dir, thread_server):
     model_dir = tmp_path / "no-template"
-    shutil.copytree(shared_fake_model_dir(), model_dir)
+    shutil.copytree(fake_model_dir, model_dir)
     (model_dir / "chat_template.jinja").unlink(missing_ok=True)
     cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
     cfg.pop("chat_template", None)
     (model_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
-    with ServerThread(FakeAsyncEngine(model_dir), model_dir) as s:
+    with thread_server(model_dir=model_dir) as s:
         r = httpx.post(s.base_url + "/v1/chat/completions", json={"messages": MSG})
         assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template"
         assert str(tmp_path) not in r.text and "no-template" not in r.text
@@ -189,17 +188,16 @@ class _FailingEngine(FakeAsyncEngine):
         if params.max_tokens == 7:
             raise RuntimeError("boom in /opt/secret/engine/step.py line 12")
         if params.max_tokens == 8:
-            yield RequestOutput(request_id, prompt_token_ids, [CompletionOutput(0, "a", [5])], False)
-            yield RequestOutput(request_id, prompt_token_ids, [CompletionOutput(0, "", [], finish_reason="error")],
+            yield RequestOutput(request_id, [CompletionOutput(0, "a", [5])], False)
+            yield RequestOutput(request_id, [CompletionOutput(0, "", [], finish_reason="error")],
                                 True, error="RuntimeError: CUDA error at /opt/secret/aten/kernel.cu:42\nmore detail")
             return
         async for out in super().generate(request_id, prompt_token_ids, params):
             yield out
 
 
-def test_server_errors_reveal_no_traceback_or_path():
-    model_dir = shared_fake_model_dir()
-    with ServerThread(_FailingEngine(model_dir), model_dir) as s:
+def test_server_errors_reveal_no_traceback_or_path(fake_model_dir, thread_server):
+    with thread_server(engine=_FailingEngine(fake_model_dir)) as s:
         r = httpx.post(s.base_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 7})
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
         r2 = httpx.post(s.base_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 8, "stream": True})
@@ -214,9 +212,10 @@ def test_server_errors_reveal_no_traceback_or_path():
         assert httpx.get(s.base_url + "/health").status_code == 200
 
 
-def test_default_logs_hold_no_prompts_and_no_forged_lines(tmp_path):
+@pytest.mark.server
+def test_default_logs_hold_no_prompts_and_no_forged_lines(tmp_path, fake_model_dir):
     marker = "zebra-7731"
-    with ServerProcess(["--model", str(shared_fake_model_dir())], tmp_path / "log",
+    with ServerProcess(["--model", str(fake_model_dir)], tmp_path / "log",
                        module="tests.service_fixtures") as s:
         url = s.base_url
         httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": marker}],

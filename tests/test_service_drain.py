@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 
 import httpx
+import pytest
 
-from tests.service_fixtures import ServerProcess, shared_fake_model_dir, sse_data
+from tests.service_fixtures import ServerProcess, sse_data, wait_until
 
+pytestmark = pytest.mark.server
 SLOW = {"FAKE_ENGINE_STEP_S": "0.02"}  # 50 tokens/s: a 200-token stream takes 4 s
 LONG = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 200, "ignore_eos": True, "stream": True}
 
@@ -37,8 +38,8 @@ def start_stream(url: str) -> tuple[threading.Thread, list[str], threading.Event
     return thread, events, started
 
 
-def test_drain_timeout_aborts_leftovers_and_exits_0(tmp_path):
-    model = str(shared_fake_model_dir())
+def test_drain_timeout_aborts_leftovers_and_exits_0(tmp_path, fake_model_dir):
+    model = str(fake_model_dir)
     with ServerProcess(["--model", model, "--shutdown-timeout", "0.5", "--log-prompts"], tmp_path / "log",
                        module="tests.service_fixtures", env=SLOW) as s:
         marker = "pelican-marker-4410"
@@ -56,13 +57,13 @@ def test_drain_timeout_aborts_leftovers_and_exits_0(tmp_path):
         assert "drain timeout" in log and marker in log  # --log-prompts puts prompts in the log
 
 
-def test_second_signal_exits_immediately(tmp_path):
-    model = str(shared_fake_model_dir())
+def test_second_signal_exits_immediately(tmp_path, fake_model_dir):
+    model = str(fake_model_dir)
     with ServerProcess(["--model", model, "--shutdown-timeout", "60"], tmp_path / "log",
                        module="tests.service_fixtures", env=SLOW) as s:
         thread, _, _ = start_stream(s.base_url)
         s.terminate()
-        time.sleep(0.3)
+        wait_until(lambda: httpx.get(s.base_url + "/ready").status_code == 503, what="draining after SIGTERM")
         assert s.proc.poll() is None  # draining: waiting for the stream
         s.proc.send_signal(signal.SIGINT)
         assert s.proc.wait(10) == 0  # well before the 60 s drain would have ended

@@ -6,29 +6,23 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.service_fixtures import ServerProcess, check_stream, make_tiny_checkpoint, sse_data
+from tests.service_fixtures import ServerProcess, check_stream, sse_data, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]
 MAX_MODEL_LEN = 512
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-glm")
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
+def server(tiny_glm_ckpt, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    with ServerProcess(["--model", str(checkpoint), "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-tokens",
+    with ServerProcess(["--model", str(tiny_glm_ckpt), "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-tokens",
                         "8192", "--max-num-seqs", "8", "--device", "cpu"], log) as s:
         yield s
 
@@ -150,14 +144,13 @@ def test_disconnects_free_everything(server):
             for i, _ in enumerate(r.iter_lines()):
                 if i > 8:
                     break
-    deadline = time.monotonic() + 10
-    while True:
+
+    def idle() -> bool:
         now = samples(server.base_url)
-        idle = value(now, "glm_serve:num_requests_running") == 0 and value(now, "glm_serve:kv_cache_usage_perc") == 0
-        if idle or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert idle, now
+        return value(now, "glm_serve:num_requests_running") == 0 and value(now, "glm_serve:kv_cache_usage_perc") == 0
+
+    wait_until(idle, what="no running request and an empty cache after the hang-ups")
+    now = samples(server.base_url)
     assert value(now, "glm_serve:request_success_total", finished_reason="abort") - \
         value(before, "glm_serve:request_success_total", finished_reason="abort") == 3
     # 400 tokens each would have taken far longer than the wait: the requests were aborted, not finished
@@ -165,11 +158,13 @@ def test_disconnects_free_everything(server):
 
 
 def test_prompts_not_logged(server, client):
-    marker = "zebra-marker-7731"
-    client.chat.completions.create(model="tiny-glm", messages=[{"role": "user", "content": marker}], max_tokens=2)
-    time.sleep(0.2)
-    log = server.log()
-    assert "completed" in log and marker not in log
+    marker, rid = "zebra-marker-7731", "prompts-not-logged-1"
+    client.chat.completions.create(model="tiny-glm", messages=[{"role": "user", "content": marker}], max_tokens=2,
+                                   extra_headers={"X-Request-Id": rid})
+    # the request's last log line is written after its response: wait for it, then read the whole log
+    wait_until(lambda: any(rid in line and "completed" in line for line in server.log().splitlines()),
+               what="the request's 'completed' log line")
+    assert marker not in server.log()
 
 
 # -- a second server: small queue, one sequence at a time, API keys from the environment; SIGTERM last ----------
@@ -178,9 +173,9 @@ AUTH = {"Authorization": "Bearer beta"}
 
 
 @pytest.fixture(scope="module")
-def strict(checkpoint, tmp_path_factory):
+def strict(tiny_glm_ckpt, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "strict.log"
-    with ServerProcess(["--model", str(checkpoint), "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-tokens",
+    with ServerProcess(["--model", str(tiny_glm_ckpt), "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-tokens",
                         "8192", "--max-num-seqs", "1", "--max-queue-size", "1", "--retry-after", "2",
                         "--shutdown-timeout", "60", "--log-format", "json"], log, env=KEYS) as s:
         yield s
@@ -235,10 +230,7 @@ def test_sigterm_drains_in_flight_stream_then_exits_0(strict):
     reader.start()
     assert first_chunk.wait(60)
     strict.terminate()
-    deadline = time.monotonic() + 5
-    while httpx.get(url + "/ready").status_code != 503:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: httpx.get(url + "/ready").status_code == 503, 5, "/ready 503 after SIGTERM")
     refused = httpx.post(url + "/v1/completions", headers=AUTH, json={"prompt": "x", "max_tokens": 2})
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
     assert "retry-after" in refused.headers

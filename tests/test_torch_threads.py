@@ -7,7 +7,7 @@ import os
 import torch
 
 from service.settings import Settings
-from tests.engine_fixtures import engine_ckpt_fixture, make_engine  # noqa: F401
+from tests.engine_fixtures import make_engine
 
 
 def test_default_leaves_one_core_for_the_event_loop(engine_ckpt):

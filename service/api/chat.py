@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import Request
@@ -11,11 +11,10 @@ from fastapi.responses import JSONResponse, Response
 
 from service.api.body import parse_body
 from service.api.context import ServingContext
-from service.api.generation import collect
-from service.api.job import Job, new_id, run_job, usage
+from service.api.generation import Outputs
+from service.api.job import Job, new_id, usage
 from service.api.logprobs import TokenNamer, chat_logprobs
 from service.api.protocol import ChatCompletionRequest
-from service.engine.outputs import RequestOutput
 
 
 async def create_chat_completion(request: Request) -> Response:
@@ -24,43 +23,35 @@ async def create_chat_completion(request: Request) -> Response:
     ctx.check_model(req.model)
     ctx.check_n(req.n)
     ctx.check_token_ids(req.stop_token_ids or [], "stop_token_ids")
-
-    async def body(job: Job) -> Response | AsyncIterator[dict[str, Any]]:
+    async with Job(ctx, request) as job:
         messages = [m.for_template() for m in req.messages]
         text = await ctx.render_chat(messages, req.add_generation_prompt, req.tools, req.chat_template_kwargs)
         prompt_ids = await ctx.encode(text, add_special_tokens=False, prompt_of="messages")
         max_tokens = ctx.resolve_max_tokens(len(prompt_ids), req.requested_max_tokens, chat=True)
-        params = job.params(lambda: req.sampling_params(max_tokens, req.num_logprobs, None, ctx.sampling_defaults))
+        params = req.sampling_params(max_tokens, req.num_logprobs, None, ctx.sampling_defaults)
         response_id = new_id("chatcmpl")
         job.log_prompt(response_id, text)
-        stream = job.submit(response_id, prompt_ids, params)
+        job.submit(response_id, prompt_ids, params)
         namer = TokenNamer(ctx.tokenizer, req.return_tokens_as_token_ids)
         created = int(time.time())
         if req.stream:
-            first = await job.wait(anext(stream))
-            return _chunks(job, req, response_id, created, namer, first, stream)
-        result = await job.wait(collect(stream, req.n))
-        choices = []
-        for i, c in enumerate(result.choices):
-            choices.append({
-                "index": i, "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(c.logprobs, namer) if req.logprobs else None,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-        prompt_tokens = len(result.prompt_token_ids)
-        job.log_done(response_id, prompt_tokens, result.num_generated_tokens,
+            return await job.stream(_chunks(job, req, response_id, created, namer, job.outputs(), len(prompt_ids)))
+        [result] = await job.collect()
+        choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": chat_logprobs(c.logprobs, namer) if req.logprobs else None,
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                   for i, c in enumerate(result.choices)]
+        job.log_done(response_id, result.num_prompt_tokens, result.num_generated_tokens,
                      [str(c.finish_reason) for c in result.choices])
         return JSONResponse({"id": response_id, "object": "chat.completion", "created": created,
                              "model": ctx.model_name, "choices": choices,
-                             "usage": usage(prompt_tokens, result.num_generated_tokens)})
-
-    return await run_job(ctx, request, body)
+                             "usage": usage(result.num_prompt_tokens, result.num_generated_tokens)})
 
 
 async def _chunks(job: Job, req: ChatCompletionRequest, response_id: str, created: int, namer: TokenNamer,
-                  first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[dict[str, Any]]:
-    """Role delta per choice first, then content deltas, one finish_reason per choice, optional usage."""
+                  outputs: Outputs, prompt_tokens: int) -> AsyncGenerator[dict[str, Any], None]:
+    """A role delta per choice, then content deltas, one finish_reason per choice, optional usage."""
     base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": job.ctx.model_name}
-    prompt_tokens = len(first.prompt_token_ids)
     generated = 0
     finished: dict[int, str] = {}
 
@@ -72,17 +63,9 @@ async def _chunks(job: Job, req: ChatCompletionRequest, response_id: str, create
 
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None} for i in range(req.n)])
-
-    async def outputs() -> AsyncIterator[RequestOutput]:
-        yield first
-        async for out in stream:
-            yield out
-
-    async for out in outputs():
+    async for _, out in outputs:
         generated = out.num_generated_tokens
         for o in out.outputs:
-            if o.index in finished:
-                continue
             delta = {"content": o.text} if o.text else {}
             has_logprobs = req.logprobs and bool(o.logprobs)
             if not delta and not has_logprobs and o.finish_reason is None:

@@ -18,6 +18,7 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.2  # of free device memory (CPU: of available RAM)
     block_size: int = 16
     num_speculative_tokens: int = 0
+    quantization: str | None = None  # "fp8": block-quantize a bf16/fp32 checkpoint at load
     seed: int = 0
     # CPU only: torch intra-op threads (process-wide). None leaves torch's default. On a small CPU, threads that
     # spin-wait for the event loop's core cost more than they compute (measured in bench/http_overhead.py).

@@ -5,6 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+MAX_REPETITION_PENALTY = 20.0  # vLLM accepts any positive value; past ~2 the output is already degenerate
+
+
+class SamplingParamError(ValueError):
+    """A parameter out of its range; `param` names it (the API's error `param`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -39,7 +48,8 @@ class SamplingParams:
             (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]"),
-            (0.0 < self.repetition_penalty <= 2.0 * 10, "repetition_penalty", "must be > 0"),
+            (0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY, "repetition_penalty",
+             f"must be in (0, {MAX_REPETITION_PENALTY:g}]"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
              f"must be in [0, {MAX_LOGPROBS}]"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
@@ -47,7 +57,7 @@ class SamplingParams:
         ]
         for ok, name, why in checks:
             if not ok:
-                raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+                raise SamplingParamError(name, f"{name} {why}, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:
@@ -58,3 +68,19 @@ class SamplingParams:
         """Greedy with no penalties: the token is the argmax of the raw logits (the engine's fast path)."""
         return self.greedy and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0 and \
             self.repetition_penalty == 1.0
+
+
+def validate_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
+                     max_num_seqs: int, has_tokenizer: bool) -> None:
+    """Raise ValueError for a request an engine with these fixed settings cannot serve."""
+    if not prompt_token_ids:
+        raise ValueError("the prompt is empty")
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_token_ids):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    if len(prompt_token_ids) + params.max_tokens > max_model_len:
+        raise ValueError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                         f"the maximum model length of {max_model_len} tokens")
+    if params.n > max_num_seqs:
+        raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({max_num_seqs})")
+    if params.stop and not has_tokenizer:
+        raise ValueError("stop strings need a tokenizer; this checkpoint has none")

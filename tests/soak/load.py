@@ -1,5 +1,5 @@
 """Concurrent streaming clients with mixed parameters, some of which hang up at random points; every stream that
-is read to the end is checked against the SSE contract (DESIGN.md §2).
+is read to the end is checked against the SSE contract (docs/ARCHITECTURE.md, "Streams").
 
 Used by tests/test_reliability_load.py (a short run in the normal suite) and bench/soak_load.py (256 clients).
 Closed loop: each client sends its next request as soon as the previous one ended, until the deadline.
