@@ -10,7 +10,6 @@ construction, so a model built without it (world size 1) has today's shapes and 
 from __future__ import annotations
 
 import datetime
-import os
 import re
 from dataclasses import dataclass
 
@@ -75,11 +74,6 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _tp = TPGroup()
-
-
-def env_rank_world() -> tuple[int, int]:
-    """torchrun's RANK / WORLD_SIZE, else (0, 1)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 # -- collectives: no-ops at world size 1 -------------------------------------------------------------------------
