@@ -152,6 +152,8 @@ class ParallelExecutor:
         cache = runner.cache
         self.send("cache", num_blocks=cache.num_blocks, block_size=cache.block_size)
         runner.model = BroadcastModel(runner.model, self.plan)
+        if engine.proposer is not None:  # the MTP drafter calls the model itself
+            engine.proposer.model = runner.model
         copy_blocks = runner.copy_blocks
 
         def copy_and_tell(pairs: list[tuple[int, int]]) -> None:
