@@ -19,7 +19,7 @@ import pytest
 from tests import engine_fixtures
 from tests.service_fixtures import ServerProcess, free_port, sse_data
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 ARGS = ["--device", "cpu", "--kv-cache-tokens", "4096", "--block-size", "4", "--torch-threads", "1",
         "--num-speculative-tokens", "2"]
 
