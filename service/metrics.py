@@ -88,6 +88,10 @@ class EngineCollector(Collector):
                       s.dsa_tokens_read)
         yield counter("dsa_tokens_cached", "Cached latents a dense attention would have read in decode.",
                       s.dsa_tokens_cached)
+        yield counter("prefix_cache_queries", "Tokens looked up in the prefix cache as requests are admitted.",
+                      s.prefix_cache_queries)
+        yield counter("prefix_cache_hits", "Of those, tokens found in the prefix cache (prefill skipped).",
+                      s.prefix_cache_hits)
         share = s.dsa_tokens_read / s.dsa_tokens_cached if s.dsa_tokens_cached else 1.0
         yield gauge("dsa_read_fraction", "Share of cached latents DSA read, cumulative since start.", share)
 

@@ -53,6 +53,11 @@ class Settings(BaseSettings):
                                                 "checkpoints need no flag)")
     num_speculative_tokens: int = Field(_ENGINE["num_speculative_tokens"], ge=0,
                                         description="MTP draft length; 0 disables speculative decoding")
+    enable_prefix_caching: bool = Field(_ENGINE["enable_prefix_caching"], description="reuse the cache of prompt "
+                                        "prefixes seen before (automatic prefix caching)")
+    prefix_caching_hash_algo: Literal["builtin", "sha256"] = Field(
+        _ENGINE["prefix_caching_hash_algo"], description="block hash of prefix caching: builtin (fastest, 64-bit) "
+        "or sha256 (collision-resistant, for servers shared by tenants who distrust each other)")
     seed: int = Field(_ENGINE["seed"], description="engine seed for requests without their own")
     engine_process: bool = Field(True, description="run the engine in its own process, so the model's Python "
                                                    "never waits for the HTTP event loop's GIL (off: a thread)")
@@ -105,7 +110,8 @@ class Settings(BaseSettings):
             raise ValueError(f"--node-rank ({self.node_rank}) must be below --nnodes ({self.nnodes})")
         return self
 
-    @field_validator("log_level", "log_format", "device", "dtype", "quantization", mode="before")
+    @field_validator("log_level", "log_format", "device", "dtype", "quantization", "prefix_caching_hash_algo",
+                     mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v

@@ -470,7 +470,8 @@ def check_stream(events: list[str], n: int, obj: str, usage: bool) -> list[dict]
     assert all(len(v) == 1 and v[0] in ("stop", "length") for v in finishes.values()), finishes
     if usage:
         last = chunks[-1]
-        assert last["choices"] == [] and set(last["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+        assert last["choices"] == [] and set(last["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens",
+                                                                "prompt_tokens_details"}
     else:
         assert all("usage" not in c for c in chunks)
     return chunks

@@ -27,7 +27,8 @@ SAMPLE_ENV = {"model": "/tmp/m", "served_model_name": "glm", "host": "0.0.0.0", 
               "max_queue_size": "3", "retry_after": "7", "quantization": "fp8",
               "request_timeout": "60", "max_request_body_bytes": "2048", "api_key": "k1,k2",
               "cors_origins": "https://a,https://b", "shutdown_timeout": "12.5", "log_level": "debug",
-              "log_format": "json", "log_prompts": "true"}
+              "log_format": "json", "log_prompts": "true", "enable_prefix_caching": "false",
+              "prefix_caching_hash_algo": "sha256"}
 
 
 @pytest.fixture(autouse=True)

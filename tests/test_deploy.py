@@ -226,6 +226,8 @@ def test_dashboard_covers_the_serving_signals():
             "kv_cache_usage_perc",
             "num_preemptions_total",
             "spec_decode_num_accepted_tokens_per_pos_total",
+            "prefix_cache_hits_total",
+            "prefix_cache_queries_total",
         ]
     }
     assert wanted - used == set()

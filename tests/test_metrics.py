@@ -19,7 +19,8 @@ DESIGN_NAMES = ["num_requests_running", "num_requests_waiting", "kv_cache_usage_
                 "request_time_per_output_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
                 "spec_decode_num_drafts_total", "spec_decode_num_draft_tokens_total",
                 "spec_decode_num_accepted_tokens_total", "spec_decode_num_accepted_tokens_per_pos_total",
-                "dsa_tokens_read_total", "dsa_tokens_cached_total"]
+                "dsa_tokens_read_total", "dsa_tokens_cached_total", "prefix_cache_queries_total",
+                "prefix_cache_hits_total"]
 
 
 def scrape(base_url: str) -> dict[str, list]:
@@ -131,7 +132,7 @@ def _families(metrics: ServiceMetrics) -> dict[str, list]:
 def test_engine_collector_reads_stats_at_scrape_time():
     stats = EngineStats(num_running=3, num_waiting=2, kv_cache_usage=0.25, num_preemptions=4, spec_num_drafts=10,
                         spec_num_draft_tokens=30, spec_num_accepted_tokens=17, spec_accepted_per_pos=[9, 6, 2],
-                        dsa_tokens_read=50, dsa_tokens_cached=200)
+                        dsa_tokens_read=50, dsa_tokens_cached=200, prefix_cache_queries=120, prefix_cache_hits=90)
     m = ServiceMetrics("m", 1024, stats=lambda: stats)
     got = _families(m)
     assert total(got, "glm_serve:num_requests_running") == 3
@@ -142,6 +143,8 @@ def test_engine_collector_reads_stats_at_scrape_time():
     per_pos = {s.labels["position"]: s.value for s in got["glm_serve:spec_decode_num_accepted_tokens_per_pos_total"]}
     assert per_pos == {"0": 9, "1": 6, "2": 2}
     assert total(got, "glm_serve:dsa_read_fraction") == 0.25
+    assert total(got, "glm_serve:prefix_cache_queries_total") == 120
+    assert total(got, "glm_serve:prefix_cache_hits_total") == 90
     stats.num_running = 0  # read again on the next scrape, not cached
     assert total(_families(m), "glm_serve:num_requests_running") == 0
 

@@ -167,6 +167,34 @@ def test_prompts_not_logged(server, client):
     assert marker not in server.log()
 
 
+def test_repeated_prompts_report_cached_tokens_and_move_the_counters(server, client):
+    ids = list(range(100, 150))  # 50 tokens: three full blocks of 16, the last token always computed
+    before = samples(server.base_url)
+    first, second = (client.completions.create(model="tiny-glm", prompt=ids, max_tokens=3, temperature=0)
+                     for _ in range(2))
+    after = samples(server.base_url)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == 48
+    assert second.choices[0].text == first.choices[0].text
+    for name, tokens in (("queries", 100), ("hits", 48)):
+        metric = f"glm_serve:prefix_cache_{name}_total"
+        assert value(after, metric) - value(before, metric) == tokens, name
+
+    # Streamed chat: the final usage chunk carries them; a cache_salt shares only with the same salt.
+    messages = [{"role": "system", "content": "You answer in one short sentence. " * 6}, MESSAGES[1]]
+
+    def cached(salt: str) -> int:
+        chunks = list(client.chat.completions.create(
+            model="tiny-glm", messages=messages, max_tokens=2, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"cache_salt": salt}))
+        return chunks[-1].usage.prompt_tokens_details.cached_tokens
+
+    a1, b1, a2, b2 = cached("tenant-a"), cached("tenant-b"), cached("tenant-a"), cached("tenant-b")
+    assert a1 == b1 == 0 and a2 == b2 > 16
+    r = httpx.post(server.base_url + "/v1/completions", json={"prompt": "x", "cache_salt": ""})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
+
+
 # -- a second server: small queue, one sequence at a time, API keys from the environment; SIGTERM last ----------
 KEYS = {"GLM_SERVE_API_KEY": "alpha,beta"}
 AUTH = {"Authorization": "Bearer beta"}

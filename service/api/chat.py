@@ -45,26 +45,27 @@ async def create_chat_completion(request: Request) -> Response:
                      [str(c.finish_reason) for c in result.choices])
         return JSONResponse({"id": response_id, "object": "chat.completion", "created": created,
                              "model": ctx.model_name, "choices": choices,
-                             "usage": usage(result.num_prompt_tokens, result.num_generated_tokens)})
+                             "usage": usage(result.num_prompt_tokens, result.num_generated_tokens,
+                                            result.num_cached_tokens)})
 
 
 async def _chunks(job: Job, req: ChatCompletionRequest, response_id: str, created: int, namer: TokenNamer,
                   outputs: Outputs, prompt_tokens: int) -> AsyncGenerator[dict[str, Any], None]:
     """A role delta per choice, then content deltas, one finish_reason per choice, optional usage."""
     base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": job.ctx.model_name}
-    generated = 0
+    generated = cached = 0
     finished: dict[int, str] = {}
 
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         out = {**base, "choices": choices}
         if req.continuous_usage:
-            out["usage"] = usage(prompt_tokens, generated)
+            out["usage"] = usage(prompt_tokens, generated, cached)
         return out
 
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None} for i in range(req.n)])
     async for _, out in outputs:
-        generated = out.num_generated_tokens
+        generated, cached = out.num_generated_tokens, out.num_cached_tokens
         for o in out.outputs:
             delta = {"content": o.text} if o.text else {}
             has_logprobs = req.logprobs and bool(o.logprobs)
@@ -78,5 +79,5 @@ async def _chunks(job: Job, req: ChatCompletionRequest, response_id: str, create
                 choice["stop_reason"] = o.stop_reason
             yield chunk([choice])
     if req.include_usage:
-        yield {**base, "choices": [], "usage": usage(prompt_tokens, generated)}
+        yield {**base, "choices": [], "usage": usage(prompt_tokens, generated, cached)}
     job.log_done(response_id, prompt_tokens, generated, [finished.get(i, "abort") for i in range(req.n)])

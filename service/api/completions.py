@@ -80,7 +80,8 @@ async def create_completion(request: Request) -> Response:
         job.log_done(response_id, prompt_tokens, completion_tokens, [str(c["finish_reason"]) for c in choices])
         return JSONResponse({"id": response_id, "object": "text_completion", "created": created,
                              "model": ctx.model_name, "choices": choices,
-                             "usage": usage(prompt_tokens, completion_tokens)})
+                             "usage": usage(prompt_tokens, completion_tokens,
+                                            sum(r.num_cached_tokens for r in results))})
 
 
 async def _chunks(job: Job, req: CompletionRequest, response_id: str, created: int, namer: TokenNamer,
@@ -88,18 +89,19 @@ async def _chunks(job: Job, req: CompletionRequest, response_id: str, created: i
     base = {"id": response_id, "object": "text_completion", "created": created, "model": job.ctx.model_name}
     prompt_tokens = sum(len(p.ids) for p in prompts)
     generated = [0] * len(prompts)
+    cached = [0] * len(prompts)
     formatters: dict[int, CompletionLogprobs] = {}
     finished: dict[int, str] = {}
 
     def chunk(choice: dict[str, Any]) -> dict[str, Any]:
         out = {**base, "choices": [choice]}
         if req.continuous_usage:
-            out["usage"] = usage(prompt_tokens, sum(generated))
+            out["usage"] = usage(prompt_tokens, sum(generated), sum(cached))
         return out
 
     prompt_lps: dict[int, list[Any]] = {}
     async for i, out in outputs:
-        generated[i] = out.num_generated_tokens
+        generated[i], cached[i] = out.num_generated_tokens, out.num_cached_tokens
         p = prompts[i]
         if out.prompt_logprobs is not None:
             prompt_lps[i] = list(out.prompt_logprobs)
@@ -127,5 +129,5 @@ async def _chunks(job: Job, req: CompletionRequest, response_id: str, created: i
                 choice["stop_reason"] = o.stop_reason
             yield chunk(choice)
     if req.include_usage:
-        yield {**base, "choices": [], "usage": usage(prompt_tokens, sum(generated))}
+        yield {**base, "choices": [], "usage": usage(prompt_tokens, sum(generated), sum(cached))}
     job.log_done(response_id, prompt_tokens, sum(generated), list(finished.values()))

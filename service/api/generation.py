@@ -179,6 +179,7 @@ class Collected:
     choices: list[ChoiceResult]
     num_generated_tokens: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    num_cached_tokens: int = 0
 
 
 async def collect(stream: RequestStream) -> Collected:
@@ -188,6 +189,7 @@ async def collect(stream: RequestStream) -> Collected:
         if out.prompt_logprobs is not None:
             result.prompt_logprobs = out.prompt_logprobs
         result.num_generated_tokens = out.num_generated_tokens
+        result.num_cached_tokens = out.num_cached_tokens
         for o in out.outputs:
             c = result.choices[o.index]
             c.text += o.text

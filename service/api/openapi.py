@@ -40,10 +40,15 @@ class ErrorResponse(_Doc):
     error: ErrorDetail
 
 
+class PromptTokensDetails(_Doc):
+    cached_tokens: int  # prompt tokens served from the prefix cache
+
+
 class Usage(_Doc):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class TopLogprob(_Doc):

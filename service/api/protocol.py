@@ -19,6 +19,7 @@ from service.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
+MAX_CACHE_SALT_CHARS = 1024  # a salt needs ~43 characters (256 random bits in base64); more is only a cost
 
 
 class _Strict(BaseModel):
@@ -68,6 +69,8 @@ class _SamplingRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's: prefix-cache entries are shared only between requests with the same salt (one per tenant).
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
     logit_bias: Annotated[dict[str, Any] | None, _nullable({"type": "object", "maxProperties": 0})] = None
 
     @field_validator("stop")
@@ -105,7 +108,7 @@ class _SamplingRequest(_Strict):
             include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=pick("repetition_penalty", 1.0),
-            skip_special_tokens=self.skip_special_tokens)
+            skip_special_tokens=self.skip_special_tokens, cache_salt=self.cache_salt)
 
     @property
     def include_usage(self) -> bool:

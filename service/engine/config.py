@@ -19,6 +19,8 @@ class EngineConfig:
     block_size: int = 16
     num_speculative_tokens: int = 0
     quantization: str | None = None  # "fp8": block-quantize a bf16/fp32 checkpoint at load
+    enable_prefix_caching: bool = True
+    prefix_caching_hash_algo: str = "builtin"  # builtin | sha256 (see prefix_cache.py)
     seed: int = 0
     # CPU only: torch intra-op threads (process-wide). None leaves torch's default. On a small CPU, threads that
     # spin-wait for the event loop's core cost more than they compute (measured in bench/http_overhead.py).

@@ -62,10 +62,13 @@ class LLMEngine:
             k = 0
         self.num_speculative_tokens = k
         self.runner = ModelRunner(model, num_blocks, config.block_size, device, dtype, generator, k)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                          config.prefix_caching_hash_algo)
         runner = self.runner
         self.proposer = MTPProposer(runner.model, runner.cache, runner.sampler, self.block_manager, device, k) \
             if k else None
+        if self.proposer is not None:  # a drafting sequence reuses cached blocks only with their MTP entries
+            self.block_manager.needs_mtp = self.proposer.eligible
         self.spec_drafts = self.spec_draft_tokens = self.spec_accepted = 0
         self.spec_accepted_per_pos = [0] * k
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
@@ -173,6 +176,7 @@ class LLMEngine:
             if self.fault_injector is not None:
                 self.fault_injector(sched)
             if not sched.is_empty:
+                self.runner.copy_blocks(sched.copies)  # partly reused cached blocks, before anything writes
                 self._postprocess(sched, self.runner.execute(sched.scheduled))
         except Exception as e:  # fail this step's requests, keep serving the rest
             if self.executor is not None:
@@ -293,7 +297,8 @@ class LLMEngine:
         if not outputs:
             return None
         out = RequestOutput(group.request_id, outputs, finished=group.is_finished,
-                            num_generated_tokens=group.num_generated_tokens, error=error)
+                            num_generated_tokens=group.num_generated_tokens, error=error,
+                            num_cached_tokens=group.num_cached_tokens or 0)
         if not group.queue_time_reported:
             group.queue_time_reported = True
             start = group.first_scheduled_time or time.monotonic()
@@ -312,5 +317,7 @@ class LLMEngine:
             num_running=running, num_waiting=len(self.requests) - running,
             kv_cache_usage=self.block_manager.usage, num_preemptions=self.scheduler.num_preemptions,
             dsa_tokens_read=self.dsa_tokens_read, dsa_tokens_cached=self.dsa_tokens_cached,
+            prefix_cache_queries=self.block_manager.num_queried_tokens,
+            prefix_cache_hits=self.block_manager.num_hit_tokens,
             spec_num_drafts=self.spec_drafts, spec_num_draft_tokens=self.spec_draft_tokens,
             spec_num_accepted_tokens=self.spec_accepted, spec_accepted_per_pos=list(self.spec_accepted_per_pos))

@@ -34,6 +34,7 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # sent once, with the first output
     error: str | None = None  # set when an engine fault failed this request
     queue_time_s: float | None = None  # set on the first output: arrival -> first scheduled
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (usage.prompt_tokens_details)
 
 
 @dataclass
@@ -50,3 +51,5 @@ class EngineStats:
     spec_accepted_per_pos: list[int] = field(default_factory=list)
     dsa_tokens_read: int = 0  # latents the sparse attention read in decode
     dsa_tokens_cached: int = 0  # latents a dense attention would have read
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found (their prefill skipped)

@@ -35,6 +35,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
+    # Not a sampling knob, but it travels with the request to the engine: prefix-cache entries are shared only
+    # between requests with the same salt (vLLM's field; one salt per tenant keeps tenants apart).
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -54,6 +57,7 @@ class SamplingParams:
              f"must be in [0, {MAX_LOGPROBS}]"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
              f"must be in [0, {MAX_LOGPROBS}]"),
+            (self.cache_salt is None or self.cache_salt != "", "cache_salt", "must be a non-empty string"),
         ]
         for ok, name, why in checks:
             if not ok:

@@ -4,6 +4,11 @@ Each step: running sequences first (oldest first; a decode costs one token, an u
 chunk), then waiting sequences in arrival order while budget, sequence slots and cache blocks last. When a
 running sequence cannot get a block, the newest running sequence is preempted: its blocks are freed and it
 goes back to the front of the queue to recompute prompt + generated tokens later.
+
+With prefix caching, a sequence admitted from the queue first takes the longest cached prefix of its tokens
+(BlockManager.match) and computes only the rest, so a preempted sequence whose blocks are still cached resumes
+almost where it stopped. Blocks are offered to the cache once computed: at the start of the next step for
+running sequences, when freed for the others.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ class SchedulerOutput:
 
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # (src, dst) cache blocks to copy before the step runs: a prefix hit that ends inside a cached block.
+    copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -47,6 +54,8 @@ class Scheduler:
         out = SchedulerOutput()
         bm = self.block_manager
         budget = self.max_num_batched_tokens
+        for seq in self.running:  # what the last step computed becomes reusable
+            bm.cache_computed(seq)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -75,11 +84,16 @@ class Scheduler:
             seats = 1 + len(seq.group.forking)
             if len(self.running) + seats > self.max_num_seqs:
                 break
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not bm.can_allocate(seq, n):
+            hit = bm.match(seq)  # a waiting sequence holds no blocks: it starts on what the cache has
+            n = min(seq.num_tokens - hit.num_tokens, budget)
+            if not bm.can_admit(seq, hit, n):
                 break
             self.waiting.popleft()
-            bm.allocate(seq, n)
+            copy = bm.admit(seq, hit, n)
+            if copy is not None:
+                out.copies.append(copy)
+            if seq.index == 0 and seq.group.num_cached_tokens is None:
+                seq.group.num_cached_tokens = hit.num_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append((seq, n))

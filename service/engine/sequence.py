@@ -52,6 +52,12 @@ class Sequence:
         # distributions q ([V] each) for the rejection test.
         self.draft_token_ids: list[int] = []
         self.draft_probs: list[torch.Tensor | None] = []  # None: a greedy draft
+        # Prefix caching: hashes of the full blocks of known tokens (BlockManager.block_hashes), how many leading
+        # blocks of the table were offered to the cache, and positions whose MTP entries are valid (written by
+        # the MTP layer with the true next token).
+        self.block_hashes: list = []
+        self.num_cached_blocks = 0
+        self.num_mtp_tokens = 0
 
     @property
     def request_id(self) -> str:
@@ -106,6 +112,8 @@ class Sequence:
         self.clear_drafts()
         self.num_computed_tokens = 0
         self.block_table = []
+        self.num_cached_blocks = 0
+        self.num_mtp_tokens = 0
         self.status = SequenceStatus.WAITING
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
@@ -136,6 +144,8 @@ class SequenceGroup:
     # Prompt logprobs (params.prompt_logprobs): filled chunk by chunk during the first prefill, sent once.
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_reported: bool = False
+    # Prompt tokens served from the prefix cache when the request was first scheduled (usage.cached_tokens).
+    num_cached_tokens: int | None = None
 
     @property
     def is_finished(self) -> bool:

@@ -172,6 +172,9 @@ class MTPProposer:
             return
         fb = self._batch(seqs, positions, qlens, [s.num_computed_tokens for s in seqs], slots)
         z = self.model.mtp(torch.tensor(ids, device=dev), hidden[torch.tensor(rows, device=dev)], fb)
+        for (seq, start, _) in done:  # valid MTP entries now reach num_computed_tokens (prefix caching reads it)
+            if seq.num_mtp_tokens == start:
+                seq.num_mtp_tokens = seq.num_computed_tokens
         last = torch.tensor(qlens, device=dev).cumsum(0) - 1
         drafting = [(s, i) for i, s in enumerate(seqs)
                     if s.num_computed_tokens == s.num_tokens - 1 and self.draft_budget(s, max_model_len) > 0]
