@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import parallel
 from .batch import ForwardBatch
 from .config import ModelConfig
 from .indexer import Indexer
@@ -38,13 +39,13 @@ class MLAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.n_heads = cfg.num_attention_heads
+        self.n_heads = parallel.local_size(cfg.num_attention_heads, "num_attention_heads")  # this rank's heads
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_rank = cfg.kv_lora_rank
         self.scale = cfg.attention_scale
         self.interleave = cfg.rope_interleave
         bias = cfg.attention_bias
-        H, nh = cfg.hidden_size, self.n_heads
+        H, nh = cfg.hidden_size, cfg.num_attention_heads  # the projections take global sizes and shard themselves
         if cfg.q_lora_rank:
             self.q_a_proj = ReplicatedLinear(H, cfg.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)

@@ -1,7 +1,7 @@
 """Small building blocks: RMSNorm, rotary embedding, SwiGLU MLP and the linear wrappers.
 
-The linear wrappers name the dimension a tensor-parallel shard would split (nano-vllm / vLLM shape). With one
-rank they are plain `nn.Linear`; sharding can be added here without touching the network.
+The linear wrappers name the dimension a tensor-parallel rank splits (nano-vllm / vLLM shape; see model/parallel.py):
+built under a world size of N they hold 1/N of the weight. With one rank they are plain `nn.Linear`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fp8
+from . import fp8, parallel
 
 # CPU BLAS (MKL here) reads a weight far faster as the left operand of a GEMM with a few columns than through
 # its GEMV/skinny-GEMM path for x @ W^T: measured on a 2-core EPYC, 8192x256 fp32 cold, 1 row 1.04 ms as x @ W^T
@@ -106,17 +106,30 @@ class _Linear(nn.Linear):
 
 
 class ColumnParallelLinear(_Linear):
-    """Output features would be split across ranks (q/kv up-projections, gate/up)."""
+    """Output features split across ranks (q/kv up-projections by heads, gate/up): this rank's rows of W."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        super().__init__(in_features, out_features, bias=bias)
+        super().__init__(in_features, parallel.local_size(out_features, "output features"), bias=bias)
 
 
 class RowParallelLinear(_Linear):
-    """Input features would be split across ranks, outputs all-reduced (o_proj, down)."""
+    """Input features split across ranks (o_proj, down): partial sums, all-reduced here unless `reduce` is off
+    (the MoE sums its experts and shared expert first, then reduces once). A bias is added once, after."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        super().__init__(in_features, out_features, bias=bias)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, reduce: bool = True) -> None:
+        super().__init__(parallel.local_size(in_features, "input features"), out_features, bias=bias)
+        self.sharded = parallel.tp().world > 1
+        self.reduce = reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.sharded:
+            return linear(x, self.weight, self.bias)
+        y = linear(x, self.weight)
+        if self.reduce:
+            y = parallel.all_reduce(y)
+        elif parallel.tp().rank != 0:
+            return y  # the bias goes into the later sum once
+        return y + self.bias if self.bias is not None else y
 
 
 class ReplicatedLinear(_Linear):
@@ -141,13 +154,14 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate x) * up x). Dense layers and the shared expert."""
+    """SwiGLU: down(silu(gate x) * up x). Dense layers and the shared expert (whose sum the MoE reduces:
+    `reduce` off)."""
 
-    def __init__(self, hidden: int, inter: int) -> None:
+    def __init__(self, hidden: int, inter: int, reduce: bool = True) -> None:
         super().__init__()
         self.gate_proj = ColumnParallelLinear(hidden, inter)
         self.up_proj = ColumnParallelLinear(hidden, inter)
-        self.down_proj = RowParallelLinear(inter, hidden)
+        self.down_proj = RowParallelLinear(inter, hidden, reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -16,9 +16,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import fp8
+from . import fp8, parallel
 from .config import ModelConfig
 from .network import GlmMoeDsaForCausalLM
+from .parallel import VocabParallelEmbedding, vocab_parallel_head
 from .shard import ShardPlan, ShardSpec, spec_for, tensor_slices
 
 log = logging.getLogger("glm_serve.model")
@@ -81,6 +82,12 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     if cfg.num_mtp_layers and not any(k.startswith(mtp_prefix) for k in files):
         log.warning("%s has no MTP weights (%s*): speculative decoding is unavailable", path, mtp_prefix)
         cfg.num_nextn_predict_layers = 0
+    if shards is None and parallel.tp().world > 1:  # the network is built sharded: read this rank's slices
+        rank, world = parallel.tp().rank, parallel.tp().world
+
+        def shards(name: str) -> ShardSpec | None:
+            dim = parallel.shard_spec(name, cfg, rank, world)
+            return None if dim is None else ShardSpec(dim, rank, world)
     with torch.device("meta"):
         model = (build or GlmMoeDsaForCausalLM)(cfg)
     for depth in range(cfg.num_mtp_layers):
@@ -88,10 +95,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         prefix = f"model.layers.{L + depth}."
         if prefix + "embed_tokens.weight" in files:
             with torch.device("meta"):
-                layer.embed_tokens = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+                layer.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         if prefix + "shared_head.head.weight" in files:
             with torch.device("meta"):
-                layer.shared_head.head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+                layer.shared_head.head = vocab_parallel_head(cfg.hidden_size, cfg.vocab_size)
     for p in model.parameters():  # allocated in the serving dtype: no full-size fp32 copy on the way
         p.data = p.data.to(dtype)
 

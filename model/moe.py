@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import parallel
 from .config import ModelConfig
 from .fp8 import expert
 from .layers import MLP, linear
@@ -45,20 +46,34 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """All routed experts as two stacked tensors: gate|up [E, 2I, H] and down [E, H, I]."""
+    """This rank's routed experts (all of them at world size 1) as two stacked tensors: gate|up [E, 2I, H] and
+    down [E, H, I]; expert `first + e` of the model is row e."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.inter = I
+        self.first = parallel.shard_range(E, parallel.tp().rank, parallel.tp().world)[0]
+        E = parallel.local_size(E, "n_routed_experts")
+        self.expert_parallel = E < cfg.n_routed_experts
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The weighted sum of this rank's experts' outputs (the caller sums over ranks)."""
         N, k = ids.shape
         flat = ids.flatten()
+        E = self.gate_up_proj.shape[0]
+        mine = None  # expert parallel: the (token, choice) slots routed to this rank's experts
+        if self.expert_parallel:
+            mine = ((flat >= self.first) & (flat < self.first + E)).nonzero().squeeze(1)
+            flat = flat[mine] - self.first
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=E).tolist()
+        if mine is not None:
+            if not order.numel():
+                return torch.zeros_like(x)
+            order = mine[order]
         tokens = order // k
         xs = x[tokens]
         outs = []
@@ -80,7 +95,7 @@ class MoE(nn.Module):
         self.gate = Router(cfg)
         self.experts = Experts(cfg)
         shared = cfg.moe_intermediate_size * cfg.n_shared_experts
-        self.shared_experts = MLP(cfg.hidden_size, shared) if shared else None
+        self.shared_experts = MLP(cfg.hidden_size, shared, reduce=False) if shared else None
         self.last_load: torch.Tensor | None = None  # tokens per expert of the last forward (training balances it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,4 +105,4 @@ class MoE(nn.Module):
         out = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return out
+        return parallel.all_reduce(out)  # one sum over ranks for routed and shared experts alike

@@ -14,6 +14,7 @@ from .batch import ForwardBatch
 from .config import ModelConfig
 from .layers import MLP, PrepackedLinear, ReplicatedLinear, RMSNorm, Rotary, RotaryTable
 from .moe import MoE
+from .parallel import VocabParallelEmbedding, gather_last, vocab_parallel_head
 
 
 class DecoderLayer(nn.Module):
@@ -64,7 +65,7 @@ class MTPLayer(DecoderLayer):
 class GlmModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         L = cfg.num_hidden_layers
         self.layers = nn.ModuleList(
             [DecoderLayer(cfg, i) for i in range(L)] + [MTPLayer(cfg, L + i) for i in range(cfg.num_mtp_layers)]
@@ -77,7 +78,7 @@ class GlmMoeDsaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = GlmModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = vocab_parallel_head(cfg.hidden_size, cfg.vocab_size)  # this rank's rows of the vocabulary
         self.rotary = Rotary(cfg.qk_rope_head_dim, cfg.rope_theta)
         self._head = PrepackedLinear()  # the LM head's product at CPU inference
         self._mtp_head = PrepackedLinear()  # only for an MTP head a checkpoint stores apart from lm_head
@@ -96,7 +97,7 @@ class GlmMoeDsaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._head(hidden, self.lm_head.weight).float()
+        return gather_last(self._head(hidden, self.lm_head.weight).float(), self.config.vocab_size)
 
     def mtp(self, next_ids: torch.Tensor, hidden: torch.Tensor, fb: ForwardBatch, depth: int = 0) -> torch.Tensor:
         """One MTP step. next_ids [N]: the token after each position; hidden [N, H]: the main model's normed
@@ -109,4 +110,5 @@ class GlmMoeDsaForCausalLM(nn.Module):
     def mtp_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
         layer = self.model.layers[self.config.num_hidden_layers + depth % self.config.num_mtp_layers]
         head = getattr(layer.shared_head, "head", self.lm_head)
-        return (self._head if head is self.lm_head else self._mtp_head)(hidden, head.weight, head.bias).float()
+        logits = (self._head if head is self.lm_head else self._mtp_head)(hidden, head.weight, head.bias).float()
+        return gather_last(logits, self.config.vocab_size)

@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         log.error("%s", e)
         return 1
+    if settings.node_rank > 0:  # a headless node of a multi-node tensor-parallel replica
+        from service.engine.parallel_executor import run_node
+
+        log.info("headless node %d of %d", settings.node_rank, settings.nnodes)
+        return run_node(settings.engine_config(model_dir))
     model_name = settings.model_name(model_dir)
     log.info("loading model", extra={"fields": {"model_dir": str(model_dir), "served_model_name": model_name}})
     try:

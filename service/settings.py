@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.engine.config import EngineConfig
@@ -63,6 +63,18 @@ class Settings(BaseSettings):
                                                    "never waits for the HTTP event loop's GIL (off: a thread)")
     torch_threads: int | None = Field(_ENGINE["torch_threads"], ge=1, description="CPU threads for the model "
                                       "(default: all cores but one, which the HTTP event loop keeps)")
+    tensor_parallel_size: int = Field(_ENGINE["tensor_parallel_size"], ge=1, description="tensor + expert parallel "
+                                      "ranks (vLLM's -tp): rank 0 runs the engine, the other ranks of each node "
+                                      "are spawned by it")
+    nnodes: int = Field(_ENGINE["nnodes"], ge=1, description="nodes the tensor-parallel ranks span (each runs "
+                        "tp / nnodes)")
+    node_rank: int = Field(_ENGINE["node_rank"], ge=0, description="this node: 0 serves HTTP and runs rank 0; "
+                           "others are headless workers")
+    master_addr: str | None = Field(_ENGINE["master_addr"], description="node 0's address for the "
+                                    "torch.distributed rendezvous (default: $MASTER_ADDR, else 127.0.0.1 on one "
+                                    "node)")
+    master_port: int | None = Field(_ENGINE["master_port"], ge=1, le=65535, description="its port (default: "
+                                    "$MASTER_PORT, else a free port on one node)")
     max_queue_size: int = Field(256, ge=1, description="requests waiting for their first token before new "
                                                        "ones get 503")
     retry_after: int = Field(1, ge=0, description="seconds in the Retry-After header of a 503")
@@ -88,6 +100,15 @@ class Settings(BaseSettings):
         if isinstance(v, list | tuple):  # every item may itself be a comma list (env and flags alike)
             return [p.strip() for item in v for p in str(item).split(",") if p.strip()]
         return v
+
+    @model_validator(mode="after")
+    def _nodes(self) -> Settings:
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"--tensor-parallel-size ({self.tensor_parallel_size}) must be a multiple of --nnodes "
+                             f"({self.nnodes})")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"--node-rank ({self.node_rank}) must be below --nnodes ({self.nnodes})")
+        return self
 
     @field_validator("log_level", "log_format", "device", "dtype", "quantization", "prefix_caching_hash_algo",
                      mode="before")
@@ -129,6 +150,9 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+SHORT_FLAGS = {"tensor_parallel_size": "-tp"}  # vLLM's spellings
+
+
 def build_parser() -> argparse.ArgumentParser:
     """argparse flags generated from Settings; values stay strings/None so pydantic does all validation."""
     parser = argparse.ArgumentParser(
@@ -149,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
             choices = _literal_choices(annotation)
             # choices are checked by pydantic (case-insensitively), argparse only shows them
             metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
-            parser.add_argument(_flag(name), dest=name, default=None, metavar=metavar, help=helptext)
+            flags = [_flag(name)] + ([SHORT_FLAGS[name]] if name in SHORT_FLAGS else [])
+            parser.add_argument(*flags, dest=name, default=None, metavar=metavar, help=helptext)
     return parser
 
 

@@ -25,3 +25,10 @@ class EngineConfig:
     # CPU only: torch intra-op threads (process-wide). None leaves torch's default. On a small CPU, threads that
     # spin-wait for the event loop's core cost more than they compute (measured in bench/http_overhead.py).
     torch_threads: int | None = None
+    # Tensor + expert parallel ranks (TP = EP, DP = 1); rank 0 runs the engine, the others follow its plan. Over
+    # several nodes each runs tensor_parallel_size / nnodes ranks; node 0 holds rank 0 and the rendezvous.
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None  # None: $MASTER_ADDR, else this host (one node)
+    master_port: int | None = None  # None: $MASTER_PORT, else a free port (one node)

@@ -75,6 +75,7 @@ class LLMEngine:
         self.requests: dict[str, SequenceGroup] = {}
         self.eos_token_ids = set(cfg.eos_token_id) | set(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.fault_injector: Callable[[SchedulerOutput], None] | None = None  # tests: raise inside a step
+        self.executor = None  # tensor parallelism: relays model calls to the other ranks (from_config sets it)
         self.dsa_tokens_read = 0
         self.dsa_tokens_cached = 0
         log.info("engine: %s %s, %d cache blocks x %d tokens, max_model_len %d", device, dtype, num_blocks,
@@ -84,8 +85,42 @@ class LLMEngine:
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         """Load the checkpoint (and its tokenizer, when it has a tokenizer.json) named by `config.model`."""
         device, dtype = resolve_device_dtype(config)
-        model = load_model(config.model, dtype, device, quantization=config.quantization)
-        return cls(model, config, Tokenizer.from_checkpoint(config.model))
+        executor = None
+        if config.tensor_parallel_size > 1:  # join the other ranks first: the model is built sharded
+            from .parallel_executor import ParallelExecutor
+
+            executor = ParallelExecutor.start(config)
+        try:
+            model = load_model(config.model, dtype, device, quantization=config.quantization)
+            engine = cls(model, config, Tokenizer.from_checkpoint(config.model))
+            if executor is not None:
+                executor.attach(engine)
+                engine.executor = executor
+        except BaseException:
+            if executor is not None:
+                executor.shutdown()
+            raise
+        return engine
+
+    @property
+    def idle_interval(self) -> float | None:
+        """How long an idle loop may wait before calling `heartbeat` (None: forever)."""
+        if self.executor is None:
+            return None
+        from .parallel_executor import HEARTBEAT_S
+
+        return HEARTBEAT_S / 2
+
+    def heartbeat(self) -> None:
+        """Called by the loop while idle (no-op without tensor parallelism: see parallel_executor)."""
+        if self.executor is not None:
+            self.executor.heartbeat()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any."""
+        if self.executor is not None:
+            self.executor.shutdown()
+            self.executor = None
 
     # -- requests ------------------------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -144,6 +179,8 @@ class LLMEngine:
                 self.runner.copy_blocks(sched.copies)  # partly reused cached blocks, before anything writes
                 self._postprocess(sched, self.runner.execute(sched.scheduled))
         except Exception as e:  # fail this step's requests, keep serving the rest
+            if self.executor is not None:
+                raise  # tensor parallel: the ranks may be out of step now; the loop dies and says so
             log.exception("engine step failed")
             # The step's requests; all of them when scheduling itself broke (its state is then unknown).
             failed = {s.group: None for s, _ in sched.scheduled} or dict.fromkeys(self.requests.values())

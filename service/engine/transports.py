@@ -81,7 +81,8 @@ class ThreadTransport:
     def _take(self, block: bool) -> list[Command] | None:
         with self._cv:
             while block and not (self._stop or self._inbox):
-                self._cv.wait()
+                if not self._cv.wait(self.local_engine.idle_interval):
+                    self.local_engine.heartbeat()  # tensor parallel: the other ranks wait for the next plan
             if self._stop:
                 return None
             inbox, self._inbox = self._inbox, []
@@ -94,6 +95,8 @@ class ThreadTransport:
         except BaseException as e:
             log.exception("engine loop died")
             die(f"{type(e).__name__}: {e}")
+        finally:
+            self.local_engine.close()  # tensor parallel: stop the other ranks
 
 
 def run_core(config: EngineConfig, commands: Connection, results: Connection, log_level: int) -> None:
@@ -110,7 +113,8 @@ def run_core(config: EngineConfig, commands: Connection, results: Connection, lo
 
     def take(block: bool) -> list[Command] | None:
         if block:
-            commands.poll(None)
+            while not commands.poll(engine.idle_interval):
+                engine.heartbeat()  # tensor parallel: the other ranks wait for the next plan
         taken = []
         while commands.poll():
             command = commands.recv()
@@ -126,6 +130,8 @@ def run_core(config: EngineConfig, commands: Connection, results: Connection, lo
     except BaseException as e:
         log.exception("engine loop died")
         results.send(("dead", f"{type(e).__name__}: {e}"))
+    finally:
+        engine.close()  # tensor parallel: stop the other ranks
 
 
 class ProcessTransport:
