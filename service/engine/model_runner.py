@@ -161,7 +161,8 @@ class ModelRunner:
             k = group.params.prompt_logprobs or 0
             lps = compute_logprobs(logits[torch.tensor(idx, device=logits.device)], token_ids, k)
             result.prompt_logprobs.append((group, first, lps))
-        if targets and all(s.params.argmax_only and s.params.logprobs is None for s, _ in targets):
+        if targets and all(s.params.argmax_only and s.params.logprobs is None and s.grammar is None
+                           for s, _ in targets):
             # The common greedy batch: one argmax, no per-row sampling tensors.
             best = logits[torch.tensor([r for _, r in targets], device=logits.device)].argmax(dim=-1).tolist()
             result.samples = [(s, [t], [None]) for (s, _), t in zip(targets, best, strict=True)]
@@ -170,11 +171,25 @@ class ModelRunner:
             state = SamplingState.build(
                 [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
                 [s.generator for s in seqs], self.device)
+            state.bitmask = self._grammar_bitmask(seqs, logits.shape[-1])
             out = self.sampler.sample(logits[torch.tensor([r for _, r in targets], device=logits.device)], state)
             result.samples = [(s, [t], [lp]) for s, t, lp in zip(seqs, out.token_ids, out.logprobs, strict=True)]
         if verifying:
             self._verify(verifying, logits, result)
         return result
+
+    @staticmethod
+    def _grammar_bitmask(seqs: list[Sequence], vocab_size: int) -> tuple[torch.Tensor, list[int]] | None:
+        """The allowed-token bitmask of every grammar-constrained row, from each row's matcher."""
+        rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if not rows:
+            return None
+        from .structured import allocate_bitmask
+
+        bitmask = allocate_bitmask(len(seqs), vocab_size)
+        for i in rows:
+            seqs[i].grammar.fill(bitmask, i)
+        return bitmask, rows
 
     def _verify(self, verifying: list[tuple[Sequence, int]], logits: torch.Tensor, result: StepResult) -> None:
         """Rejection-sample each sequence's drafts against the target distributions at its K+1 positions."""

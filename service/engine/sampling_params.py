@@ -26,6 +26,12 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI: -100..100)
+    allowed_token_ids: list[int] | None = None  # vLLM: sample only among these
+    bad_words_token_ids: list[list[int]] | None = None  # vLLM's bad_words, tokenized by the caller
+    # A grammar (an xgrammar structural tag, JSON) the output must follow: structured outputs and forced tool
+    # calls. Compiled by the engine off its loop; the request waits for it before its first step.
+    structured: str | None = None
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -45,6 +51,12 @@ class SamplingParams:
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
              f"must be in [0, {MAX_LOGPROBS}]"),
         ]
+        if self.logit_bias is not None:
+            checks.append((all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()), "logit_bias",
+                           "values must be in [-100, 100]"))
+        checks.append((self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids",
+                       "must not be empty"))
+        checks.append((all(self.bad_words_token_ids or []), "bad_words", "must not hold empty words"))
         for ok, name, why in checks:
             if not ok:
                 raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
@@ -54,7 +66,11 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def has_logits_edits(self) -> bool:
+        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words_token_ids)
+
+    @property
     def argmax_only(self) -> bool:
-        """Greedy with no penalties: the token is the argmax of the raw logits (the engine's fast path)."""
+        """Greedy with no penalties or edits: the token is the argmax of the raw logits (the engine's fast path)."""
         return self.greedy and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0 and \
-            self.repetition_penalty == 1.0
+            self.repetition_penalty == 1.0 and not self.has_logits_edits and self.structured is None

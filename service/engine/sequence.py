@@ -55,6 +55,9 @@ class Sequence:
         # distributions q ([V] each) for the rejection test.
         self.draft_token_ids: list[int] = []
         self.draft_probs: list[torch.Tensor | None] = []  # None: a greedy draft
+        # Structured output: this choice's grammar matcher (service.engine.structured.SequenceGrammar), set once
+        # the request's grammar has compiled; None for unconstrained requests.
+        self.grammar: Any = None
 
     @property
     def request_id(self) -> str:
