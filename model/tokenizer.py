@@ -320,6 +320,10 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(self._templates)
 
+    def chat_template_text(self) -> str:
+        """The source of every chat template (the server reads which markup they write)."""
+        return "\n".join(t.text for t in self._templates.values())
+
     def apply_chat_template(self, messages: Sequence[Any], add_generation_prompt: bool = True,
                             tools: list[Any] | None = None, **kwargs: Any) -> str:
         if not self._templates:
