@@ -85,6 +85,9 @@ CASES = [
     # a string value holding markup-like text and JSON specials
     ('<tool_call>search<arg_key>query</arg_key><arg_value>a "quoted" <b>tag</b>\n\\path</arg_value></tool_call>',
      None, [("search", {"query": 'a "quoted" <b>tag</b>\n\\path'})]),
+    # whitespace around a value is layout (GLM-4.5 style, and what the grammar allows); inside it is kept
+    ("<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>\n  New York \n</arg_value>\n<arg_key>days"
+     "</arg_key><arg_value> 2\n</arg_value></tool_call>", None, [("get_weather", {"city": "New York", "days": 2})]),
     # no call at all: content unchanged, trailing whitespace included
     ("Just text with a < sign and <tool and </tool_call without a call.\n", "Just text with a < sign and <tool "
      "and </tool_call without a call.\n", []),

@@ -139,6 +139,8 @@ class GlmToolParser:
         self.key = ""
         self.num_args = 0
         self.value_is_string = False
+        self.value_started = False  # a string value has emitted a character (leading whitespace is skipped)
+        self.value_ws = ""  # whitespace at the current end of a string value, emitted only if text follows
 
     def feed(self, text: str) -> ToolParse:
         self.buf += text
@@ -225,8 +227,7 @@ class GlmToolParser:
         if i < 0:
             if self.value_is_string:
                 keep = 0 if final else _held_prefix(buf, (VALUE_CLOSE,))
-                if keep < len(buf):
-                    out.calls.append(ToolCallDelta(self.num_calls - 1, arguments=_escape(buf[: len(buf) - keep])))
+                self._string_piece(out, buf[: len(buf) - keep])
                 self.buf = buf[len(buf) - keep:]
             return False  # a typed value waits whole in `buf` for its closing tag
         self._end_value(out, buf[:i])
@@ -258,18 +259,33 @@ class GlmToolParser:
     def _start_value(self, out: ToolParse) -> None:
         schema = self.properties.get(self.name, {}).get(self.key)
         self.value_is_string = schema is not None and admitted_types(schema) == {"string"}
+        self.value_started, self.value_ws = False, ""
         head = ("{" if self.num_args == 0 else ", ") + json.dumps(self.key, ensure_ascii=False) + ": "
         out.calls.append(ToolCallDelta(self.num_calls - 1, arguments=head + ('"' if self.value_is_string else "")))
         self.num_args += 1
 
     def _end_value(self, out: ToolParse, tail: str) -> None:
         if self.value_is_string:
-            text = _escape(tail) + '"'
+            self._string_piece(out, tail)
+            text = '"'
         else:
             schema = self.properties.get(self.name, {}).get(self.key)
             types = admitted_types(schema) if schema is not None else _JSON_TYPES
             text = json.dumps(convert_value(tail, types), ensure_ascii=False)
         out.calls.append(ToolCallDelta(self.num_calls - 1, arguments=text))
+
+
+    def _string_piece(self, out: ToolParse, text: str) -> None:
+        """Stream part of a string value. Whitespace around a value is layout (the grammar allows it there, as
+        XML does), so leading whitespace is skipped and trailing whitespace waits to see if text follows."""
+        if not self.value_started:
+            text = text.lstrip()
+        body = text.rstrip()
+        if not body:
+            self.value_ws += text
+            return
+        out.calls.append(ToolCallDelta(self.num_calls - 1, arguments=_escape(self.value_ws + body)))
+        self.value_started, self.value_ws = True, text[len(body):]
 
 
 def _escape(text: str) -> str:
