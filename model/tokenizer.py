@@ -231,6 +231,11 @@ class Tokenizer:
         self._kept_specials = {i: t.content for i, t in added.items() if t.special and t.content in MARKUP_TOKENS}
 
     @classmethod
+    def from_checkpoint(cls, path: str | Path) -> Tokenizer | None:
+        """The checkpoint's tokenizer, or None when it ships none (then it serves token ids only)."""
+        return cls.from_dir(path) if (Path(path) / "tokenizer.json").is_file() else None
+
+    @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
         root = Path(path)
         tok_file = root / "tokenizer.json"
@@ -308,6 +313,14 @@ class Tokenizer:
         if '"ByteFallback"' in decoder:
             return "byte_fallback"
         return "raw"
+
+    def max_token_chars(self) -> int | None:
+        """Most characters one token can stand for, when that is known: for a byte-level BPE without a normalizer
+        every byte of a text lands in exactly one token, so a text of L characters has at least L / this tokens."""
+        if self._tok.normalizer is not None or type(self._tok.decoder).__name__ != "ByteLevel":
+            return None
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        return max(map(len, vocab)) if vocab else None
 
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 import uvicorn
 
 from service.api.app import build_app
+from service.engine.client import Engine
 from service.logging_setup import configure_logging
 from service.server import DrainingServer
 from service.settings import Settings, SettingsError, parse_settings
@@ -21,7 +21,7 @@ from service.settings import Settings, SettingsError, parse_settings
 log = logging.getLogger("service")
 
 
-def serve(settings: Settings, engine: Any, model_dir: Path, model_name: str) -> int:
+def serve(settings: Settings, engine: Engine, model_dir: Path, model_name: str) -> int:
     """Run the HTTP server around an already-built engine until drained. Returns the exit code."""
     app = build_app(settings, engine, model_dir, model_name)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
@@ -47,11 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("loading model", extra={"fields": {"model_dir": str(model_dir), "served_model_name": model_name}})
     try:
         # heavy imports (torch); only once settings are valid
-        from service.engine.async_engine import AsyncEngine
-        from service.engine.engine_process import ProcessAsyncEngine
+        from service.engine.client import EngineClient
 
-        engine_cls = ProcessAsyncEngine if settings.engine_process else AsyncEngine
-        engine = engine_cls.from_config(settings.engine_config(model_dir))
+        config = settings.engine_config(model_dir)
+        engine = EngineClient.in_process(config) if settings.engine_process else EngineClient.in_thread(config)
     except (OSError, ValueError) as e:  # missing files, unreadable or unsupported checkpoints
         log.error("cannot load %s: %s", model_dir, e)
         return 1

@@ -138,27 +138,26 @@ class ServiceMetrics:
     def http_request(self, method: str, route: str, status: int) -> None:
         self.http_requests.labels(self.model_name, method, route, str(status)).inc()
 
-    def recorder(self) -> RequestRecorder:
-        return RequestRecorder(self)
+    def recorder(self, num_prompt_tokens: int) -> RequestRecorder:
+        return RequestRecorder(self, num_prompt_tokens)
 
 
 class RequestRecorder:
     """Timing and token counts of one engine request, fed each RequestOutput as it arrives."""
 
-    def __init__(self, metrics: ServiceMetrics) -> None:
+    def __init__(self, metrics: ServiceMetrics, num_prompt_tokens: int) -> None:
         self._m = metrics
         self.arrival = time.monotonic()
         self.first: float | None = None
         self.last: float | None = None
         self.num_generated = 0
-        self.num_prompt = 0
+        self.num_prompt = num_prompt_tokens
         self.done = False
 
     def on_output(self, out: RequestOutput) -> None:
         m, name, now = self._m, self._m.model_name, time.monotonic()
         if self.first is None:
             self.first = now
-            self.num_prompt = len(out.prompt_token_ids)
             m.prompt_tokens.labels(name).inc(self.num_prompt)
             m.ttft.labels(name).observe(now - self.arrival)
             if out.queue_time_s is not None:

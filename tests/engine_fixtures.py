@@ -141,7 +141,7 @@ async def until(cond, timeout: float = 10.0) -> None:
 
 
 async def collect(engine, rid: str, prompt: list[int], params) -> list:
-    """Every output of one request streamed by an AsyncEngine-like `engine`."""
+    """Every output of one request streamed by an EngineClient-like `engine`."""
     return [out async for out in engine.generate(rid, prompt, params)]
 
 

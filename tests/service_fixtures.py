@@ -1,6 +1,6 @@
 """Test helpers for the service: a tiny tokenizer, a fake engine, in-thread and subprocess servers.
 
-`FakeAsyncEngine` honours the AsyncEngine interface (generate/abort/stats/start/shutdown, tokenizer,
+`FakeAsyncEngine` honours the Engine interface (generate/abort/stats/start/shutdown, tokenizer,
 model_config, max_model_len, engine_config, is_alive/dead_reason) with a deterministic toy "model" and a
 block-counting cache, so API behaviour (streaming, n, logprobs, stop, aborts, cache release, overload,
 engine death) is tested fast and exactly. The end-to-end tests run the real engine on a tiny transformers
@@ -131,7 +131,7 @@ class _Req:
 
 
 class FakeAsyncEngine:
-    """A deterministic toy model behind the AsyncEngine interface, one step every `step_s` seconds."""
+    """A deterministic toy model behind the Engine interface, one step every `step_s` seconds."""
 
     def __init__(self, model_dir: Path, max_model_len: int = 256, max_num_seqs: int = 8, num_blocks: int = 256,
                  block_size: int = 16, step_s: float = 0.002) -> None:
@@ -172,7 +172,7 @@ class FakeAsyncEngine:
         for req in list(self.requests.values()):
             outs = [CompletionOutput(c.index, "", [], finish_reason="error")
                     for c in req.choices if not c.finish_reason]
-            req.queue.put_nowait(RequestOutput(req.request_id, req.prompt, outs, True, self._generated(req),
+            req.queue.put_nowait(RequestOutput(req.request_id, outs, True, self._generated(req),
                                                error=reason))
             self._free(req)
 
@@ -183,7 +183,8 @@ class FakeAsyncEngine:
     def num_unfinished(self) -> int:
         return len(self.requests)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+        """Checks the request now (as the engine client does), queues it when iteration starts."""
         if not prompt_token_ids:
             raise ValueError("prompt must not be empty")
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
@@ -192,6 +193,9 @@ class FakeAsyncEngine:
             raise ValueError(f"duplicate request id {request_id}")
         if not self.is_alive:
             raise RuntimeError(f"engine is dead: {self.dead_reason}")
+        return self._generate(request_id, prompt_token_ids, params)
+
+    async def _generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
         choices = [_Choice(i, rng=random.Random(f"{params.seed}-{i}") if params.seed is not None else random.Random())
                    for i in range(params.n)]
         req = _Req(request_id, list(prompt_token_ids), params, asyncio.Queue(), time.monotonic(), choices)
@@ -221,7 +225,7 @@ class FakeAsyncEngine:
         if notify:  # the consumer is still listening: end its stream with finish_reason "abort"
             outs = [CompletionOutput(c.index, "", [], finish_reason="abort")
                     for c in req.choices if not c.finish_reason]
-            req.queue.put_nowait(RequestOutput(request_id, req.prompt, outs, True, self._generated(req)))
+            req.queue.put_nowait(RequestOutput(request_id, outs, True, self._generated(req)))
         self._free(req)
 
     def _free(self, req: _Req) -> None:
@@ -304,7 +308,7 @@ class FakeAsyncEngine:
         need = self._blocks_for(req)
         self.used_blocks += need - req.blocks
         req.blocks = need
-        out = RequestOutput(req.request_id, req.prompt, outs, req.finished, self._generated(req),
+        out = RequestOutput(req.request_id, outs, req.finished, self._generated(req),
                             queue_time_s=(req.scheduled_at - req.arrival) if first and req.scheduled_at else None)
         if first and p.prompt_logprobs is not None:
             out.prompt_logprobs = [None] + [TokenLogprob(t, -1.5, [(t, -1.5)][:p.prompt_logprobs])

@@ -1,4 +1,4 @@
-"""The service's interface: AsyncEngine.generate / abort / cancellation, faults, a dead loop, an idle loop."""
+"""The service's interface: EngineClient.generate / abort / cancellation, faults, a dead loop, an idle loop."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from service.engine.async_engine import AsyncEngine, EngineDeadError
+from service.engine.client import EngineClient, EngineDeadError
 from service.engine.config import EngineConfig
 from tests.engine_fixtures import (  # noqa: F401
     collect,
@@ -22,12 +22,12 @@ from tests.engine_fixtures import (  # noqa: F401
 PROMPTS = prompts(8, [5, 17, 9, 30], seed=4)
 
 
-def new_engine(path) -> AsyncEngine:
-    """An AsyncEngine whose `finished` maps request id -> finish reasons, as the loop saw them (delivered or not)."""
-    engine = AsyncEngine.from_config(EngineConfig(model=path, device="cpu", dtype="float32", kv_cache_tokens=4096,
+def new_engine(path) -> EngineClient:
+    """An in-thread EngineClient whose `finished` maps request id -> finish reasons, as the loop saw them."""
+    engine = EngineClient.in_thread(EngineConfig(model=path, device="cpu", dtype="float32", kv_cache_tokens=4096,
                                                   block_size=4))
     engine.finished = {}
-    step = engine.engine.step
+    step = engine.local_engine.step
 
     def recording_step() -> list:
         outs = step()
@@ -36,11 +36,11 @@ def new_engine(path) -> AsyncEngine:
                 engine.finished[o.request_id] = [c.finish_reason for c in o.outputs]
         return outs
 
-    engine.engine.step = recording_step
+    engine.local_engine.step = recording_step
     return engine
 
 
-def idle_and_empty(engine: AsyncEngine) -> bool:
+def idle_and_empty(engine: EngineClient) -> bool:
     s = engine.stats()
     return engine.num_unfinished() == 0 and s.num_running == 0 and s.num_waiting == 0 and s.kv_cache_usage == 0
 
@@ -94,7 +94,7 @@ def test_leaving_the_stream_aborts_and_frees(engine_ckpt) -> None:
         assert outs[-1].outputs[-1].finish_reason == "length" and outs[-1].num_generated_tokens == 30
         await until(lambda: idle_and_empty(engine))
         assert engine.finished["broke"] == ["abort"] and engine.finished["cancelled"] == ["abort"]
-        assert engine.engine.block_manager.num_free_blocks == engine.engine.block_manager.num_blocks
+        assert engine.local_engine.block_manager.num_free_blocks == engine.local_engine.block_manager.num_blocks
         await engine.shutdown()
 
     asyncio.run(main())
@@ -169,7 +169,7 @@ def test_a_dead_loop_says_so(engine_ckpt) -> None:
         def broken() -> list:
             raise MemoryError("cannot continue")
 
-        engine.engine.step = broken  # an error outside the step's own handling kills the loop
+        engine.local_engine.step = broken  # an error outside the step's own handling kills the loop
         await engine.start()
         outs = await collect(engine, "x", PROMPTS[0], greedy(5))
         assert outs[-1].finished and "cannot continue" in outs[-1].error
@@ -186,8 +186,8 @@ def test_the_loop_sleeps_when_idle(engine_ckpt) -> None:
     async def main() -> None:
         engine = new_engine(engine_ckpt)
         steps = []
-        step = engine.engine.step
-        engine.engine.step = lambda: steps.append(1) or step()
+        step = engine.local_engine.step
+        engine.local_engine.step = lambda: steps.append(1) or step()
         await engine.start()
         await collect(engine, "x", PROMPTS[0], greedy(5))
         await until(lambda: idle_and_empty(engine))
@@ -197,6 +197,6 @@ def test_the_loop_sleeps_when_idle(engine_ckpt) -> None:
         outs = await collect(engine, "y", PROMPTS[1], greedy(3))  # and it wakes up for new work
         assert outs[-1].num_generated_tokens == 3
         await engine.shutdown()
-        assert engine._thread is None
+        assert engine.transport._thread is None
 
     asyncio.run(main())

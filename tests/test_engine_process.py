@@ -10,9 +10,8 @@ import signal
 
 import pytest
 
-from service.engine.async_engine import EngineDeadError
+from service.engine.client import EngineClient, EngineDeadError
 from service.engine.config import EngineConfig
-from service.engine.engine_process import ProcessAsyncEngine
 from tests.engine_fixtures import (  # noqa: F401
     collect,
     engine_ckpt_fixture,
@@ -39,7 +38,7 @@ def test_streams_equal_the_sync_engine_and_abort_frees(engine_ckpt) -> None:
     expected = run_engine(sync)
 
     async def main() -> None:
-        engine = ProcessAsyncEngine.from_config(config(engine_ckpt))
+        engine = EngineClient.in_process(config(engine_ckpt))
         assert engine.pid != os.getpid() and engine.tokenizer is not None
         assert engine.max_model_len == 256 and engine.model_config.vocab_size == 320
         await engine.start()
@@ -60,7 +59,7 @@ def test_streams_equal_the_sync_engine_and_abort_frees(engine_ckpt) -> None:
             engine.generate("big", PROMPTS[0], greedy(1000))
         pid = engine.pid
         await engine.shutdown()
-        assert not engine._proc.is_alive()
+        assert not engine.transport._proc.is_alive()
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
 
@@ -69,7 +68,7 @@ def test_streams_equal_the_sync_engine_and_abort_frees(engine_ckpt) -> None:
 
 def test_a_killed_engine_process_fails_streams_and_refuses_new_requests(engine_ckpt) -> None:
     async def main() -> None:
-        engine = ProcessAsyncEngine.from_config(config(engine_ckpt))
+        engine = EngineClient.in_process(config(engine_ckpt))
         await engine.start()
         gen = engine.generate("r", PROMPTS[1], greedy(200))
         await anext(gen)
@@ -95,11 +94,11 @@ def test_load_errors_reach_the_front_end(engine_ckpt, tmp_path) -> None:
     cfg["hidden_size"] += 1  # the weights no longer fit the config
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError):
-        ProcessAsyncEngine.from_config(config(bad))
+        EngineClient.in_process(config(bad))
 
 
 def test_fault_injection_needs_the_in_process_engine(engine_ckpt) -> None:
-    engine = ProcessAsyncEngine.from_config(config(engine_ckpt))
+    engine = EngineClient.in_process(config(engine_ckpt))
     try:
         assert engine.fault_injector is None
         with pytest.raises(NotImplementedError):
@@ -110,7 +109,7 @@ def test_fault_injection_needs_the_in_process_engine(engine_ckpt) -> None:
 
 def test_the_engine_process_exits_when_the_server_goes(engine_ckpt) -> None:
     """A server killed outright closes its end of the command pipe: the engine process must not linger."""
-    engine = ProcessAsyncEngine.from_config(config(engine_ckpt))
-    engine._commands.close()  # what the kernel does to a dead server's pipe ends
-    engine._proc.join(20)
-    assert not engine._proc.is_alive() and engine._proc.exitcode == 0
+    engine = EngineClient.in_process(config(engine_ckpt))
+    engine.transport._commands.close()  # what the kernel does to a dead server's pipe ends
+    engine.transport._proc.join(20)
+    assert not engine.transport._proc.is_alive() and engine.transport._proc.exitcode == 0

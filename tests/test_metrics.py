@@ -158,10 +158,10 @@ def test_broken_stats_do_not_break_the_scrape():
 
 def test_recorder_ttft_itl_tpot():
     m = ServiceMetrics("m", 64)
-    rec = m.recorder()
-    outs = [RequestOutput("r", [1, 2, 3], [CompletionOutput(0, "a", [5])], False, 1, queue_time_s=0.5),
-            RequestOutput("r", [1, 2, 3], [CompletionOutput(0, "b", [6, 7])], False, 3),
-            RequestOutput("r", [1, 2, 3], [CompletionOutput(0, "", [8], finish_reason="length")], True, 4)]
+    rec = m.recorder(3)
+    outs = [RequestOutput("r", [CompletionOutput(0, "a", [5])], False, 1, queue_time_s=0.5),
+            RequestOutput("r", [CompletionOutput(0, "b", [6, 7])], False, 3),
+            RequestOutput("r", [CompletionOutput(0, "", [8], finish_reason="length")], True, 4)]
     for o in outs:
         rec.on_output(o)
     rec.finish(["length"])

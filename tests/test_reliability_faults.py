@@ -102,13 +102,13 @@ def test_dead_engine_loop_fails_in_flight_and_health_turns_503():
     engine = real_engine(shared_tiny_checkpoint(), **ENGINE)
     with ServerThread(engine, shared_tiny_checkpoint()) as s:
         steps = [0]
-        step = engine.engine.step
+        step = engine.local_engine.step
 
         def counting_step():
             steps[0] += 1
             return step()
 
-        engine.engine.step = counting_step
+        engine.local_engine.step = counting_step
         plain = ("/v1/completions", {"prompt": "non-streaming", "max_tokens": 200, "ignore_eos": True})
         results: list = []
         runner = threading.Thread(target=lambda: results.extend(asyncio.run(_streams(s.base_url, 6, 200, [plain]))))
@@ -120,7 +120,7 @@ def test_dead_engine_loop_fails_in_flight_and_health_turns_503():
         def broken():
             raise MemoryError("simulated unrecoverable engine failure")
 
-        engine.engine.step = broken  # outside the step's own error handling: the loop dies
+        engine.local_engine.step = broken  # outside the step's own error handling: the loop dies
         runner.join(120)
         assert len(results) == 7
         mid_stream = 0

@@ -189,8 +189,8 @@ class _FailingEngine(FakeAsyncEngine):
         if params.max_tokens == 7:
             raise RuntimeError("boom in /opt/secret/engine/step.py line 12")
         if params.max_tokens == 8:
-            yield RequestOutput(request_id, prompt_token_ids, [CompletionOutput(0, "a", [5])], False)
-            yield RequestOutput(request_id, prompt_token_ids, [CompletionOutput(0, "", [], finish_reason="error")],
+            yield RequestOutput(request_id, [CompletionOutput(0, "a", [5])], False)
+            yield RequestOutput(request_id, [CompletionOutput(0, "", [], finish_reason="error")],
                                 True, error="RuntimeError: CUDA error at /opt/secret/aten/kernel.cu:42\nmore detail")
             return
         async for out in super().generate(request_id, prompt_token_ids, params):

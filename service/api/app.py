@@ -6,7 +6,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -17,13 +16,14 @@ from service.api.context import ServingContext
 from service.api.errors import install_error_handlers
 from service.api.openapi import install_openapi
 from service.api.routes import router
+from service.engine.client import Engine
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def build_app(settings: Settings, engine: Any, model_dir: Path, model_name: str) -> FastAPI:
-    """`engine` honours service.engine.async_engine.AsyncEngine's interface; the app starts and stops it."""
+def build_app(settings: Settings, engine: Engine, model_dir: Path, model_name: str) -> FastAPI:
+    """The app around `engine`, which it starts and stops with its lifespan."""
     ctx = ServingContext(engine, settings, model_dir, model_name)
 
     @asynccontextmanager

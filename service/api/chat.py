@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import Request
@@ -12,11 +12,10 @@ from fastapi.responses import JSONResponse, Response
 from service.api import chat_agents
 from service.api.body import parse_body
 from service.api.context import ServingContext
-from service.api.generation import collect
-from service.api.job import Job, new_id, run_job, usage
+from service.api.generation import Outputs
+from service.api.job import Job, new_id, usage
 from service.api.logprobs import TokenNamer, chat_logprobs
 from service.api.protocol import ChatCompletionRequest
-from service.engine.outputs import RequestOutput
 
 
 async def create_chat_completion(request: Request) -> Response:
@@ -25,8 +24,7 @@ async def create_chat_completion(request: Request) -> Response:
     ctx.check_model(req.model)
     ctx.check_n(req.n)
     ctx.check_token_ids(req.stop_token_ids or [], "stop_token_ids")
-
-    async def body(job: Job) -> Response | AsyncIterator[dict[str, Any]]:
+    async with Job(ctx, request) as job:
         messages = [m.for_template() for m in req.messages]
         text = await ctx.render_chat(messages, req.add_generation_prompt, req.tools, req.chat_template_kwargs)
         prompt_ids = await ctx.encode(text, add_special_tokens=False, prompt_of="messages")
@@ -34,40 +32,35 @@ async def create_chat_completion(request: Request) -> Response:
         ctx.check_token_ids(list(req.logit_bias_ids), "logit_bias")
         ctx.check_token_ids(req.allowed_token_ids or [], "allowed_token_ids")
         plan = await chat_agents.plan_chat(req, text, ctx.tokenizer, ctx.tool_parser_on, ctx.reasoning_parser_on)
-        params = job.params(lambda: req.sampling_params(max_tokens, req.num_logprobs, None, ctx.sampling_defaults,
-                                                        plan.bad_words_token_ids, plan.spec))
+        params = req.sampling_params(max_tokens, req.num_logprobs, None, ctx.sampling_defaults,
+                                     plan.bad_words_token_ids, plan.spec)
         response_id = new_id("chatcmpl")
         job.log_prompt(response_id, text)
-        stream = job.submit(response_id, prompt_ids, params)
+        job.submit(response_id, prompt_ids, params)
         namer = TokenNamer(ctx.tokenizer, req.return_tokens_as_token_ids)
         created = int(time.time())
         if req.stream:
-            first = await job.wait(anext(stream))
-            return _chunks(job, req, plan, response_id, created, namer, first, stream)
-        result = await job.wait(collect(stream, req.n))
+            return await job.stream(_chunks(job, req, plan, response_id, created, namer, job.outputs(),
+                                            len(prompt_ids)))
+        [result] = await job.collect()
         choices = []
         for i, c in enumerate(result.choices):
             message, reason = chat_agents.message(plan, c.text, c.finish_reason)
-            choices.append({
-                "index": i, "message": message,
-                "logprobs": chat_logprobs(c.logprobs, namer) if req.logprobs else None,
-                "finish_reason": reason, "stop_reason": c.stop_reason})
-        prompt_tokens = len(result.prompt_token_ids)
-        job.log_done(response_id, prompt_tokens, result.num_generated_tokens,
+            choices.append({"index": i, "message": message,
+                            "logprobs": chat_logprobs(c.logprobs, namer) if req.logprobs else None,
+                            "finish_reason": reason, "stop_reason": c.stop_reason})
+        job.log_done(response_id, result.num_prompt_tokens, result.num_generated_tokens,
                      [str(c.finish_reason) for c in result.choices])
         return JSONResponse({"id": response_id, "object": "chat.completion", "created": created,
                              "model": ctx.model_name, "choices": choices,
-                             "usage": usage(prompt_tokens, result.num_generated_tokens)})
-
-    return await run_job(ctx, request, body)
+                             "usage": usage(result.num_prompt_tokens, result.num_generated_tokens)})
 
 
 async def _chunks(job: Job, req: ChatCompletionRequest, plan: chat_agents.ChatPlan, response_id: str, created: int,
-                  namer: TokenNamer, first: RequestOutput, stream: AsyncIterator[RequestOutput]
-                  ) -> AsyncIterator[dict[str, Any]]:
-    """Role delta per choice first, then content deltas, one finish_reason per choice, optional usage."""
+                  namer: TokenNamer, outputs: Outputs, prompt_tokens: int) -> AsyncGenerator[dict[str, Any], None]:
+    """A role delta per choice, then reasoning / content / tool-call deltas, one finish_reason per choice, optional
+    usage."""
     base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": job.ctx.model_name}
-    prompt_tokens = len(first.prompt_token_ids)
     generated = 0
     finished: dict[int, str] = {}
     parsers = [plan.parser() for _ in range(req.n)]
@@ -80,17 +73,9 @@ async def _chunks(job: Job, req: ChatCompletionRequest, plan: chat_agents.ChatPl
 
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None} for i in range(req.n)])
-
-    async def outputs() -> AsyncIterator[RequestOutput]:
-        yield first
-        async for out in stream:
-            yield out
-
-    async for out in outputs():
+    async for _, out in outputs:
         generated = out.num_generated_tokens
         for o in out.outputs:
-            if o.index in finished:
-                continue
             delta = chat_agents.delta(plan, parsers[o.index], o.text, o.finish_reason is not None)
             has_logprobs = req.logprobs and bool(o.logprobs)
             if not delta and not has_logprobs and o.finish_reason is None:

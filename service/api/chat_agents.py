@@ -81,12 +81,28 @@ async def plan_chat(req: ChatCompletionRequest, prompt: str, tokenizer: Any, too
     plan.spec = structured.build_spec(fmt, plan.in_reasoning)
     if plan.spec is not None:
         await asyncio.to_thread(structured.check, plan.spec, param)
-    for word in req.bad_words or []:  # vLLM: the word alone and after a space, both tokenizations
+    plan.bad_words_token_ids = bad_words_ids(req.bad_words, tokenizer)
+    return plan
+
+
+async def completion_constraints(req: Any, tokenizer: Any) -> tuple[list[list[int]], str | None]:
+    """/v1/completions: (bad_words token ids, the grammar of response_format / structured_outputs or None)."""
+    fmt, param = structured.response_format_spec(req.response_format, req.structured_outputs)
+    spec = structured.build_spec(fmt, reasoning=False)
+    if spec is not None:
+        await asyncio.to_thread(structured.check, spec, param)
+    return bad_words_ids(req.bad_words, tokenizer), spec
+
+
+def bad_words_ids(words: list[str] | None, tokenizer: Any) -> list[list[int]]:
+    """vLLM's rule: each word is banned as tokenized alone and after a space."""
+    out: list[list[int]] = []
+    for word in words or []:
         for variant in (word, " " + word):
             ids = tokenizer.encode(variant, False)
-            if ids and ids not in plan.bad_words_token_ids:
-                plan.bad_words_token_ids.append(ids)
-    return plan
+            if ids and ids not in out:
+                out.append(ids)
+    return out
 
 
 def message(plan: ChatPlan, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:

@@ -7,9 +7,8 @@ completion's (the first prompt token has none).
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +16,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from service.api.body import parse_body
+from service.api.chat_agents import completion_constraints
 from service.api.context import ServingContext
-from service.api.generation import Collected, collect, merge
-from service.api.job import Job, new_id, run_job, usage
+from service.api.generation import Outputs
+from service.api.job import Job, new_id, usage
 from service.api.logprobs import CompletionLogprobs, TokenNamer
 from service.api.protocol import CompletionRequest
-from service.engine.outputs import RequestOutput
 
 
 @dataclass
@@ -44,8 +43,7 @@ async def create_completion(request: Request) -> Response:
     for p in req.prompts():
         if not isinstance(p, str):
             ctx.check_token_ids(p, "prompt")
-
-    async def body(job: Job) -> Response | AsyncIterator[dict[str, Any]]:
+    async with Job(ctx, request) as job:
         prompts = []
         for p in req.prompts():
             if isinstance(p, str):
@@ -55,22 +53,21 @@ async def create_completion(request: Request) -> Response:
                 prompts.append(_Prompt(p, text))
         max_tokens = [ctx.resolve_max_tokens(len(p.ids), req.max_tokens, chat=False) for p in prompts]
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
+        ctx.check_token_ids(list(req.logit_bias_ids), "logit_bias")
+        ctx.check_token_ids(req.allowed_token_ids or [], "allowed_token_ids")
+        bad_words, spec = await completion_constraints(req, ctx.need_tokenizer("bad_words and structured outputs")) \
+            if req.bad_words or req.structured_outputs or req.response_format else ([], None)
+        params = [req.sampling_params(mt, req.logprobs, prompt_logprobs, ctx.sampling_defaults, bad_words, spec)
+                  for mt in max_tokens]
         response_id = new_id("cmpl")
         job.log_prompt(response_id, req.prompt)
-        streams = []
-        for i, (p, mt) in enumerate(zip(prompts, max_tokens, strict=True)):
-            params = job.params(lambda mt=mt: req.sampling_params(mt, req.logprobs, prompt_logprobs,
-                                                                  ctx.sampling_defaults))
-            rid = response_id if len(prompts) == 1 else f"{response_id}-{i}"
-            streams.append(job.submit(rid, p.ids, params))
+        for i, (p, ps) in enumerate(zip(prompts, params, strict=True)):
+            job.submit(response_id if len(prompts) == 1 else f"{response_id}-{i}", p.ids, ps)
         namer = TokenNamer(ctx.tokenizer, req.return_tokens_as_token_ids)
         created = int(time.time())
         if req.stream:
-            merged = merge(streams)
-            job.streams.append(merged)  # closed with the job, which cancels its pumps
-            first = await job.wait(anext(merged))
-            return _chunks(job, req, response_id, created, namer, prompts, first, merged)
-        results: list[Collected] = await job.wait(asyncio.gather(*(collect(s, req.n) for s in streams)))
+            return await job.stream(_chunks(job, req, response_id, created, namer, prompts, job.outputs()))
+        results = await job.collect()
         choices = []
         for p, r in zip(prompts, results, strict=True):
             for c in r.choices:
@@ -91,12 +88,9 @@ async def create_completion(request: Request) -> Response:
                              "model": ctx.model_name, "choices": choices,
                              "usage": usage(prompt_tokens, completion_tokens)})
 
-    return await run_job(ctx, request, body)
-
 
 async def _chunks(job: Job, req: CompletionRequest, response_id: str, created: int, namer: TokenNamer,
-                  prompts: list[_Prompt], first: tuple[int, RequestOutput],
-                  merged: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[dict[str, Any]]:
+                  prompts: list[_Prompt], outputs: Outputs) -> AsyncGenerator[dict[str, Any], None]:
     base = {"id": response_id, "object": "text_completion", "created": created, "model": job.ctx.model_name}
     prompt_tokens = sum(len(p.ids) for p in prompts)
     generated = [0] * len(prompts)
@@ -109,21 +103,14 @@ async def _chunks(job: Job, req: CompletionRequest, response_id: str, created: i
             out["usage"] = usage(prompt_tokens, sum(generated))
         return out
 
-    async def outputs() -> AsyncIterator[tuple[int, RequestOutput]]:
-        yield first
-        async for item in merged:
-            yield item
-
     prompt_lps: dict[int, list[Any]] = {}
-    async for i, out in outputs():
+    async for i, out in outputs:
         generated[i] = out.num_generated_tokens
         p = prompts[i]
         if out.prompt_logprobs is not None:
             prompt_lps[i] = list(out.prompt_logprobs)
         for o in out.outputs:
             index = i * req.n + o.index
-            if index in finished:
-                continue
             text, lp, head = o.text, None, None
             if index not in formatters:  # this choice's first chunk: echo the prompt in front
                 offset = 0

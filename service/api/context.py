@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from model.tokenizer import Tokenizer
 from service.api.errors import APIError, bad_request, redact
+from service.engine.client import Engine
 from service.metrics import ServiceMetrics
 from service.queue import AdmissionQueue, AdmissionRejected, Ticket
 from service.settings import Settings
@@ -36,16 +38,6 @@ def load_sampling_defaults(model_dir: Path) -> dict[str, Any]:
             if isinstance(data.get(k), int | float) and not isinstance(data.get(k), bool)}
 
 
-def _max_token_chars(tokenizer: Any) -> int | None:
-    """Most characters one token can stand for, when that is known: for a byte-level BPE without a normalizer
-    every byte of the text lands in exactly one token, so a text of L characters has at least L / this tokens."""
-    inner = getattr(tokenizer, "_tok", None)  # model.tokenizer.Tokenizer wraps a `tokenizers.Tokenizer`
-    if inner is None or inner.normalizer is not None or type(inner.decoder).__name__ != "ByteLevel":
-        return None
-    vocab = inner.get_vocab(with_added_tokens=True)
-    return max(map(len, vocab)) if vocab else None
-
-
 def _chars(content: Any) -> int:
     if isinstance(content, list):  # text parts
         return sum(len(p.get("text") or "") if isinstance(p, dict) else 0 for p in content)
@@ -53,7 +45,7 @@ def _chars(content: Any) -> int:
 
 
 class ServingContext:
-    def __init__(self, engine: Any, settings: Settings, model_dir: Path, model_name: str) -> None:
+    def __init__(self, engine: Engine, settings: Settings, model_dir: Path, model_name: str) -> None:
         self.engine = engine
         self.settings = settings
         self.model_dir = model_dir
@@ -66,7 +58,7 @@ class ServingContext:
         self.queue = AdmissionQueue(settings.max_queue_size)
         self.metrics = ServiceMetrics(model_name, self.max_model_len, stats=engine.stats)
         self.inflight: set[str] = set()  # engine request ids, for aborting on a drain timeout
-        self.max_token_chars = _max_token_chars(self.tokenizer)
+        self.max_token_chars = self.tokenizer.max_token_chars() if self.tokenizer is not None else None
         # Tokenizing costs ~100x the text's size in memory at its peak (the Rust Encoding holds a string, offsets
         # and masks per token): long texts take turns, so concurrent megabyte prompts cannot multiply that peak.
         self._long_encode = asyncio.Semaphore(1)
@@ -111,7 +103,7 @@ class ServingContext:
             if not 0 <= t < self.vocab_size:
                 raise bad_request(f"Token id {t} is out of vocabulary (vocab_size {self.vocab_size}).", param=param)
 
-    def need_tokenizer(self, what: str) -> Any:
+    def need_tokenizer(self, what: str) -> Tokenizer:
         if self.tokenizer is None:
             raise bad_request(f"This model has no tokenizer, so {what} is not available; send token ids.")
         return self.tokenizer

@@ -13,9 +13,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.engine.sampling_params import SamplingParamError
+from service.logging_setup import request_id_var
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,10 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+class ClientDisconnected(Exception):
+    """The client hung up before the response started; its engine requests were aborted (logged as 499)."""
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
@@ -84,6 +91,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(SamplingParamError)
+    async def _sampling(request: Request, exc: SamplingParamError) -> JSONResponse:
+        return bad_request(str(exc), param=exc.param).response()
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected) -> Response:
+        log.info("client disconnected; request aborted", extra={"fields": {"request_id": request_id_var.get()}})
+        return Response(status_code=499)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

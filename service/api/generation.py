@@ -1,25 +1,23 @@
-"""Driving engine requests from a route: metrics, admission tickets, timeouts, aborts, disconnects.
+"""One engine request as a route sees it: timeout, metrics, engine faults as API errors, one abort.
 
-`track` wraps `engine.generate` so that however a request ends (finished, engine fault, timeout, client gone,
-route error), its engine request is aborted unless it finished, its metrics are recorded once, and it leaves
-the in-flight set. Cleanup awaits run shielded: Starlette cancels a disconnected stream's task through an
-anyio cancel scope, which would otherwise cancel the abort itself.
+`RequestStream` iterates the engine client's outputs for one request. However the request ends (finished,
+engine fault, timeout, client gone, route error), `aclose()` aborts it in the engine unless it finished,
+records its metrics once, and takes it out of the in-flight set. Cleanup awaits run shielded: Starlette
+cancels a disconnected stream's task through an anyio cancel scope, which would otherwise cancel the abort.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
-from fastapi import Request
 
 from service.api.context import ServingContext
 from service.api.errors import APIError, bad_request, redact
+from service.engine.client import EngineDeadError
 from service.engine.outputs import RequestOutput, TokenLogprob
 from service.engine.sampling_params import SamplingParams
 from service.queue import Ticket
@@ -28,12 +26,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class EngineFault(Exception):
-    """The engine failed this request (RequestOutput.error); a server-side 500, not the client's fault."""
+class EngineFault(APIError):
+    """The engine failed this request (RequestOutput.error): a server-side 500, not the client's fault."""
 
-
-class ClientDisconnected(Exception):
-    pass
+    def __init__(self, reason: str) -> None:
+        super().__init__(500, f"The engine failed while generating: {redact(reason)}", code="engine_error")
 
 
 def timeout_error(seconds: float) -> APIError:
@@ -46,97 +43,125 @@ def engine_dead(ctx: ServingContext) -> APIError:
                     code="engine_dead", headers={"Retry-After": str(ctx.settings.retry_after)})
 
 
-async def track(ctx: ServingContext, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                ticket: Ticket, deadline: float | None) -> AsyncIterator[RequestOutput]:
-    recorder = ctx.metrics.recorder()
-    reasons: dict[int, str] = {}
-    finished = rejected = False
-    try:
-        gen = ctx.engine.generate(request_id, prompt_ids, params)
-    except ValueError as e:
-        raise bad_request(str(e)) from None
-    except Exception:
-        if not ctx.engine.is_alive:  # EngineDeadError: it died between admission and now
-            raise engine_dead(ctx) from None
-        raise
-    ctx.inflight.add(request_id)
-    try:
-        while True:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    out = await anext(gen)
-            except StopAsyncIteration:
-                break
-            except ValueError as e:
-                if recorder.first is not None:
-                    raise
-                rejected = True  # refused before queueing: the client's request is invalid
-                raise bad_request(str(e)) from None
-            except TimeoutError:
-                raise timeout_error(ctx.settings.request_timeout or 0.0) from None
-            except Exception:
-                if recorder.first is None and not ctx.engine.is_alive:
-                    rejected = True
-                    raise engine_dead(ctx) from None
-                raise
-            ticket.started()
-            recorder.on_output(out)
-            for choice in out.outputs:
-                if choice.finish_reason is not None:
-                    reasons.setdefault(choice.index, choice.finish_reason)
-            if out.error is not None:
-                finished = True  # the engine already ended it
-                raise EngineFault(out.error)
-            finished = out.finished
-            yield out
-            if finished:
-                break
-    finally:
-        ctx.inflight.discard(request_id)
-        if not finished:
-            with anyio.CancelScope(shield=True):
-                aclose = getattr(gen, "aclose", None)
-                with contextlib.suppress(Exception):
-                    if aclose is not None:
-                        await aclose()
-                    await ctx.engine.abort(request_id)
-        if not rejected:
-            recorder.finish([reasons.get(i, "abort") for i in range(params.n)])
+class RequestStream:
+    """The outputs of one engine request, submitted at construction (400/503 if the engine refuses it)."""
 
-
-async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
-    """Items of several async iterators as they come, tagged with the iterator's index."""
-    if len(streams) == 1:
-        async for item in streams[0]:
-            yield 0, item
-        return
-    queue: asyncio.Queue[tuple[int, Any, BaseException | None, bool]] = asyncio.Queue()
-
-    async def pump(i: int, it: AsyncIterator[T]) -> None:
+    def __init__(self, ctx: ServingContext, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 ticket: Ticket, deadline: float | None) -> None:
         try:
-            async for item in it:
-                await queue.put((i, item, None, False))
-        except Exception as e:
-            await queue.put((i, None, e, True))
-            return
-        await queue.put((i, None, None, True))
+            self._outputs = ctx.engine.generate(request_id, prompt_ids, params)
+        except EngineDeadError:
+            raise engine_dead(ctx) from None
+        except ValueError as e:  # a request the engine cannot serve
+            raise bad_request(str(e)) from None
+        except Exception:
+            if not ctx.engine.is_alive:  # it died between admission and now
+                raise engine_dead(ctx) from None
+            raise
+        self.request_id = request_id
+        self.num_prompt_tokens = len(prompt_ids)
+        self.n = params.n
+        self._ctx, self._ticket, self._deadline = ctx, ticket, deadline
+        self._recorder = ctx.metrics.recorder(self.num_prompt_tokens)
+        self._reasons: dict[int, str] = {}
+        self._finished = self._closed = False
+        ctx.inflight.add(request_id)
 
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item, error, done = await queue.get()
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                out = await anext(self._outputs)
+        except TimeoutError:
+            raise timeout_error(self._ctx.settings.request_timeout or 0.0) from None
+        self._ticket.started()
+        self._recorder.on_output(out)
+        self._finished = out.finished
+        if out.error is not None:
+            self._finished = True  # the engine already ended it
+            for c in out.outputs:  # the fault ends every choice, including those that had already finished
+                self._reasons.setdefault(c.index, "error")
+            log.error("engine fault: %s", out.error)
+            raise EngineFault(out.error)
+        for c in out.outputs:
+            if c.finish_reason is not None:  # the engine sends one per choice
+                self._reasons[c.index] = c.finish_reason
+        return out
+
+    async def aclose(self) -> None:
+        """Abort the engine request unless it finished; record its metrics. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._ctx.inflight.discard(self.request_id)
+        if not self._finished:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._outputs.aclose()  # the engine client aborts an unfinished request here
+                except Exception:
+                    log.exception("aborting request %s", self.request_id)
+        self._recorder.finish([self._reasons.get(i, "abort") for i in range(self.n)])
+
+
+class Outputs:
+    """The outputs of a job's requests as they come, tagged with the request's index.
+
+    `wait_first()` takes the first output early and hands it out again as the first item, so a route can
+    decide its HTTP status before it starts streaming. Several requests are pumped by one task each into one
+    queue; a single request is read directly (no task hop per output).
+    """
+
+    def __init__(self, streams: list[RequestStream]) -> None:
+        self._streams = streams
+        self._head: tuple[int, RequestOutput] | None = None
+        self._queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(streams)] \
+            if len(streams) > 1 else []
+        self._remaining = len(self._tasks)
+
+    async def wait_first(self) -> None:
+        if self._head is None:
+            self._head = await self._next()
+
+    def __aiter__(self) -> Outputs:
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        if self._head is not None:
+            head, self._head = self._head, None
+            return head
+        return await self._next()
+
+    async def _next(self) -> tuple[int, RequestOutput]:
+        if not self._tasks:
+            return 0, await anext(self._streams[0])
+        while self._remaining:
+            i, out, error = await self._queue.get()
             if error is not None:
                 raise error
-            if done:
-                remaining -= 1
-            else:
-                yield i, item
-    finally:
-        for task in tasks:
+            if out is not None:
+                return i, out
+            self._remaining -= 1
+        raise StopAsyncIteration
+
+    async def _pump(self, i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                await self._queue.put((i, out, None))
+        except Exception as e:
+            await self._queue.put((i, None, e))
+            return
+        await self._queue.put((i, None, None))
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
             task.cancel()
         with anyio.CancelScope(shield=True):
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 @dataclass
@@ -150,18 +175,16 @@ class ChoiceResult:
 
 @dataclass
 class Collected:
-    prompt_token_ids: list[int]
+    num_prompt_tokens: int
     choices: list[ChoiceResult]
     num_generated_tokens: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
-async def collect(stream: AsyncIterator[RequestOutput], n: int) -> Collected:
+async def collect(stream: RequestStream) -> Collected:
     """Run one engine request to the end and join its deltas per choice (non-streaming responses)."""
-    result: Collected | None = None
+    result = Collected(stream.num_prompt_tokens, [ChoiceResult() for _ in range(stream.n)])
     async for out in stream:
-        if result is None:
-            result = Collected(list(out.prompt_token_ids), [ChoiceResult() for _ in range(n)])
         if out.prompt_logprobs is not None:
             result.prompt_logprobs = out.prompt_logprobs
         result.num_generated_tokens = out.num_generated_tokens
@@ -171,32 +194,6 @@ async def collect(stream: AsyncIterator[RequestOutput], n: int) -> Collected:
             c.token_ids.extend(o.token_ids)
             if o.logprobs:
                 c.logprobs.extend(o.logprobs)
-            if o.finish_reason is not None and c.finish_reason is None:
+            if o.finish_reason is not None:
                 c.finish_reason, c.stop_reason = o.finish_reason, o.stop_reason
-    if result is None:
-        raise EngineFault("the engine returned no output")
     return result
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def run_or_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
-    """Await `awaitable`, but cancel it (aborting its engine requests) if the client hangs up first."""
-    task = asyncio.ensure_future(awaitable)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
-                await task
-    if task.cancelled():
-        raise ClientDisconnected()
-    return task.result()

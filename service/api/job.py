@@ -1,29 +1,35 @@
-"""One HTTP generation request from admission to the last byte: its ticket, its engine streams, its cleanup.
+"""One HTTP generation request from admission to the last byte: its ticket, its engine requests, its cleanup.
 
-Routes build a Job right after admission; every exit path ends in `close()` exactly once: directly for
-JSON responses and errors, or from the SSE response's cleanup once the stream has been sent (or dropped).
+A route reads top to bottom:
+
+    async with Job(ctx, request) as job:            # admit (503 when full, draining or dead)
+        ids = await ctx.encode(...)                 # render and encode
+        stream = job.submit(request_id, ids, params)  # submit to the engine
+        if streaming:
+            return await job.stream(chunks(job.outputs()))  # SSE: the job closes when the response ends
+        result = await job.collect(stream)          # JSON
+
+Every error is raised (an APIError, or ClientDisconnected); leaving the `async with` closes the job unless it
+was handed to an SSE response, whose own cleanup closes it once the stream has been sent or dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable
+from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio
 from fastapi import Request
-from fastapi.responses import Response
 
 from service.api.context import ServingContext
-from service.api.errors import APIError, bad_request, redact
-from service.api.generation import ClientDisconnected, EngineFault, engine_dead, run_or_disconnect, track
+from service.api.errors import ClientDisconnected
+from service.api.generation import Collected, EngineFault, Outputs, RequestStream, collect, engine_dead
 from service.api.streaming import SSEResponse, sse_events
-from service.engine.outputs import RequestOutput
 from service.engine.sampling_params import SamplingParams
-from service.logging_setup import request_id_var
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,49 +39,67 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
 class Job:
     def __init__(self, ctx: ServingContext, request: Request) -> None:
         self.ctx = ctx
         self.request = request
-        self.ticket = ctx.admit()
-        self.streams: list[AsyncIterator[RequestOutput]] = []
-        self.closed = False
+        self._streams: list[RequestStream] = []
+        self._outputs: Outputs | None = None
+        self._handed_off = self._closed = False
         timeout = ctx.settings.request_timeout
-        self.deadline = asyncio.get_running_loop().time() + timeout if timeout else None
+        self._deadline = asyncio.get_running_loop().time() + timeout if timeout else None
+        self._ticket = ctx.admit()
 
-    def params(self, build: Callable[[], SamplingParams]) -> SamplingParams:
-        try:
-            return build()
-        except ValueError as e:  # SamplingParams' own range checks, phrased "<field> must ..."
-            raise bad_request(str(e), param=str(e).split(" ", 1)[0]) from None
+    async def __aenter__(self) -> Job:
+        return self
 
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        stream = track(self.ctx, request_id, prompt_ids, params, self.ticket, self.deadline)
-        self.streams.append(stream)
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if not self._handed_off:
+            await self.close()
+
+    # -- submit ------------------------------------------------------------------------------------------------
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        stream = RequestStream(self.ctx, request_id, prompt_ids, params, self._ticket, self._deadline)
+        self._streams.append(stream)
         return stream
 
-    async def wait(self, awaitable: Awaitable[T]) -> T:
-        """Await engine work while watching for the client hanging up."""
-        try:
-            return await run_or_disconnect(self.request, awaitable)
-        except EngineFault as e:
-            log.error("engine fault: %s", e)
-            if not self.ctx.engine.is_alive:
-                raise engine_dead(self.ctx) from None
-            raise APIError(500, f"The engine failed while generating: {redact(e)}", code="engine_error") from None
+    def outputs(self) -> Outputs:
+        """The submitted requests' outputs as they come, tagged with the request's index (for streaming)."""
+        self._outputs = Outputs(self._streams)
+        return self._outputs
+
+    # -- answer ------------------------------------------------------------------------------------------------
+    async def collect(self) -> list[Collected]:
+        """Every submitted request run to the end (a JSON response)."""
+        return await self._wait(asyncio.gather(*(collect(s) for s in self._streams)))
+
+    async def stream(self, chunks: AsyncGenerator[dict[str, Any], None]) -> SSEResponse:
+        """An SSE response of `chunks`, made from `outputs()`. The first output is awaited here: a request that
+        fails before it gets an HTTP status, not an error event."""
+        if self._outputs is None:
+            raise RuntimeError("Job.stream needs the chunks of Job.outputs()")
+        await self._wait(self._outputs.wait_first())
+        self._handed_off = True
+        return SSEResponse(sse_events(chunks), on_close=self.close)
 
     async def close(self) -> None:
-        if self.closed:
+        if self._closed:
             return
-        self.closed = True
+        self._closed = True
         with anyio.CancelScope(shield=True):
-            for stream in reversed(self.streams):  # a merge of streams first: it owns the tasks iterating them
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    with contextlib.suppress(Exception):
-                        await aclose()
-        self.ticket.release()
+            if self._outputs is not None:  # first: it owns the tasks that iterate the streams
+                await self._outputs.aclose()
+            for stream in self._streams:
+                await stream.aclose()
+        self._ticket.release()
 
+    # -- logging -----------------------------------------------------------------------------------------------
     def log_done(self, response_id: str, prompt_tokens: int, completion_tokens: int, reasons: list[str]) -> None:
         log.info("completed", extra={"fields": {"id": response_id, "prompt_tokens": prompt_tokens,
                                                 "completion_tokens": completion_tokens,
@@ -85,27 +109,30 @@ class Job:
         if self.ctx.settings.log_prompts:
             log.info("prompt", extra={"fields": {"id": response_id, "prompt": prompt}})
 
+    async def _wait(self, awaitable: Awaitable[T]) -> T:
+        """Await engine work, or raise ClientDisconnected (cancelling it) if the client hangs up first."""
+        task = asyncio.ensure_future(awaitable)
+        watcher = asyncio.ensure_future(_wait_disconnect(self.request))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+                with anyio.CancelScope(shield=True):
+                    await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            raise ClientDisconnected()
+        try:
+            return task.result()
+        except EngineFault:
+            if not self.ctx.engine.is_alive:  # before any byte was sent: say the replica is gone
+                raise engine_dead(self.ctx) from None
+            raise
 
-async def run_job(ctx: ServingContext, request: Request,
-                  body: Callable[[Job], Awaitable[Response | AsyncIterator[dict[str, Any]]]]) -> Response:
-    """Admit, run `body`, and return its JSON response or stream its chunks as SSE; clean up on every path."""
-    job = Job(ctx, request)
-    handed_off = False
-    try:
-        result = await body(job)
-        if isinstance(result, Response):
-            return result
-        handed_off = True
-        return SSEResponse(sse_events(result), on_close=job.close)
-    except ClientDisconnected:
-        log.info("client disconnected; request aborted", extra={"fields": {"request_id": request_id_var.get()}})
-        return Response(status_code=499)
-    finally:
-        if not handed_off:
-            await job.close()
 
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

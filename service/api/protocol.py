@@ -305,6 +305,8 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = False
     add_special_tokens: bool = True
     suffix: Annotated[str | None, _nullable({"const": ""})] = None
+    response_format: Annotated[dict[str, Any] | None, WithJsonSchema(
+        {"anyOf": [*_RESPONSE_FORMAT["anyOf"], {"type": "null"}]})] = None
     best_of: int | None = Field(None, ge=1)
 
     @field_validator("prompt", mode="before")

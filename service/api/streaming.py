@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from service.api.errors import APIError, redact
-from service.api.generation import EngineFault
+from service.api.errors import APIError
 
 log = logging.getLogger(__name__)
 
@@ -33,33 +32,29 @@ def error_event(err: APIError) -> str:
     return sse(err.body())
 
 
-async def sse_events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
-    """Frame `chunks` as SSE, turning failures into an error event; `[DONE]` always comes last."""
+async def sse_events(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[str, None]:
+    """Frame `chunks` as SSE, turning a failure into an error event; `[DONE]` always comes last."""
     try:
         async for chunk in chunks:
             yield sse(chunk)
-    except APIError as e:
+    except APIError as e:  # EngineFault included: logged where it was raised
         yield error_event(e)
-    except EngineFault as e:
-        log.error("engine fault mid-stream: %s", e)
-        yield error_event(APIError(500, f"The engine failed while generating: {redact(e)}", code="engine_error"))
     except Exception:
         log.exception("error while streaming")
         yield error_event(APIError(500, "Internal server error while streaming; the server log has the details."))
     finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            with anyio.CancelScope(shield=True):
-                await aclose()
+        with anyio.CancelScope(shield=True):
+            await chunks.aclose()
     yield DONE
 
 
 class SSEResponse(StreamingResponse):
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(content, media_type=self.media_type,
+    def __init__(self, events: AsyncGenerator[str, None], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(events, media_type=self.media_type,
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._events = events
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -67,7 +62,5 @@ class SSEResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             with anyio.CancelScope(shield=True):
-                aclose = getattr(self.body_iterator, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+                await self._events.aclose()
                 await self._on_close()

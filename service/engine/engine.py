@@ -11,13 +11,13 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from model.config import ModelConfig
 from model.loader import load_model
 from model.network import GlmMoeDsaForCausalLM
+from model.tokenizer import Tokenizer
 
 from .block_manager import BlockManager
 from .config import EngineConfig
@@ -55,7 +55,7 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, vocab_
 
 
 class LLMEngine:
-    def __init__(self, model: GlmMoeDsaForCausalLM, config: EngineConfig, tokenizer=None) -> None:
+    def __init__(self, model: GlmMoeDsaForCausalLM, config: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
         self.config = config
         self.model = model
         self.model_config: ModelConfig = model.config
@@ -109,13 +109,7 @@ class LLMEngine:
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         """Load the checkpoint (and its tokenizer, when it has a tokenizer.json) named by `config.model`."""
         device, dtype = resolve_device_dtype(config)
-        model = load_model(config.model, dtype, device)
-        tokenizer = None
-        if (Path(config.model) / "tokenizer.json").is_file():
-            from model.tokenizer import Tokenizer
-
-            tokenizer = Tokenizer.from_dir(config.model)
-        return cls(model, config, tokenizer)
+        return cls(load_model(config.model, dtype, device), config, Tokenizer.from_checkpoint(config.model))
 
     # -- requests ------------------------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -305,7 +299,7 @@ class LLMEngine:
             seq.finish_reported |= ended
         if not outputs:
             return None
-        out = RequestOutput(group.request_id, group.prompt_token_ids, outputs, finished=group.is_finished,
+        out = RequestOutput(group.request_id, outputs, finished=group.is_finished,
                             num_generated_tokens=group.num_generated_tokens, error=error)
         if not group.queue_time_reported:
             group.queue_time_reported = True

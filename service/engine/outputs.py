@@ -28,7 +28,6 @@ class CompletionOutput:
 @dataclass
 class RequestOutput:
     request_id: str
-    prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
     num_generated_tokens: int = 0  # cumulative over all choices (usage.completion_tokens)

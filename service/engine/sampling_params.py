@@ -5,6 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+MAX_REPETITION_PENALTY = 20.0  # vLLM accepts any positive value; past ~2 the output is already degenerate
+
+
+class SamplingParamError(ValueError):
+    """A parameter out of its range; `param` names it (the API's error `param`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -45,7 +54,8 @@ class SamplingParams:
             (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]"),
-            (0.0 < self.repetition_penalty <= 2.0 * 10, "repetition_penalty", "must be > 0"),
+            (0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY, "repetition_penalty",
+             f"must be in (0, {MAX_REPETITION_PENALTY:g}]"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
              f"must be in [0, {MAX_LOGPROBS}]"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
@@ -56,10 +66,11 @@ class SamplingParams:
                            "values must be in [-100, 100]"))
         checks.append((self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids",
                        "must not be empty"))
-        checks.append((all(self.bad_words_token_ids or []), "bad_words", "must not hold empty words"))
+        if not all(self.bad_words_token_ids or []):
+            raise SamplingParamError("bad_words", "bad_words must not hold empty words")
         for ok, name, why in checks:
             if not ok:
-                raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+                raise SamplingParamError(name, f"{name} {why}, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:

@@ -21,8 +21,8 @@ def shared_tiny_checkpoint() -> Path:
 
 
 def real_engine(model_dir: Path, **config: Any) -> Any:
-    """The real AsyncEngine on CPU in fp32."""
-    from service.engine.async_engine import AsyncEngine
+    """The real engine, in a thread of this process, on CPU in fp32."""
+    from service.engine.client import EngineClient
     from service.engine.config import EngineConfig
 
-    return AsyncEngine.from_config(EngineConfig(model=model_dir, device="cpu", dtype="float32", **config))
+    return EngineClient.in_thread(EngineConfig(model=model_dir, device="cpu", dtype="float32", **config))
