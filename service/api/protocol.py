@@ -7,6 +7,7 @@ we do not implement (suffix, best_of > 1) are refused rather than silently dropp
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
@@ -224,6 +225,15 @@ class ChatMessage(_Strict):
         if message["role"] == "developer":  # OpenAI's newer name for the system role; templates know system
             message["role"] = "system"
         message.setdefault("content", None)
+        for call in message.get("tool_calls") or []:  # templates iterate arguments: give them the object
+            fn = call.get("function")
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                try:
+                    args = json.loads(fn["arguments"])
+                except ValueError:
+                    continue
+                if isinstance(args, dict):
+                    fn["arguments"] = args
         return message
 
 
