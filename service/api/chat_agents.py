@@ -32,8 +32,8 @@ def detect_parsers(settings: Any, tokenizer: Any) -> tuple[bool, bool]:
     template writes GLM's tool-call / think tags (a GLM-5 checkpoint needs no flags). Logged either way."""
     text = tokenizer.chat_template_text() if tokenizer is not None and hasattr(tokenizer, "chat_template_text") \
         else ""
-    tools = bool(settings.enable_auto_tool_choice or settings.tool_call_parser)
-    reasoning = bool(settings.reasoning_parser)
+    tools = bool(getattr(settings, "enable_auto_tool_choice", False) or getattr(settings, "tool_call_parser", None))
+    reasoning = bool(getattr(settings, "reasoning_parser", None))
     if not tools and TOOL_OPEN in text and KEY_OPEN in text:
         tools = True
         log.info("the chat template writes GLM tool calls: tool-call parser glm47 on (auto tool choice)")
