@@ -8,6 +8,7 @@ List fields take repeated flags or a comma-separated env value (`GLM_SERVE_API_K
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -19,6 +20,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from service.engine.config import EngineConfig
 
 ENV_PREFIX = "GLM_SERVE_"
+# The engine's settings keep EngineConfig's defaults (one source); Settings adds their flags and bounds.
+_ENGINE = {f.name: f.default for f in dataclasses.fields(EngineConfig) if f.name != "model"}
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "model" / "weights"
 
 
@@ -31,24 +34,27 @@ class Settings(BaseSettings):
                                                             "(default: the directory name)")
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="bind port")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when present, else cpu")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto = bfloat16 on cuda, "
-                                                                              "float32 on cpu")
-    max_model_len: int | None = Field(None, ge=1, description="longest prompt + completion (default: the "
-                                                              "checkpoint's max_position_embeddings)")
-    max_num_seqs: int = Field(64, ge=1, description="sequences batched per engine step")
-    max_num_batched_tokens: int = Field(2048, ge=1, description="tokens per engine step (chunked prefill budget)")
-    kv_cache_tokens: int | None = Field(None, ge=1, description="paged KV cache size in tokens (default: sized "
-                                                                "from --kv-cache-memory-fraction)")
-    kv_cache_memory_fraction: float = Field(0.2, gt=0.0, le=1.0, description="share of free device memory "
-                                                                             "for the KV cache")
-    block_size: int = Field(16, ge=1, description="tokens per KV cache block")
-    num_speculative_tokens: int = Field(0, ge=0, description="MTP draft length; 0 disables speculative decoding")
-    seed: int = Field(0, description="engine seed for requests without their own")
+    device: Literal["auto", "cpu", "cuda"] = Field(_ENGINE["device"], description="auto = cuda when present, "
+                                                                              "else cpu")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(_ENGINE["dtype"], description="auto = bfloat16 on "
+                                                                                     "cuda, float32 on cpu")
+    max_model_len: int | None = Field(_ENGINE["max_model_len"], ge=1, description="longest prompt + completion "
+                                      "(default: the checkpoint's max_position_embeddings)")
+    max_num_seqs: int = Field(_ENGINE["max_num_seqs"], ge=1, description="sequences batched per engine step")
+    max_num_batched_tokens: int = Field(_ENGINE["max_num_batched_tokens"], ge=1,
+                                        description="tokens per engine step (chunked prefill budget)")
+    kv_cache_tokens: int | None = Field(_ENGINE["kv_cache_tokens"], ge=1, description="paged KV cache size in "
+                                        "tokens (default: sized from --kv-cache-memory-fraction)")
+    kv_cache_memory_fraction: float = Field(_ENGINE["kv_cache_memory_fraction"], gt=0.0, le=1.0,
+                                            description="share of free device memory for the KV cache")
+    block_size: int = Field(_ENGINE["block_size"], ge=1, description="tokens per KV cache block")
+    num_speculative_tokens: int = Field(_ENGINE["num_speculative_tokens"], ge=0,
+                                        description="MTP draft length; 0 disables speculative decoding")
+    seed: int = Field(_ENGINE["seed"], description="engine seed for requests without their own")
     engine_process: bool = Field(True, description="run the engine in its own process, so the model's Python "
                                                    "never waits for the HTTP event loop's GIL (off: a thread)")
-    torch_threads: int | None = Field(None, ge=1, description="CPU threads for the model (default: all cores "
-                                                              "but one, which the HTTP event loop keeps)")
+    torch_threads: int | None = Field(_ENGINE["torch_threads"], ge=1, description="CPU threads for the model "
+                                      "(default: all cores but one, which the HTTP event loop keeps)")
     max_queue_size: int = Field(256, ge=1, description="requests waiting for their first token before new "
                                                        "ones get 503")
     retry_after: int = Field(1, ge=0, description="seconds in the Retry-After header of a 503")
@@ -110,12 +116,9 @@ class Settings(BaseSettings):
         return self.served_model_name or model_dir.resolve().name
 
     def engine_config(self, model_dir: Path) -> EngineConfig:
-        return EngineConfig(
-            model=model_dir, device=self.device, dtype=self.dtype, max_model_len=self.max_model_len,
-            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            kv_cache_tokens=self.kv_cache_tokens, kv_cache_memory_fraction=self.kv_cache_memory_fraction,
-            block_size=self.block_size, num_speculative_tokens=self.num_speculative_tokens, seed=self.seed,
-            torch_threads=self.torch_threads or max(1, (os.cpu_count() or 2) - 1))
+        values = {name: getattr(self, name) for name in _ENGINE}
+        values["torch_threads"] = self.torch_threads or max(1, (os.cpu_count() or 2) - 1)
+        return EngineConfig(model=model_dir, **values)
 
 
 class SettingsError(ValueError):

@@ -170,7 +170,7 @@ def test_empirical_distribution_matches_probs() -> None:
 def test_sampled_tokens_stay_in_support() -> None:
     logits = torch.randn(64, 100, generator=torch.Generator().manual_seed(2))
     st = state([SamplingParams(top_k=3)] * 64)
-    out = Sampler().sample(logits, st).sampled
+    out = torch.tensor(Sampler().sample(logits, st).token_ids)
     top3 = logits.topk(3, dim=-1).indices
     assert bool((top3 == out[:, None]).any(-1).all())
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model.batch import ForwardBatch
-from service.engine import model_runner, speculative
+from service.engine import speculative
 from service.engine.sampler import Sampler, SamplingState
 from service.engine.sampling_params import SamplingParams
 from tests.engine_fixtures import (  # noqa: F401
@@ -112,7 +112,7 @@ class OracleDrafts(speculative.MTPProposer):
     truth: dict[str, list[int]] = {}
 
     def _draft(self, seqs, z, max_model_len):
-        V = self.runner.model.config.vocab_size
+        V = self.model.config.vocab_size
         for s in seqs:
             done = len(s.output_token_ids)
             true = self.truth[s.request_id][done : done + self.draft_budget(s, max_model_len)]
@@ -249,7 +249,7 @@ def test_sampled_distribution_matches_plain_and_broken_rule_fails(engine_ckpt, m
     stat, df = chi2(sample_second_tokens(engine, prompt, params, n), exact)
     assert stat < chi2_critical(df), (stat, df)
     assert engine.stats().spec_num_accepted_tokens > 0  # the acceptance path was exercised
-    monkeypatch.setattr(model_runner, "verify", always_accept)
+    monkeypatch.setattr(speculative, "verify", always_accept)
     broken = make_engine(engine_ckpt, num_speculative_tokens=2, max_num_seqs=256)
     stat_b, df_b = chi2(sample_second_tokens(broken, prompt, params, n), exact)
     assert stat_b > chi2_critical(df_b), (stat_b, df_b)

@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 
 from service.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
 # Stop conditions cost the engine per generated token and (stop strings) memory quadratic in their length, so a
 # request may not bring arbitrarily many: OpenAI allows 4 stop strings; these limits leave room for vLLM-style use.
 MAX_STOP_STRINGS = 32
@@ -303,9 +302,6 @@ class ChatCompletionRequest(_SamplingRequest):
     @property
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
-
-
-PromptInput = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(_SamplingRequest):

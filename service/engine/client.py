@@ -17,15 +17,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from .config import EngineConfig
-from .engine import LLMEngine, validate_request
 from .outputs import CompletionOutput, EngineStats, RequestOutput
-from .sampling_params import SamplingParams
-from .scheduler import SchedulerOutput
+from .sampling_params import SamplingParams, validate_request
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch and the model load only with an engine, not for `glm-serve --help` or a bad flag
     from model.config import ModelConfig
     from model.tokenizer import Tokenizer
 
+    from .engine import LLMEngine
+    from .scheduler import SchedulerOutput
     from .transports import ProcessTransport, ThreadTransport
 
 log = logging.getLogger("glm_serve.engine")
@@ -152,6 +152,7 @@ class EngineClient:
     @classmethod
     def in_thread(cls, config: EngineConfig) -> EngineClient:
         """Load the model into this process; the loop runs in a thread (tests, --no-engine-process)."""
+        from .engine import LLMEngine
         from .transports import ThreadTransport
 
         return cls(ThreadTransport(LLMEngine.from_config(config)), config)

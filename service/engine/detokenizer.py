@@ -9,8 +9,7 @@ later token completes it (or, past `MAX_HELD_TOKENS`, accepted as genuinely inva
 Stop strings: only the characters each token adds are tested, as the end of a match, against a set of stop
 strings by the few distinct stop lengths, so thousands of stop strings cost nothing per token. Text that could
 still become a stop string (the longest tail that is a proper prefix of one) is held back, so nothing emitted is
-ever retracted. When several tokens arrive at once (speculative decoding), the earliest match wins and
-`num_tokens_used` says how many of them were consumed up to and including the one that completed it.
+ever retracted. When several tokens arrive at once, the earliest match wins and the tokens after it are dropped.
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ class _Decoder(Protocol):
 class DetokenizerOutput:
     text_delta: str
     stop_string: str | None = None  # the stop string that ended the sequence in this push
-    num_tokens_used: int = 0  # tokens of this push consumed; < len(pushed) only when a stop cut the rest
 
 
 @dataclass(frozen=True)
@@ -129,12 +127,12 @@ class IncrementalDetokenizer:
     def push(self, new_token_ids: Sequence[int]) -> DetokenizerOutput:
         """Feed the next output tokens; returns the text safe to show and whether (and where) a stop string hit."""
         if self.finished:
-            return DetokenizerOutput("", None, 0)
-        for used, token_id in enumerate(new_token_ids, start=1):
+            return DetokenizerOutput("", None)
+        for token_id in new_token_ids:
             self._ids.append(token_id)
             if self._add(self._step()):
-                return DetokenizerOutput(self._release(len(self._decoded)), self.stop_string, used)
-        return DetokenizerOutput(self._release(len(self._decoded) - self._held_back()), None, len(new_token_ids))
+                return DetokenizerOutput(self._release(len(self._decoded)), self.stop_string)
+        return DetokenizerOutput(self._release(len(self._decoded) - self._held_back()), None)
 
     def flush(self) -> str:
         """The sequence ended without a stop string: release held text, unfinished characters included."""

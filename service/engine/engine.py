@@ -24,34 +24,12 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner, StepResult, num_cache_blocks, resolve_device_dtype
 from .outputs import CompletionOutput, EngineStats, RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, validate_request
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence, SequenceGroup, SequenceStatus
 from .speculative import MTPProposer
 
 log = logging.getLogger("glm_serve.engine")
-
-
-def validate_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
-                     max_num_seqs: int, has_tokenizer: bool) -> None:
-    """Raise ValueError for a request an engine with these fixed settings cannot serve."""
-    if not prompt_token_ids:
-        raise ValueError("the prompt is empty")
-    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_token_ids):
-        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
-    if len(prompt_token_ids) + params.max_tokens > max_model_len:
-        raise ValueError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                         f"the maximum model length of {max_model_len} tokens")
-    if params.n > max_num_seqs:
-        raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({max_num_seqs})")
-    if params.stop and not has_tokenizer:
-        raise ValueError("stop strings need a tokenizer; this checkpoint has none")
-    if params.structured is not None and not has_tokenizer:
-        raise ValueError("structured outputs need a tokenizer; this checkpoint has none")
-    for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or []),
-                      ("bad_words", [t for w in params.bad_words_token_ids or [] for t in w])):
-        if any(not 0 <= t < vocab_size for t in ids):
-            raise ValueError(f"{name}: token ids must be in [0, {vocab_size})")
 
 
 class LLMEngine:
@@ -86,7 +64,9 @@ class LLMEngine:
         self.num_speculative_tokens = k
         self.runner = ModelRunner(model, num_blocks, config.block_size, device, dtype, generator, k)
         self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.proposer = MTPProposer(self.runner, self.block_manager, k) if k else None
+        runner = self.runner
+        self.proposer = MTPProposer(runner.model, runner.cache, runner.sampler, self.block_manager, device, k) \
+            if k else None
         self.spec_drafts = self.spec_draft_tokens = self.spec_accepted = 0
         self.spec_accepted_per_pos = [0] * k
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
@@ -212,38 +192,64 @@ class LLMEngine:
         return [out for g in touched if (out := self._output(g)) is not None]
 
     def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> None:
+        """Apply a step's results: positions computed, prompt logprobs, forks, speculation counts, new tokens
+        (with stop checks), then the next drafts."""
+        starts = self._advance(sched)
+        self._store_prompt_logprobs(result)
+        self._fork(result)
+        self._count_verified(result)
+        self._append_samples(result)
+        if self.proposer is not None:
+            live = [(s, start, r) for s, start, r in starts if not s.is_finished and self.proposer.eligible(s)]
+            for seq, _, _ in live:  # roll the block table back past rejected drafts
+                self.block_manager.trim(seq, seq.num_tokens)
+            self.proposer.propose(live, result.hidden, self.max_model_len)
+
+    def _advance(self, sched: SchedulerOutput) -> list[tuple[Sequence, int, int]]:
+        """Count the step's positions as computed (and the sparse attention's reads); returns, per sequence, its
+        computed positions before the step and its first hidden row."""
         topk = self.model_config.index_topk if self.model_config.use_indexer else None
-        starts = []  # (sequence, computed positions before the step, its first hidden row)
+        starts = []
         row = 0
         for seq, n in sched.scheduled:
             starts.append((seq, seq.num_computed_tokens, row))
             row += n
-            drafts = len(seq.draft_token_ids)
             if topk is not None and seq.num_computed_tokens + 1 == seq.num_tokens:  # decode / verify queries
                 for p in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
                     self.dsa_tokens_read += min(topk, p + 1)
                     self.dsa_tokens_cached += p + 1
-            # Verified positions count once their drafts are accepted (below); rejected ones roll back.
-            seq.num_computed_tokens += n - drafts
+            # Verified positions count once their drafts are accepted (_count_verified); rejected ones roll back.
+            seq.num_computed_tokens += n - len(seq.draft_token_ids)
+        return starts
+
+    @staticmethod
+    def _store_prompt_logprobs(result: StepResult) -> None:
         for group, first, lps in result.prompt_logprobs:
             if group.prompt_logprobs is None:
                 group.prompt_logprobs = [None]
             assert len(group.prompt_logprobs) == first, "prompt logprobs out of order"
             group.prompt_logprobs.extend(lps)
+
+    def _fork(self, result: StepResult) -> None:
+        """An n>1 request's other choices start once choice 0's prefill is done, sharing its prompt blocks."""
         children: dict[SequenceGroup, list[Sequence]] = {}
         for seq, _, _ in result.samples:
             if seq.status is SequenceStatus.FORKING:
                 children.setdefault(seq.group, []).append(seq)
         for group, kids in children.items():
             self.runner.copy_blocks(self.scheduler.fork(group.seqs[0], kids))
-        for seq, drafted, accepted in result.spec:
-            seq.num_computed_tokens += accepted
-            seq.clear_drafts()
+
+    def _count_verified(self, result: StepResult) -> None:
+        for v in result.verified:
+            v.seq.num_computed_tokens += v.num_accepted
+            v.seq.clear_drafts()
             self.spec_drafts += 1
-            self.spec_draft_tokens += drafted
-            self.spec_accepted += accepted
-            for pos in range(accepted):
+            self.spec_draft_tokens += v.num_drafts
+            self.spec_accepted += v.num_accepted
+            for pos in range(v.num_accepted):
                 self.spec_accepted_per_pos[pos] += 1
+
+    def _append_samples(self, result: StepResult) -> None:
         for seq, tokens, logprobs in result.samples:
             for token, logprob in zip(tokens, logprobs, strict=True):
                 seq.output_token_ids.append(token)
@@ -254,11 +260,6 @@ class LLMEngine:
                 if seq.is_finished:  # a stop among accepted drafts drops the rest
                     self.scheduler.remove(seq)
                     break
-        if self.proposer is not None:
-            live = [(s, start, r) for s, start, r in starts if not s.is_finished and self.proposer.eligible(s)]
-            for seq, _, _ in live:  # roll the block table back past rejected drafts
-                self.block_manager.trim(seq, seq.num_tokens)
-            self.proposer.propose(live, result.hidden, self.max_model_len)
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params = seq.params

@@ -22,7 +22,7 @@ from .config import EngineConfig
 from .outputs import TokenLogprob
 from .sampler import Sampler, SamplingState, compute_logprobs
 from .sequence import Sequence, SequenceGroup
-from .speculative import draft_tensors, verify
+from .speculative import Verified, verify_drafts
 
 
 def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
@@ -71,8 +71,8 @@ class StepResult:
     samples: list[tuple[Sequence, list[int], list[TokenLogprob | None]]] = field(default_factory=list)
     # Prompt logprobs computed this step, per request: (first prompt position they cover, entries).
     prompt_logprobs: list[tuple[SequenceGroup, int, list[TokenLogprob]]] = field(default_factory=list)
-    # Speculative decoding, per verified sequence: (drafts proposed, drafts accepted).
-    spec: list[tuple[Sequence, int, int]] = field(default_factory=list)
+    # Speculative decoding: the sequences whose drafts were verified (their tokens are in `samples` too).
+    verified: list[Verified] = field(default_factory=list)
     hidden: torch.Tensor | None = None  # the step's hidden states, for the MTP layer's catch-up
 
 
@@ -90,17 +90,14 @@ class ModelRunner:
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, ForwardBatch]:
         """Token ids [N] and the ForwardBatch of one step."""
-        bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         for seq, n in scheduled:
             start = seq.num_computed_tokens
             ids += seq.input_token_ids(start, start + n)
-            table = seq.block_table
-            for p in range(start, start + n):
-                positions.append(p)
-                slots.append(table[p // bs] * bs + p % bs)
+            positions += range(start, start + n)
+            slots += seq.slots(range(start, start + n), self.block_size)
         width = max(len(seq.block_table) for seq, _ in scheduled)
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in scheduled]
 
@@ -168,14 +165,13 @@ class ModelRunner:
             result.samples = [(s, [t], [None]) for (s, _), t in zip(targets, best, strict=True)]
         elif targets:
             seqs = [s for s, _ in targets]
-            state = SamplingState.build(
-                [s.params for s in seqs], [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs],
-                [s.generator for s in seqs], self.device)
+            state = SamplingState.of(seqs, self.device)
             state.bitmask = self._grammar_bitmask(seqs, logits.shape[-1])
             out = self.sampler.sample(logits[torch.tensor([r for _, r in targets], device=logits.device)], state)
             result.samples = [(s, [t], [lp]) for s, t, lp in zip(seqs, out.token_ids, out.logprobs, strict=True)]
         if verifying:
-            self._verify(verifying, logits, result)
+            result.verified = verify_drafts(verifying, logits, self.sampler, self.num_speculative_tokens)
+            result.samples += [(v.seq, v.tokens, v.logprobs) for v in result.verified]
         return result
 
     @staticmethod
@@ -190,60 +186,6 @@ class ModelRunner:
         for i in rows:
             seqs[i].grammar.fill(bitmask, i)
         return bitmask, rows
-
-    def _verify(self, verifying: list[tuple[Sequence, int]], logits: torch.Tensor, result: StepResult) -> None:
-        """Rejection-sample each sequence's drafts against the target distributions at its K+1 positions."""
-        seqs = [s for s, _ in verifying]
-        if all(s.params.argmax_only for s in seqs):
-            self._verify_greedy(verifying, logits, result)
-            return
-        K = max(len(s.draft_token_ids) for s in seqs)
-        V = logits.shape[-1]
-        # Target rows: position j of sequence i sees the drafts before it in its penalty history.
-        idx, params, prompts, outs, gens = [], [], [], [], []
-        for s, first in verifying:
-            k = len(s.draft_token_ids)
-            for j in range(K + 1):
-                idx.append(first + min(j, k))  # padding repeats the last real row
-                params.append(s.params)
-                prompts.append(s.prompt_token_ids)
-                outs.append(s.output_token_ids + s.draft_token_ids[: min(j, k)])
-                gens.append(None)  # target probs need no randomness
-        rows = logits[torch.tensor(idx, device=logits.device)]
-        p = self.sampler.probs(rows, SamplingState.build(params, prompts, outs, gens, self.device))
-        drafts, q, counts = draft_tensors(seqs, V, self.device)
-        state = SamplingState.build([s.params for s in seqs], [s.prompt_token_ids for s in seqs],
-                                    [s.output_token_ids for s in seqs], [s.generator for s in seqs], self.device)
-        # Every sampled sequence draws its configured number of uniforms whatever its drafts: a seeded
-        # request's randomness stays independent of the batch.
-        u = self.sampler.uniform(state, self.num_speculative_tokens)[:, :K]
-        verdict = verify(p.view(len(seqs), K + 1, V), q, drafts, counts, u, state.greedy)
-        final = self.sampler.sample_from_probs(verdict.final_probs, state).tolist()
-        for i, (s, first) in enumerate(verifying):
-            a = int(verdict.num_accepted[i])
-            tokens = s.draft_token_ids[:a] + [final[i]]
-            lps: list[TokenLogprob | None] = [None] * len(tokens)
-            if s.params.logprobs is not None:
-                lps = compute_logprobs(logits[first : first + a + 1], tokens, s.params.logprobs)
-            result.samples.append((s, tokens, lps))
-            result.spec.append((s, len(s.draft_token_ids), a))
-
-    def _verify_greedy(self, verifying: list[tuple[Sequence, int]], logits: torch.Tensor, result: StepResult
-                       ) -> None:
-        """All-greedy verification: accept the longest prefix of drafts equal to the target argmax, then the
-        argmax after it. The same verdict as the rejection rule on one-hot p, without building p or q."""
-        best = logits.argmax(dim=-1).tolist()
-        for s, first in verifying:
-            drafts = s.draft_token_ids
-            a = 0
-            while a < len(drafts) and drafts[a] == best[first + a]:
-                a += 1
-            tokens = drafts[:a] + [best[first + a]]
-            lps: list[TokenLogprob | None] = [None] * len(tokens)
-            if s.params.logprobs is not None:
-                lps = compute_logprobs(logits[first : first + a + 1], tokens, s.params.logprobs)
-            result.samples.append((s, tokens, lps))
-            result.spec.append((s, len(drafts), a))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole cache blocks src -> dst in every layer (an n>1 fork's partial prompt block)."""

@@ -21,6 +21,7 @@ import torch
 from service.engine.logits_processors import LogitsEdits
 from service.engine.outputs import TokenLogprob
 from service.engine.sampling_params import SamplingParams
+from service.engine.sequence import Sequence as Seq
 
 __all__ = ["Sampler", "SamplerOutput", "SamplingState", "apply_penalties", "compute_logprobs"]
 
@@ -68,6 +69,16 @@ class SamplingState:
         return all(self.is_greedy)
 
     @classmethod
+    def of(cls, seqs: list[Seq], device: torch.device | str, num_drafts: list[int] | None = None,
+           seeded: bool = True) -> SamplingState:
+        """One row per sequence. Row i's penalty history is its output plus its first `num_drafts[i]` drafts;
+        `seeded=False` leaves out the sequences' generators (target probabilities need no randomness)."""
+        drafts = num_drafts or [0] * len(seqs)
+        return cls.build([s.params for s in seqs], [s.prompt_token_ids for s in seqs],
+                         [s.output_token_ids + s.draft_token_ids[:d] for s, d in zip(seqs, drafts, strict=True)],
+                         [s.generator if seeded else None for s in seqs], device)
+
+    @classmethod
     def build(cls, params: list[SamplingParams], prompt_ids: list[list[int]], output_ids: list[list[int]],
               generators: list[torch.Generator | None], device: torch.device | str) -> SamplingState:
         if not (len(params) == len(prompt_ids) == len(output_ids) == len(generators)):
@@ -111,7 +122,6 @@ class SamplingState:
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
-    sampled: torch.Tensor  # the same tokens as a [B] long tensor on the logits' device
 
 
 def _bincount_2d(index: tuple[torch.Tensor, torch.Tensor], shape: tuple[int, int], device: torch.device
@@ -252,4 +262,4 @@ class Sampler:
             for i, lp in zip(rows, compute_logprobs(logits[idx], sampled[idx], k_max), strict=True):
                 lp.top = lp.top[: state.logprobs[i]]
                 logprobs[i] = lp
-        return SamplerOutput(token_ids=token_ids, logprobs=logprobs, sampled=sampled)
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)

@@ -85,3 +85,25 @@ class SamplingParams:
         """Greedy with no penalties or edits: the token is the argmax of the raw logits (the engine's fast path)."""
         return self.greedy and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0 and \
             self.repetition_penalty == 1.0 and not self.has_logits_edits and self.structured is None
+
+
+def validate_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
+                     max_num_seqs: int, has_tokenizer: bool) -> None:
+    """Raise ValueError for a request an engine with these fixed settings cannot serve."""
+    if not prompt_token_ids:
+        raise ValueError("the prompt is empty")
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt_token_ids):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    if len(prompt_token_ids) + params.max_tokens > max_model_len:
+        raise ValueError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                         f"the maximum model length of {max_model_len} tokens")
+    if params.n > max_num_seqs:
+        raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({max_num_seqs})")
+    if params.stop and not has_tokenizer:
+        raise ValueError("stop strings need a tokenizer; this checkpoint has none")
+    if params.structured is not None and not has_tokenizer:
+        raise ValueError("structured outputs need a tokenizer; this checkpoint has none")
+    for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or []),
+                      ("bad_words", [t for w in params.bad_words_token_ids or [] for t in w])):
+        if any(not 0 <= t < vocab_size for t in ids):
+            raise ValueError(f"{name}: token ids must be in [0, {vocab_size})")

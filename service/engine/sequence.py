@@ -9,8 +9,8 @@ sequence's last token samples the next one.
 from __future__ import annotations
 
 import enum
-import itertools
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +18,6 @@ import torch
 
 from .outputs import TokenLogprob
 from .sampling_params import SamplingParams
-
-_seq_ids = itertools.count()
 
 
 class SequenceStatus(enum.Enum):
@@ -34,7 +32,6 @@ class Sequence:
 
     def __init__(self, group: SequenceGroup, index: int, generator: torch.Generator | None,
                  detokenizer: Any | None) -> None:
-        self.seq_id = next(_seq_ids)
         self.group = group
         self.index = index
         self.prompt_token_ids = group.prompt_token_ids
@@ -78,6 +75,11 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    def slots(self, positions: Iterable[int], block_size: int) -> list[int]:
+        """Cache slots of these positions: their block's id times the block size, plus the offset in it."""
+        table = self.block_table
+        return [table[p // block_size] * block_size + p % block_size for p in positions]
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens at positions [start, end) of prompt + output."""

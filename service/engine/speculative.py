@@ -22,9 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from model.batch import ForwardBatch
+from model.batch import ForwardBatch, KVCache
+from model.network import GlmMoeDsaForCausalLM
 
-from .sampler import SamplingState
+from .block_manager import BlockManager
+from .outputs import TokenLogprob
+from .sampler import Sampler, SamplingState, compute_logprobs
 from .sequence import Sequence
 
 
@@ -64,12 +67,81 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, num_drafts: t
     return Verdict(num_accepted, torch.where(rejected[:, None], residual, p_at))
 
 
+@dataclass
+class Verified:
+    """One verified sequence: its new tokens (accepted drafts, then one more), their logprob entries if asked,
+    and how many drafts it had."""
+
+    seq: Sequence
+    tokens: list[int]
+    logprobs: list[TokenLogprob | None]
+    num_drafts: int
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.tokens) - 1
+
+
+def verify_drafts(verifying: list[tuple[Sequence, int]], logits: torch.Tensor, sampler: Sampler,
+                  num_speculative_tokens: int) -> list[Verified]:
+    """Rejection-sample each sequence's drafts against the target distributions at its K+1 logits rows
+    (`verifying`: sequence, its first row)."""
+    seqs = [s for s, _ in verifying]
+    if all(s.params.argmax_only for s in seqs):
+        # Accept the longest prefix of drafts equal to the target argmax, then the argmax after it: the same
+        # verdict as the rejection rule on one-hot p, without building p or q.
+        best = logits.argmax(dim=-1).tolist()
+        accepted = []
+        for s, first in verifying:
+            a = 0
+            while a < len(s.draft_token_ids) and s.draft_token_ids[a] == best[first + a]:
+                a += 1
+            accepted.append(a)
+        final = [best[first + a] for (_, first), a in zip(verifying, accepted, strict=True)]
+    else:
+        K = max(len(s.draft_token_ids) for s in seqs)
+        V = logits.shape[-1]
+        # Target rows: position j of a sequence sees the drafts before it in its penalty history; padding
+        # repeats the last real row.
+        idx, rows_of, drafts_seen = [], [], []
+        for s, first in verifying:
+            k = len(s.draft_token_ids)
+            for j in range(K + 1):
+                idx.append(first + min(j, k))
+                rows_of.append(s)
+                drafts_seen.append(min(j, k))
+        device = logits.device
+        p = sampler.probs(logits[torch.tensor(idx, device=device)],
+                          SamplingState.of(rows_of, device, drafts_seen, seeded=False))
+        drafts, q, counts = draft_tensors(seqs, V, device)
+        state = SamplingState.of(seqs, device)
+        # Every sampled sequence draws its configured number of uniforms whatever its drafts: a seeded
+        # request's randomness stays independent of the batch.
+        u = sampler.uniform(state, num_speculative_tokens)[:, :K]
+        verdict = verify(p.view(len(seqs), K + 1, V), q, drafts, counts, u, state.greedy)
+        final = sampler.sample_from_probs(verdict.final_probs, state).tolist()
+        accepted = [int(a) for a in verdict.num_accepted]
+    out = []
+    for (s, first), a, last in zip(verifying, accepted, final, strict=True):
+        tokens = s.draft_token_ids[:a] + [last]
+        lps: list[TokenLogprob | None] = [None] * len(tokens)
+        if s.params.logprobs is not None:
+            lps = list(compute_logprobs(logits[first : first + a + 1], tokens, s.params.logprobs))
+        out.append(Verified(s, tokens, lps, len(s.draft_token_ids)))
+    return out
+
+
 class MTPProposer:
     """Runs the MTP layer each step: catch-up over newly validated positions, then K recursive drafts."""
 
-    def __init__(self, runner, block_manager, num_speculative_tokens: int) -> None:
-        self.runner = runner
+    def __init__(self, model: GlmMoeDsaForCausalLM, cache: KVCache, sampler: Sampler, block_manager: BlockManager,
+                 device: torch.device, num_speculative_tokens: int) -> None:
+        self.model = model
+        self.cache = cache
+        self.sampler = sampler
         self.block_manager = block_manager
+        self.block_size = block_manager.block_size
+        self.device = device
         self.k = num_speculative_tokens
 
     def eligible(self, seq: Sequence) -> bool:
@@ -86,24 +158,22 @@ class MTPProposer:
     def propose(self, done: list[tuple[Sequence, int, int]], hidden: torch.Tensor, max_model_len: int) -> None:
         """done: (sequence, computed positions before this step, first hidden row) for every live sequence of
         the step. Catches the MTP cache up and leaves fresh drafts on sequences now waiting to decode."""
-        runner = self.runner
-        bs, dev = runner.block_size, runner.device
+        dev = self.device
         ids, rows, positions, slots, qlens, seqs = [], [], [], [], [], []
         for seq, start, row in done:
             end = seq.num_computed_tokens
             if end <= start:
                 continue
-            table = seq.block_table
             ids += seq.token_ids(start + 1, end + 1)
             rows += range(row, row + end - start)
             positions += range(start, end)
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            slots += seq.slots(range(start, end), self.block_size)
             qlens.append(end - start)
             seqs.append(seq)
         if not seqs:
             return
         fb = self._batch(seqs, positions, qlens, [s.num_computed_tokens for s in seqs], slots)
-        z = runner.model.mtp(torch.tensor(ids, device=dev), hidden[torch.tensor(rows, device=dev)], fb)
+        z = self.model.mtp(torch.tensor(ids, device=dev), hidden[torch.tensor(rows, device=dev)], fb)
         last = torch.tensor(qlens, device=dev).cumsum(0) - 1
         drafting = [(s, i) for i, s in enumerate(seqs)
                     if s.num_computed_tokens == s.num_tokens - 1 and self.draft_budget(s, max_model_len) > 0]
@@ -112,7 +182,7 @@ class MTPProposer:
                         max_model_len)
 
     def _draft(self, seqs: list[Sequence], z: torch.Tensor, max_model_len: int) -> None:
-        runner, bs, dev = self.runner, self.runner.block_size, self.runner.device
+        dev = self.device
         budgets = [self.draft_budget(s, max_model_len) for s in seqs]
         for s in seqs:
             s.draft_token_ids, s.draft_probs = [], []
@@ -131,32 +201,30 @@ class MTPProposer:
                 active = [i for i, _ in keep]
                 z = z[torch.tensor([row for _, row in keep], device=dev)]
                 pos = [seqs[i].num_computed_tokens + step - 1 for i in active]
-                slots = [seqs[i].block_table[p // bs] * bs + p % bs for i, p in zip(active, pos, strict=True)]
+                slots = [slot for i, p in zip(active, pos, strict=True) for slot in seqs[i].slots([p], self.block_size)]
                 fb = self._batch([seqs[i] for i in active], pos, [1] * len(active), [p + 1 for p in pos], slots)
                 prev = torch.tensor([seqs[i].draft_token_ids[-1] for i in active], device=dev)
-                z = runner.model.mtp(prev, z, fb)
+                z = self.model.mtp(prev, z, fb)
             batch = [seqs[i] for i in active]
-            logits = runner.model.mtp_logits(z)
+            logits = self.model.mtp_logits(z)
             if all(s.params.argmax_only for s in batch):
                 # Greedy drafts: argmax, no q (verification of greedy rows never reads it).
                 tokens, q = logits.argmax(dim=-1).tolist(), [None] * len(batch)
             else:
-                state = SamplingState.build([s.params for s in batch], [s.prompt_token_ids for s in batch],
-                                            [s.output_token_ids + s.draft_token_ids for s in batch],
-                                            [s.generator for s in batch], dev)
-                q = runner.sampler.probs(logits, state)
-                tokens = runner.sampler.sample_from_probs(q, state).tolist()
+                state = SamplingState.of(batch, dev, [len(s.draft_token_ids) for s in batch])
+                q = self.sampler.probs(logits, state)
+                tokens = self.sampler.sample_from_probs(q, state).tolist()
             for j, i in enumerate(active):
                 seqs[i].draft_token_ids.append(tokens[j])
                 seqs[i].draft_probs.append(q[j])
 
     def _batch(self, seqs: list[Sequence], positions: list[int], qlens: list[int], ctx: list[int],
                slots: list[int]) -> ForwardBatch:
-        dev = self.runner.device
+        dev = self.device
         width = max(len(s.block_table) for s in seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
-        return ForwardBatch(t(positions), qlens, ctx, t(tables), t(slots), self.runner.cache)
+        return ForwardBatch(t(positions), qlens, ctx, t(tables), t(slots), self.cache)
 
 
 def draft_tensors(seqs: list[Sequence], vocab: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -175,4 +243,4 @@ def draft_tensors(seqs: list[Sequence], vocab: int, device: torch.device) -> tup
     return drafts, q, counts
 
 
-__all__ = ["MTPProposer", "Verdict", "draft_tensors", "verify"]
+__all__ = ["MTPProposer", "Verdict", "Verified", "draft_tensors", "verify", "verify_drafts"]
