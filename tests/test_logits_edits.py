@@ -100,3 +100,16 @@ def test_grammar_rows_batched_beside_free_rows_with_speculation(engine_ckpt) -> 
     alone = make_engine(engine_ckpt)
     alone.add_request("free", ps[0], SamplingParams(max_tokens=10, temperature=0.0))
     assert run_engine(alone)["free"][0].token_ids == out["free"][0].token_ids
+
+
+def test_torch_bitmask_path_equals_xgrammars() -> None:
+    """The accelerator path (plain torch) masks exactly what xgrammar's CPU kernel masks."""
+    from service.engine.structured import apply_bitmask, unpack_and_mask
+
+    gen = torch.Generator().manual_seed(0)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (4, 10), dtype=torch.int32, generator=gen)
+    logits = torch.randn(4, 300, generator=gen)
+    rows = [0, 2, 3]
+    a = apply_bitmask(logits.clone(), bitmask, rows)
+    b = unpack_and_mask(logits.clone(), bitmask, rows)
+    assert torch.equal(a.isinf(), b.isinf()) and torch.equal(a[1], logits[1])

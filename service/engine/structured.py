@@ -134,15 +134,25 @@ def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
     return _xgr().allocate_token_bitmask(rows, vocab_size)
 
 
+_BITS: dict[torch.device, torch.Tensor] = {}  # device -> arange(32) as int32, the bit positions of a mask word
+
+
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """-inf on the tokens the grammar forbids, in the constrained rows of `logits` [B, V] (in place)."""
     if logits.device.type == "cpu":
-        _xgr().apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+        _xgr().apply_token_bitmask_inplace(logits, bitmask, indices=rows)  # ~0.7 ms for 8 rows of 8K, one thread
         return logits
-    # On CUDA xgrammar's kernel wants the mask beside the logits; index rows ourselves (no triton needed).
-    mask = bitmask[rows].to(logits.device, non_blocking=True)
-    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
+    return unpack_and_mask(logits, bitmask, rows)
+
+
+def unpack_and_mask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The same in plain torch, for accelerators: xgrammar's CUDA path needs triton and a mask on the device."""
+    device = logits.device
+    bits = _BITS.get(device)
+    if bits is None:
+        bits = _BITS[device] = torch.arange(32, device=device, dtype=torch.int32)
+    idx = torch.tensor(rows, device=device)
+    mask = bitmask[rows].to(device, non_blocking=True)
     allowed = ((mask.unsqueeze(-1) >> bits) & 1).bool().flatten(1)[:, : logits.shape[-1]]
-    idx = torch.tensor(rows, device=logits.device)
     logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
     return logits
