@@ -22,7 +22,7 @@ from service.api.reasoning_parser import (
     GlmReasoningParser,
     prompt_opens_reasoning,
 )
-from service.api.tool_parser import KEY_OPEN, TOOL_OPEN, GlmToolParser
+from service.api.tool_parser import KEY_OPEN, TOOL_OPEN, GlmToolParser, ToolCallDelta
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class ChatPlan:
     in_reasoning: bool = False  # the prompt left a <think> block open
     tools: list[dict[str, Any]] | None = None  # the tool parser reads the output (with these schemas)
     include_reasoning: bool = True
+    max_calls: int | None = None  # parallel_tool_calls: false keeps only the first call the model writes
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
 
     def parser(self) -> ChoiceParser:
@@ -61,7 +62,7 @@ class ChatPlan:
 async def plan_chat(req: ChatCompletionRequest, prompt: str, tokenizer: Any, tool_parser_on: bool,
                     reasoning_parser_on: bool) -> ChatPlan:
     """The plan for `req`, or a 400 (bad schema, regex or grammar: the compiler's words)."""
-    plan = ChatPlan(include_reasoning=req.include_reasoning)
+    plan = ChatPlan(include_reasoning=req.include_reasoning, max_calls=1 if req.parallel_tool_calls is False else None)
     plan.in_reasoning = prompt_opens_reasoning(prompt)
     plan.reasoning = reasoning_parser_on or plan.in_reasoning
     forced = req.forced_tools
@@ -112,7 +113,7 @@ def message(plan: ChatPlan, text: str, finish_reason: str | None) -> tuple[dict[
     tail = parser.finish()
     reasoning, content = d.reasoning + tail.reasoning, d.content + tail.content
     calls: dict[int, dict[str, Any]] = {}
-    for c in d.calls + tail.calls:
+    for c in _kept(plan, d.calls + tail.calls):
         if c.id is not None:
             calls[c.index] = {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}
         calls[c.index]["function"]["arguments"] += c.arguments
@@ -135,9 +136,10 @@ def delta(plan: ChatPlan, parser: ChoiceParser, text: str, finished: bool) -> di
         out["reasoning_content"] = out["reasoning"] = d.reasoning
     if d.content:
         out["content"] = d.content
-    if d.calls:
+    kept = _kept(plan, d.calls)
+    if kept:
         out["tool_calls"] = []
-        for c in d.calls:
+        for c in kept:
             last = out["tool_calls"][-1] if out["tool_calls"] else None
             if c.id is None and last is not None and last["index"] == c.index:
                 last["function"]["arguments"] += c.arguments  # one entry per call per chunk
@@ -147,6 +149,10 @@ def delta(plan: ChatPlan, parser: ChoiceParser, text: str, finished: bool) -> di
             else:
                 out["tool_calls"].append({"index": c.index, "function": {"arguments": c.arguments}})
     return out
+
+
+def _kept(plan: ChatPlan, calls: list[ToolCallDelta]) -> list[ToolCallDelta]:
+    return calls if plan.max_calls is None else [c for c in calls if c.index < plan.max_calls]
 
 
 def stream_finish_reason(parser: ChoiceParser, finish_reason: str | None) -> str | None:
