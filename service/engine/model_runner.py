@@ -158,10 +158,15 @@ class ModelRunner:
             k = group.params.prompt_logprobs or 0
             lps = compute_logprobs(logits[torch.tensor(idx, device=logits.device)], token_ids, k)
             result.prompt_logprobs.append((group, first, lps))
-        if targets and all(s.params.argmax_only and s.params.logprobs is None and s.grammar is None
-                           for s, _ in targets):
-            # The common greedy batch: one argmax, no per-row sampling tensors.
-            best = logits[torch.tensor([r for _, r in targets], device=logits.device)].argmax(dim=-1).tolist()
+        if targets and all(s.params.argmax_only and s.params.logprobs is None for s, _ in targets):
+            # The common greedy batch: one argmax, no per-row sampling tensors (grammar rows: of the masked logits).
+            rows_logits = logits[torch.tensor([r for _, r in targets], device=logits.device)]
+            bitmask = self._grammar_bitmask([s for s, _ in targets], logits.shape[-1])
+            if bitmask is not None:
+                from .structured import apply_bitmask
+
+                rows_logits = apply_bitmask(rows_logits, *bitmask)  # a copy already (advanced indexing)
+            best = rows_logits.argmax(dim=-1).tolist()
             result.samples = [(s, [t], [None]) for (s, _), t in zip(targets, best, strict=True)]
         elif targets:
             seqs = [s for s, _ in targets]

@@ -84,7 +84,7 @@ class SamplingParams:
     def argmax_only(self) -> bool:
         """Greedy with no penalties or edits: the token is the argmax of the raw logits (the engine's fast path)."""
         return self.greedy and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0 and \
-            self.repetition_penalty == 1.0 and not self.has_logits_edits and self.structured is None
+            self.repetition_penalty == 1.0 and not self.has_logits_edits
 
 
 def validate_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
