@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 # DESIGN.md §2's flag table (plus the memory-fraction form of --kv-cache-tokens).
 DESIGN_FLAGS = ["model", "served-model-name", "host", "port", "device", "dtype", "max-model-len", "max-num-seqs",
                 "max-num-batched-tokens", "kv-cache-tokens", "kv-cache-memory-fraction", "num-speculative-tokens",
-                "max-queue-size", "api-key", "shutdown-timeout", "log-level", "log-format"]
+                "max-queue-size", "api-key", "shutdown-timeout", "log-level", "log-format", "enable-auto-tool-choice",
+                "tool-call-parser", "reasoning-parser"]
 
 SAMPLE_ENV = {"model": "/tmp/m", "served_model_name": "glm", "host": "0.0.0.0", "port": "9001", "device": "cpu",
               "dtype": "float32", "max_model_len": "4096", "max_num_seqs": "8", "max_num_batched_tokens": "512",
@@ -30,7 +31,8 @@ SAMPLE_ENV = {"model": "/tmp/m", "served_model_name": "glm", "host": "0.0.0.0", 
               "max_queue_size": "3", "retry_after": "7",
               "request_timeout": "60", "max_request_body_bytes": "2048", "api_key": "k1,k2",
               "cors_origins": "https://a,https://b", "shutdown_timeout": "12.5", "log_level": "debug",
-              "log_format": "json", "log_prompts": "true"}
+              "log_format": "json", "log_prompts": "true", "enable_auto_tool_choice": "true",
+              "tool_call_parser": "glm45", "reasoning_parser": "glm45"}
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +60,7 @@ def test_every_field_reads_its_env_var(monkeypatch):
         monkeypatch.setenv("GLM_SERVE_" + name.upper(), value)
     s = parse_settings([])
     assert s.model == Path("/tmp/m") and s.port == 9001 and s.kv_cache_memory_fraction == 0.5
+    assert s.enable_auto_tool_choice and s.tool_call_parser == "glm45" and s.reasoning_parser == "glm45"
     assert s.api_key == ["k1", "k2"] and s.cors_origins == ["https://a", "https://b"]
     assert s.shutdown_timeout == 12.5 and s.log_prompts is True and s.request_timeout == 60
     for name, value in SAMPLE_ENV.items():
