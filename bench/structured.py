@@ -15,6 +15,7 @@ free rows). Target (issue 15): constrained >= 0.85x unconstrained at K = 0. Writ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -94,10 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             if name == "json_schema":
                 ok = 0
                 for t in texts:
-                    try:
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
                         ok += len(json.loads(t)["items"]) == 12
-                    except (ValueError, KeyError, TypeError):
-                        pass
                 valid = f"{ok}/{len(texts)}"
             rows.append({"k": k, "kind": name, "tok_s": statistics.median(speeds[name]), "tok_s_runs": speeds[name],
                          "ratio": statistics.median(speeds[name]) / free, "tokens": tokens, "valid": valid})
