@@ -24,6 +24,11 @@ from tokenizers import Tokenizer as _RustTokenizer
 
 __all__ = ["ChatTemplate", "ChatTemplateError", "Tokenizer"]
 
+# GLM's reasoning and tool-call markup. In GLM-5's tokenizer these are special tokens, yet they are the structure
+# of the answer (parsed into reasoning_content and tool_calls), so decoding keeps them even when it skips specials.
+MARKUP_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
+                 "</arg_value>")
+
 
 class ChatTemplateError(ValueError):
     """A chat template is missing, does not compile, or failed (or was refused) while rendering.
@@ -223,6 +228,7 @@ class Tokenizer:
         self._source = source
         added = tokenizer.get_added_tokens_decoder()
         self.special_token_ids: set[int] = {i for i, t in added.items() if t.special}
+        self._kept_specials = {i: t.content for i, t in added.items() if t.special and t.content in MARKUP_TOKENS}
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> Tokenizer | None:
@@ -276,7 +282,37 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        kept = self._kept_specials
+        if not skip_special_tokens or not kept or kept.keys().isdisjoint(ids):
+            return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        parts, run = [], []
+        for i in ids:  # decode the runs between markup tokens, skipping other specials; keep the markup
+            if i in kept:
+                parts += [self._tok.decode(run, skip_special_tokens=True), kept[i]]
+                run = []
+            else:
+                run.append(i)
+        parts.append(self._tok.decode(run, skip_special_tokens=True))
+        return "".join(parts)
+
+    def encoded_vocab(self) -> list[str]:
+        """Each id's piece as the model stores it (byte-level pieces undecoded), indexed by id; "" for gaps."""
+        vocab = [""] * self.vocab_size
+        for piece, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if 0 <= i < len(vocab):
+                vocab[i] = piece
+        return vocab
+
+    @property
+    def vocab_kind(self) -> str:
+        """How pieces map to bytes: "byte_level" (GPT-2 style), "byte_fallback" (<0xNN> pieces) or "raw"."""
+        decoder = json.dumps(json.loads(self._tok.to_str()).get("decoder"))  # once per grammar compiler
+        if '"ByteLevel"' in decoder:
+            return "byte_level"
+        if '"ByteFallback"' in decoder:
+            return "byte_fallback"
+        return "raw"
 
     def max_token_chars(self) -> int | None:
         """Most characters one token can stand for, when that is known: for a byte-level BPE without a normalizer
@@ -296,6 +332,10 @@ class Tokenizer:
     @property
     def has_chat_template(self) -> bool:
         return bool(self._templates)
+
+    def chat_template_text(self) -> str:
+        """The source of every chat template (the server reads which markup they write)."""
+        return "\n".join(t.text for t in self._templates.values())
 
     def apply_chat_template(self, messages: Sequence[Any], add_generation_prompt: bool = True,
                             tools: list[Any] | None = None, **kwargs: Any) -> str:

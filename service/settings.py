@@ -91,6 +91,14 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     log_prompts: bool = Field(False, description="log request prompts (off by default: they may hold user data)")
+    enable_auto_tool_choice: bool = Field(False, description="parse tool calls the model writes under tool_choice "
+                                                             "auto (on by itself when the chat template uses GLM's "
+                                                             "tool-call tags)")
+    tool_call_parser: Literal["glm47", "glm45"] | None = Field(None, description="tool-call format (both read "
+                                                                                 "GLM-4.5 to GLM-5 output)")
+    reasoning_parser: Literal["glm45"] | None = Field(None, description="split <think> reasoning into "
+                                                                        "reasoning_content (on by itself when the "
+                                                                        "chat template uses <think>)")
 
     @field_validator("api_key", "cors_origins", mode="before")
     @classmethod
@@ -111,7 +119,7 @@ class Settings(BaseSettings):
         return self
 
     @field_validator("log_level", "log_format", "device", "dtype", "quantization", "prefix_caching_hash_algo",
-                     mode="before")
+                     "tool_call_parser", "reasoning_parser", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v

@@ -28,7 +28,8 @@ SAMPLE_ENV = {"model": "/tmp/m", "served_model_name": "glm", "host": "0.0.0.0", 
               "request_timeout": "60", "max_request_body_bytes": "2048", "api_key": "k1,k2",
               "cors_origins": "https://a,https://b", "shutdown_timeout": "12.5", "log_level": "debug",
               "log_format": "json", "log_prompts": "true", "enable_prefix_caching": "false",
-              "prefix_caching_hash_algo": "sha256"}
+              "prefix_caching_hash_algo": "sha256", "enable_auto_tool_choice": "true",
+              "tool_call_parser": "glm45", "reasoning_parser": "glm45"}
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +51,7 @@ def test_every_field_reads_its_env_var(monkeypatch):
         monkeypatch.setenv("GLM_SERVE_" + name.upper(), value)
     s = parse_settings([])
     assert s.model == Path("/tmp/m") and s.port == 9001 and s.kv_cache_memory_fraction == 0.5
+    assert s.enable_auto_tool_choice and s.tool_call_parser == "glm45" and s.reasoning_parser == "glm45"
     assert s.api_key == ["k1", "k2"] and s.cors_origins == ["https://a", "https://b"]
     assert s.shutdown_timeout == 12.5 and s.log_prompts is True and s.request_timeout == 60
     for name, value in SAMPLE_ENV.items():

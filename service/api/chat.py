@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from service.api import chat_agents
 from service.api.body import parse_body
 from service.api.context import ServingContext
 from service.api.generation import Outputs
@@ -28,19 +29,26 @@ async def create_chat_completion(request: Request) -> Response:
         text = await ctx.render_chat(messages, req.add_generation_prompt, req.tools, req.chat_template_kwargs)
         prompt_ids = await ctx.encode(text, add_special_tokens=False, prompt_of="messages")
         max_tokens = ctx.resolve_max_tokens(len(prompt_ids), req.requested_max_tokens, chat=True)
-        params = req.sampling_params(max_tokens, req.num_logprobs, None, ctx.sampling_defaults)
+        ctx.check_token_ids(list(req.logit_bias_ids), "logit_bias")
+        ctx.check_token_ids(req.allowed_token_ids or [], "allowed_token_ids")
+        plan = await chat_agents.plan_chat(req, text, ctx.tokenizer, ctx.tool_parser_on, ctx.reasoning_parser_on)
+        params = req.sampling_params(max_tokens, req.num_logprobs, None, ctx.sampling_defaults,
+                                     plan.bad_words_token_ids, plan.spec)
         response_id = new_id("chatcmpl")
         job.log_prompt(response_id, text)
         job.submit(response_id, prompt_ids, params)
         namer = TokenNamer(ctx.tokenizer, req.return_tokens_as_token_ids)
         created = int(time.time())
         if req.stream:
-            return await job.stream(_chunks(job, req, response_id, created, namer, job.outputs(), len(prompt_ids)))
+            return await job.stream(_chunks(job, req, plan, response_id, created, namer, job.outputs(),
+                                            len(prompt_ids)))
         [result] = await job.collect()
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": chat_logprobs(c.logprobs, namer) if req.logprobs else None,
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-                   for i, c in enumerate(result.choices)]
+        choices = []
+        for i, c in enumerate(result.choices):
+            message, reason = chat_agents.message(plan, c.text, c.finish_reason)
+            choices.append({"index": i, "message": message,
+                            "logprobs": chat_logprobs(c.logprobs, namer) if req.logprobs else None,
+                            "finish_reason": reason, "stop_reason": c.stop_reason})
         job.log_done(response_id, result.num_prompt_tokens, result.num_generated_tokens,
                      [str(c.finish_reason) for c in result.choices])
         return JSONResponse({"id": response_id, "object": "chat.completion", "created": created,
@@ -49,12 +57,14 @@ async def create_chat_completion(request: Request) -> Response:
                                             result.num_cached_tokens)})
 
 
-async def _chunks(job: Job, req: ChatCompletionRequest, response_id: str, created: int, namer: TokenNamer,
-                  outputs: Outputs, prompt_tokens: int) -> AsyncGenerator[dict[str, Any], None]:
-    """A role delta per choice, then content deltas, one finish_reason per choice, optional usage."""
+async def _chunks(job: Job, req: ChatCompletionRequest, plan: chat_agents.ChatPlan, response_id: str, created: int,
+                  namer: TokenNamer, outputs: Outputs, prompt_tokens: int) -> AsyncGenerator[dict[str, Any], None]:
+    """A role delta per choice, then reasoning / content / tool-call deltas, one finish_reason per choice, optional
+    usage."""
     base = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": job.ctx.model_name}
     generated = cached = 0
     finished: dict[int, str] = {}
+    parsers = [plan.parser() for _ in range(req.n)]
 
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         out = {**base, "choices": choices}
@@ -67,13 +77,14 @@ async def _chunks(job: Job, req: ChatCompletionRequest, response_id: str, create
     async for _, out in outputs:
         generated, cached = out.num_generated_tokens, out.num_cached_tokens
         for o in out.outputs:
-            delta = {"content": o.text} if o.text else {}
+            delta = chat_agents.delta(plan, parsers[o.index], o.text, o.finish_reason is not None)
             has_logprobs = req.logprobs and bool(o.logprobs)
             if not delta and not has_logprobs and o.finish_reason is None:
                 continue
             choice: dict[str, Any] = {"index": o.index, "delta": delta,
                                       "logprobs": chat_logprobs(o.logprobs or [], namer) if has_logprobs else None,
-                                      "finish_reason": o.finish_reason}
+                                      "finish_reason": chat_agents.stream_finish_reason(parsers[o.index],
+                                                                                        o.finish_reason)}
             if o.finish_reason is not None:
                 finished[o.index] = o.finish_reason
                 choice["stop_reason"] = o.stop_reason

@@ -16,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from service.api.body import parse_body
+from service.api.chat_agents import completion_constraints
 from service.api.context import ServingContext
 from service.api.generation import Outputs
 from service.api.job import Job, new_id, usage
@@ -52,7 +53,12 @@ async def create_completion(request: Request) -> Response:
                 prompts.append(_Prompt(p, text))
         max_tokens = [ctx.resolve_max_tokens(len(p.ids), req.max_tokens, chat=False) for p in prompts]
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
-        params = [req.sampling_params(mt, req.logprobs, prompt_logprobs, ctx.sampling_defaults) for mt in max_tokens]
+        ctx.check_token_ids(list(req.logit_bias_ids), "logit_bias")
+        ctx.check_token_ids(req.allowed_token_ids or [], "allowed_token_ids")
+        bad_words, spec = await completion_constraints(req, ctx.need_tokenizer("bad_words and structured outputs")) \
+            if req.bad_words or req.structured_outputs or req.response_format else ([], None)
+        params = [req.sampling_params(mt, req.logprobs, prompt_logprobs, ctx.sampling_defaults, bad_words, spec)
+                  for mt in max_tokens]
         response_id = new_id("cmpl")
         job.log_prompt(response_id, req.prompt)
         for i, (p, ps) in enumerate(zip(prompts, params, strict=True)):

@@ -64,6 +64,9 @@ class ServingContext:
         self._long_encode = asyncio.Semaphore(1)
         self.ready = False
         self.created = int(time.time())
+        from service.api.chat_agents import detect_parsers
+
+        self.tool_parser_on, self.reasoning_parser_on = detect_parsers(settings, self.tokenizer)
 
     # -- admission ---------------------------------------------------------------------------------------------
     def admit(self) -> Ticket:

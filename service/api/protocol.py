@@ -2,12 +2,12 @@
 
 Strict mode means no silent coercion: `"0.5"` is not a temperature, `true` is not an `n`, NaN and infinity
 are refused. Unknown fields are ignored (as vLLM and OpenAI's newer fields require), but known OpenAI features
-we do not implement (logit_bias, suffix, best_of > 1, structured output, forced tool calls) are refused rather
-than silently dropped.
+we do not implement (suffix, best_of > 1) are refused rather than silently dropped.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
@@ -20,6 +20,8 @@ MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
 MAX_CACHE_SALT_CHARS = 1024  # a salt needs ~43 characters (256 random bits in base64); more is only a cost
+MAX_LOGIT_BIAS = 1024  # entries; OpenAI allows 300
+MAX_BAD_WORDS = 256
 
 
 class _Strict(BaseModel):
@@ -37,6 +39,27 @@ _STOP_STRING = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_STRING_C
 _STOP_SCHEMA = _nullable(_STOP_STRING, {"type": "array", "maxItems": MAX_STOP_STRINGS, "items": _STOP_STRING})
 _STREAM_OPTIONS_RULE = {"if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
                         "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}}
+_LOGIT_BIAS = {"type": "object", "maxProperties": MAX_LOGIT_BIAS, "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+               "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}
+_TOOL = {"type": "object", "required": ["type", "function"], "properties": {
+    "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
+        "parameters": {"type": "object"}, "strict": {"type": ["boolean", "null"]}}}}}
+_TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto", "required"]}, {
+    "type": "object", "required": ["type", "function"], "properties": {
+        "type": {"const": "function"}, "function": {"type": "object", "required": ["name"],
+                                                    "properties": {"name": {"type": "string"}}}}}]}
+_RESPONSE_FORMAT = {"anyOf": [
+    {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+    {"type": "object", "required": ["type", "json_schema"], "properties": {
+        "type": {"const": "json_schema"},
+        "json_schema": {"type": "object", "properties": {"name": {"type": "string"}, "schema": {"type": "object"},
+                                                         "strict": {"type": ["boolean", "null"]}}}}}]}
+_STRUCTURED_OUTPUTS = {"type": "object", "maxProperties": 1, "properties": {
+    "json": {"type": ["object", "string"]}, "regex": {"type": "string"},
+    "choice": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+    "grammar": {"type": "string", "minLength": 1}, "json_object": {"type": "boolean"}}}
 _TOP_LOGPROBS_RULE = {"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"minimum": 1}}},
                       "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}}
 
@@ -71,7 +94,12 @@ class _SamplingRequest(_Strict):
     user: str | None = None
     # vLLM's: prefix-cache entries are shared only between requests with the same salt (one per tenant).
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
-    logit_bias: Annotated[dict[str, Any] | None, _nullable({"type": "object", "maxProperties": 0})] = None
+    logit_bias: Annotated[dict[str, Any] | None, _nullable(_LOGIT_BIAS)] = None
+    allowed_token_ids: Annotated[list[int] | None, _nullable({**_IDS, "minItems": 1})] = Field(None, min_length=1)
+    bad_words: Annotated[list[str] | None, _nullable(
+        {"type": "array", "maxItems": MAX_BAD_WORDS, "items": {"type": "string", "minLength": 1}})] = Field(
+        None, max_length=MAX_BAD_WORDS)
+    structured_outputs: Annotated[dict[str, Any] | None, _nullable(_STRUCTURED_OUTPUTS)] = None
 
     @field_validator("stop")
     @classmethod
@@ -89,12 +117,26 @@ class _SamplingRequest(_Strict):
     def _common(self) -> _SamplingRequest:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be set when stream is true")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+        for key, value in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit() and len(key) <= 9):
+                raise ValueError(f"logit_bias keys must be token ids (decimal strings), got {key!r}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not -100 <= value <= 100:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {value!r}")
+        if self.logit_bias and len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries")
+        if any(not w for w in self.bad_words or []):
+            raise ValueError("bad_words must not be empty strings")
+        if self.structured_outputs is not None and len(self.structured_outputs) > 1:
+            raise ValueError("structured_outputs takes one of json, regex, choice, grammar")
         return self
 
+    @property
+    def logit_bias_ids(self) -> dict[int, float]:
+        return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
-                        defaults: dict[str, Any]) -> SamplingParams:
+                        defaults: dict[str, Any], bad_words_token_ids: list[list[int]] | None = None,
+                        structured: str | None = None) -> SamplingParams:
         """Request values first, then the checkpoint's generation_config.json, then SamplingParams' own."""
 
         def pick(name: str, fallback: Any) -> Any:
@@ -108,7 +150,10 @@ class _SamplingRequest(_Strict):
             include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=pick("repetition_penalty", 1.0),
-            skip_special_tokens=self.skip_special_tokens, cache_salt=self.cache_salt)
+            skip_special_tokens=self.skip_special_tokens, cache_salt=self.cache_salt,
+            logit_bias=self.logit_bias_ids or None,
+            allowed_token_ids=list(self.allowed_token_ids) if self.allowed_token_ids else None,
+            bad_words_token_ids=bad_words_token_ids or None, structured=structured)
 
     @property
     def include_usage(self) -> bool:
@@ -183,6 +228,15 @@ class ChatMessage(_Strict):
         if message["role"] == "developer":  # OpenAI's newer name for the system role; templates know system
             message["role"] = "system"
         message.setdefault("content", None)
+        for call in message.get("tool_calls") or []:  # templates iterate arguments: give them the object
+            fn = call.get("function")
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                try:
+                    args = json.loads(fn["arguments"])
+                except ValueError:
+                    continue
+                if isinstance(args, dict):
+                    fn["arguments"] = args
         return message
 
 
@@ -192,23 +246,58 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Annotated[str | dict[str, Any] | None, _nullable({"enum": ["none", "auto"]})] = None
+    tools: Annotated[list[dict[str, Any]] | None, _nullable({"type": "array", "items": _TOOL})] = None
+    tool_choice: Annotated[str | dict[str, Any] | None, WithJsonSchema(
+        {"anyOf": [*_TOOL_CHOICE["anyOf"], {"type": "null"}]})] = None
     parallel_tool_calls: bool | None = None
-    response_format: Annotated[dict[str, Any] | None, _nullable(
-        {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}})] = None
+    response_format: Annotated[dict[str, Any] | None, WithJsonSchema(
+        {"anyOf": [*_RESPONSE_FORMAT["anyOf"], {"type": "null"}]})] = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool = True
 
     @model_validator(mode="after")
     def _chat(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ValueError("tool_choice must be 'none' or 'auto' (forced tool calls are not supported)")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise ValueError("response_format: only {'type': 'text'} is supported")
+        names = []
+        for i, tool in enumerate(self.tools or []):
+            fn = tool.get("function")
+            if tool.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+                    or not fn["name"]:
+                raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}")
+            if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+                raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+            names.append(fn["name"])
+        choice = self.tool_choice
+        if isinstance(choice, str):
+            if choice not in ("none", "auto", "required"):
+                raise ValueError(f"tool_choice must be 'none', 'auto', 'required' or a named function, got {choice!r}")
+            if choice == "required" and not names:
+                raise ValueError("tool_choice 'required' needs at least one tool in tools")
+        elif isinstance(choice, dict):
+            fn = choice.get("function")
+            name = fn.get("name") if isinstance(fn, dict) else None
+            if choice.get("type") != "function" or not isinstance(name, str):
+                raise ValueError("tool_choice must be {'type': 'function', 'function': {'name': ...}}")
+            if name not in names:
+                raise ValueError(f"tool_choice names the function {name!r}, which is not in tools")
+        elif choice is not None:
+            raise ValueError("tool_choice must be a string or an object")
+        rf = self.response_format
+        if rf is not None and rf.get("type") not in ("text", "json_object", "json_schema"):
+            raise ValueError("response_format.type must be 'text', 'json_object' or 'json_schema'")
         return self
+
+    @property
+    def forced_tools(self) -> list[dict[str, Any]] | None:
+        """The tools one of which must be called (tool_choice required or named), else None."""
+        if self.tool_choice == "required":
+            return list(self.tools or [])
+        if isinstance(self.tool_choice, dict):
+            name = self.tool_choice["function"]["name"]
+            return [t for t in self.tools or [] if t["function"]["name"] == name][:1]
+        return None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -226,6 +315,8 @@ class CompletionRequest(_SamplingRequest):
     echo: bool = False
     add_special_tokens: bool = True
     suffix: Annotated[str | None, _nullable({"const": ""})] = None
+    response_format: Annotated[dict[str, Any] | None, WithJsonSchema(
+        {"anyOf": [*_RESPONSE_FORMAT["anyOf"], {"type": "null"}]})] = None
     best_of: int | None = Field(None, ge=1)
 
     @field_validator("prompt", mode="before")

@@ -7,6 +7,7 @@ engine calls every method from its one loop thread.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from collections.abc import Callable
@@ -78,6 +79,13 @@ class LLMEngine:
         self.executor = None  # tensor parallelism: relays model calls to the other ranks (from_config sets it)
         self.dsa_tokens_read = 0
         self.dsa_tokens_cached = 0
+        self.grammars = None  # compiles structured-output grammars off the step loop (first use loads xgrammar)
+        if tokenizer is not None:
+            from .structured import GrammarCompilerPool
+
+            self.grammars = GrammarCompilerPool(tokenizer, cfg.vocab_size, self.eos_token_ids)
+        # Requests whose grammar is still compiling: not yet given to the scheduler.
+        self.pending_grammar: dict[SequenceGroup, concurrent.futures.Future] = {}
         log.info("engine: %s %s, %d cache blocks x %d tokens, max_model_len %d", device, dtype, num_blocks,
                  config.block_size, max_len)
 
@@ -144,7 +152,35 @@ class LLMEngine:
                 seq.status = SequenceStatus.FORKING
             group.seqs.append(seq)
         self.requests[request_id] = group
+        if params.structured is not None and self.grammars is not None:
+            self.pending_grammar[group] = self.grammars.submit(params.structured)
+            return
         self.scheduler.add(group.seqs[0])
+
+    def _admit_compiled(self) -> None:
+        """Hand requests whose grammar has compiled to the scheduler, each choice with its own matcher. When
+        nothing else can run, wait a moment for a compile instead of spinning the loop."""
+        if not self.pending_grammar:
+            return
+        if not self.scheduler.running and not self.scheduler.waiting:
+            concurrent.futures.wait(list(self.pending_grammar.values()), timeout=0.01,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        from .structured import SequenceGrammar
+
+        for group, future in list(self.pending_grammar.items()):
+            if not future.done():
+                continue
+            del self.pending_grammar[group]
+            try:
+                compiled = future.result()
+            except Exception as e:  # the API checks specs first; a compile failure here is the engine's fault
+                log.error("grammar compile failed for %s: %s", group.request_id, e)
+                for seq in group.seqs:
+                    seq.finish("error")
+                continue
+            for seq in group.seqs:
+                seq.grammar = SequenceGrammar(compiled)
+            self.scheduler.add(group.seqs[0])
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and free its blocks; its final output (finish_reason "abort") comes with the next
@@ -152,6 +188,7 @@ class LLMEngine:
         group = self.requests.get(request_id)
         if group is None:
             return False
+        self.pending_grammar.pop(group, None)
         for seq in group.seqs:
             if not seq.is_finished:
                 self.scheduler.remove(seq)
@@ -167,6 +204,8 @@ class LLMEngine:
         touched = {g: None for g in self.requests.values() if g.is_finished}
         sched = SchedulerOutput()
         try:
+            self._admit_compiled()
+            touched.update({g: None for g in self.requests.values() if g.is_finished})
             sched = self.scheduler.schedule()
             now = time.monotonic()
             for seq, _ in sched.scheduled:
@@ -266,6 +305,11 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         params = seq.params
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            # The mask allowed only tokens the grammar accepts, so this is a bug, not the model's doing.
+            log.error("grammar refused sampled token %d of %s", token, seq.request_id)
+            seq.finish("error")
+            return
         stop_token = (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids
         if seq.detokenizer is not None and (not stop_token or params.include_stop_str_in_output):
             out = seq.detokenizer.push([token])
@@ -275,6 +319,8 @@ class LLMEngine:
                 return
         if stop_token:
             seq.finish("stop", token if token in params.stop_token_ids else None)
+        elif seq.grammar is not None and seq.grammar.terminated:
+            seq.finish("stop")  # the grammar is complete (only reachable past a stop token under ignore_eos)
         elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish("length")
         if seq.is_finished and seq.detokenizer is not None:

@@ -160,18 +160,38 @@ class ModelRunner:
             lps = compute_logprobs(logits[torch.tensor(idx, device=logits.device)], token_ids, k)
             result.prompt_logprobs.append((group, first, lps))
         if targets and all(s.params.argmax_only and s.params.logprobs is None for s, _ in targets):
-            # The common greedy batch: one argmax, no per-row sampling tensors.
-            best = logits[torch.tensor([r for _, r in targets], device=logits.device)].argmax(dim=-1).tolist()
+            # The common greedy batch: one argmax, no per-row sampling tensors (grammar rows: of the masked logits).
+            rows_logits = logits[torch.tensor([r for _, r in targets], device=logits.device)]
+            bitmask = self._grammar_bitmask([s for s, _ in targets], logits.shape[-1])
+            if bitmask is not None:
+                from .structured import apply_bitmask
+
+                rows_logits = apply_bitmask(rows_logits, *bitmask)  # a copy already (advanced indexing)
+            best = rows_logits.argmax(dim=-1).tolist()
             result.samples = [(s, [t], [None]) for (s, _), t in zip(targets, best, strict=True)]
         elif targets:
             seqs = [s for s, _ in targets]
             state = SamplingState.of(seqs, self.device)
+            state.bitmask = self._grammar_bitmask(seqs, logits.shape[-1])
             out = self.sampler.sample(logits[torch.tensor([r for _, r in targets], device=logits.device)], state)
             result.samples = [(s, [t], [lp]) for s, t, lp in zip(seqs, out.token_ids, out.logprobs, strict=True)]
         if verifying:
             result.verified = verify_drafts(verifying, logits, self.sampler, self.num_speculative_tokens)
             result.samples += [(v.seq, v.tokens, v.logprobs) for v in result.verified]
         return result
+
+    @staticmethod
+    def _grammar_bitmask(seqs: list[Sequence], vocab_size: int) -> tuple[torch.Tensor, list[int]] | None:
+        """The allowed-token bitmask of every grammar-constrained row, from each row's matcher."""
+        rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if not rows:
+            return None
+        from .structured import allocate_bitmask
+
+        bitmask = allocate_bitmask(len(seqs), vocab_size)
+        for i in rows:
+            seqs[i].grammar.fill(bitmask, i)
+        return bitmask, rows
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole cache blocks src -> dst in every layer (an n>1 fork's partial prompt block)."""

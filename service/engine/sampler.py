@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from service.engine.logits_processors import LogitsEdits
 from service.engine.outputs import TokenLogprob
 from service.engine.sampling_params import SamplingParams
 from service.engine.sequence import Sequence as Seq
@@ -54,6 +55,10 @@ class SamplingState:
     needs_truncation: bool
     needs_top_p: bool
     needs_min_p: bool
+    # logit_bias / allowed_token_ids / bad_words rows: (params, output ids), turned into edits once V is known
+    edit_inputs: tuple[list[SamplingParams], list[list[int]]] | None = None
+    # Grammar-constrained rows: an xgrammar token bitmask [B, ceil(V/32)] int32 and the rows it applies to
+    bitmask: tuple[torch.Tensor, list[int]] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -108,6 +113,8 @@ class SamplingState:
             needs_truncation=any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in sampled),
             needs_top_p=any(p.top_p < 1.0 for p in sampled),
             needs_min_p=any(p.min_p > 0.0 for p in sampled),
+            edit_inputs=(list(params), [list(o) for o in output_ids]) if any(p.has_logits_edits for p in params)
+            else None,
         )
 
 
@@ -190,6 +197,14 @@ class Sampler:
     def probs(self, logits: torch.Tensor, state: SamplingState) -> torch.Tensor:
         """The processed distribution [B, V]; greedy rows are one-hot at the argmax of the penalised logits."""
         logits = apply_penalties(logits.float(), state)
+        if state.edit_inputs is not None:
+            edits = LogitsEdits.build(*state.edit_inputs, logits.shape[-1], logits.device)
+            if edits is not None:
+                logits = edits.apply(logits)
+        if state.bitmask is not None:
+            from service.engine.structured import apply_bitmask  # xgrammar loads only once a grammar is used
+
+            logits = apply_bitmask(logits.clone(), *state.bitmask)  # in place: spare the caller's logits
         if any(state.is_greedy):
             one_hot = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
             if state.all_greedy:

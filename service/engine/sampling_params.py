@@ -38,6 +38,12 @@ class SamplingParams:
     # Not a sampling knob, but it travels with the request to the engine: prefix-cache entries are shared only
     # between requests with the same salt (vLLM's field; one salt per tenant keeps tenants apart).
     cache_salt: str | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI: -100..100)
+    allowed_token_ids: list[int] | None = None  # vLLM: sample only among these
+    bad_words_token_ids: list[list[int]] | None = None  # vLLM's bad_words, tokenized by the caller
+    # A grammar (an xgrammar structural tag, JSON) the output must follow: structured outputs and forced tool
+    # calls. Compiled by the engine off its loop; the request waits for it before its first step.
+    structured: str | None = None
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -59,6 +65,13 @@ class SamplingParams:
              f"must be in [0, {MAX_LOGPROBS}]"),
             (self.cache_salt is None or self.cache_salt != "", "cache_salt", "must be a non-empty string"),
         ]
+        if self.logit_bias is not None:
+            checks.append((all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()), "logit_bias",
+                           "values must be in [-100, 100]"))
+        checks.append((self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids",
+                       "must not be empty"))
+        if not all(self.bad_words_token_ids or []):
+            raise SamplingParamError("bad_words", "bad_words must not hold empty words")
         for ok, name, why in checks:
             if not ok:
                 raise SamplingParamError(name, f"{name} {why}, got {getattr(self, name)!r}")
@@ -68,10 +81,14 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def has_logits_edits(self) -> bool:
+        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words_token_ids)
+
+    @property
     def argmax_only(self) -> bool:
-        """Greedy with no penalties: the token is the argmax of the raw logits (the engine's fast path)."""
+        """Greedy with no penalties or edits: the token is the argmax of the raw logits (the engine's fast path)."""
         return self.greedy and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0 and \
-            self.repetition_penalty == 1.0
+            self.repetition_penalty == 1.0 and not self.has_logits_edits
 
 
 def validate_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
@@ -88,3 +105,9 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, vocab_
         raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({max_num_seqs})")
     if params.stop and not has_tokenizer:
         raise ValueError("stop strings need a tokenizer; this checkpoint has none")
+    if params.structured is not None and not has_tokenizer:
+        raise ValueError("structured outputs need a tokenizer; this checkpoint has none")
+    for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or []),
+                      ("bad_words", [t for w in params.bad_words_token_ids or [] for t in w])):
+        if any(not 0 <= t < vocab_size for t in ids):
+            raise ValueError(f"{name}: token ids must be in [0, {vocab_size})")

@@ -58,6 +58,9 @@ class Sequence:
         self.block_hashes: list = []
         self.num_cached_blocks = 0
         self.num_mtp_tokens = 0
+        # Structured output: this choice's grammar matcher (service.engine.structured.SequenceGrammar), set once
+        # the request's grammar has compiled; None for unconstrained requests.
+        self.grammar: Any = None
 
     @property
     def request_id(self) -> str:

@@ -1,0 +1,126 @@
+"""What a chat/completions request asks the decoder to obey, as one xgrammar structural tag (JSON text).
+
+- `response_format` json_object / json_schema, and vLLM's `structured_outputs` json / regex / choice / grammar;
+- `tool_choice` "required" or a named function: one or more GLM tool calls whose arguments follow each tool's
+  parameter schema (GLM's `<arg_key>`/`<arg_value>` layout), then the end of the answer;
+- `tool_choice` "none" while the tool parser is on: free text that never opens a `<tool_call>`.
+When the prompt opens a `<think>` block, any reasoning up to `</think>` comes first and the grammar starts after
+it. The spec is checked here, so a bad schema, regex or grammar is the client's 400 quoting the compiler.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from service.api.errors import bad_request
+from service.api.reasoning_parser import THINK_CLOSE, THINK_OPEN
+from service.api.tool_parser import KEY_CLOSE, KEY_OPEN, TOOL_CLOSE, TOOL_OPEN, VALUE_CLOSE, VALUE_OPEN
+
+# Runs of whitespace a constrained answer may hold: weak models otherwise loop on newlines inside a JSON object.
+MAX_WHITESPACE = 2
+_REASONING_EXCLUDES = [THINK_OPEN, TOOL_OPEN, TOOL_CLOSE, KEY_OPEN, KEY_CLOSE, VALUE_OPEN, VALUE_CLOSE]
+
+
+def _json(schema: Any) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_WHITESPACE}
+
+
+def _tool_call(tool: dict[str, Any]) -> dict[str, Any]:
+    fn = tool["function"]
+    params = fn.get("parameters")
+    schema = params if isinstance(params, dict) and params else {"type": "object", "properties": {}}
+    return {"type": "tag", "begin": f"{TOOL_OPEN}{fn['name']}",
+            "content": {**_json(schema), "style": "glm_xml"}, "end": TOOL_CLOSE}
+
+
+def tool_call_format(tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
+    """One call (or, with parallel calls, one or more back to back) to any of `tools`, nothing else."""
+    return {"type": "tags_with_separator", "tags": [_tool_call(t) for t in tools], "separator": "",
+            "at_least_one": True, "stop_after_first": not parallel}
+
+
+def no_tool_call_format() -> dict[str, Any]:
+    return {"type": "any_text", "excludes": [TOOL_OPEN]}
+
+
+def response_format_spec(response_format: dict[str, Any] | None,
+                         structured_outputs: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str]:
+    """The format asked for by `response_format` or vLLM's `structured_outputs` (None: free text), and the
+    request field to blame in a 400."""
+    so = structured_outputs or {}
+    given = [k for k in ("json", "regex", "choice", "grammar", "json_object") if so.get(k) not in (None, False)]
+    if len(given) > 1:
+        raise bad_request(f"structured_outputs: give only one of json, regex, choice, grammar; got {given}.",
+                          param="structured_outputs")
+    if given and response_format and response_format.get("type") != "text":
+        raise bad_request("give either response_format or structured_outputs, not both.", param="structured_outputs")
+    if given:
+        kind, value = given[0], so[given[0]]
+        if kind == "json":
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError as e:
+                    raise bad_request(f"structured_outputs.json is not valid JSON: {e}",
+                                      param="structured_outputs.json") from None
+            if not isinstance(value, dict | bool):
+                raise bad_request("structured_outputs.json must be a JSON schema.", param="structured_outputs.json")
+            return _json(value), "structured_outputs.json"
+        if kind == "json_object":
+            return _json({"type": "object"}), "structured_outputs.json_object"
+        if kind == "regex":
+            if not isinstance(value, str):
+                raise bad_request("structured_outputs.regex must be a string.", param="structured_outputs.regex")
+            return {"type": "regex", "pattern": value}, "structured_outputs.regex"
+        if kind == "choice":
+            if not (isinstance(value, list) and value and all(isinstance(c, str) for c in value)):
+                raise bad_request("structured_outputs.choice must be a non-empty list of strings.",
+                                  param="structured_outputs.choice")
+            return {"type": "or", "elements": [{"type": "const_string", "value": c} for c in value]}, \
+                "structured_outputs.choice"
+        if not isinstance(value, str) or not value.strip():
+            raise bad_request("structured_outputs.grammar must be a non-empty string.",
+                              param="structured_outputs.grammar")
+        syntax = "ebnf" if "::=" in value else "lark"  # vLLM accepts both
+        return {"type": "grammar", "grammar": value, "syntax": syntax}, "structured_outputs.grammar"
+    if not response_format:
+        return None, "response_format"
+    kind = response_format.get("type")
+    if kind == "text":
+        return None, "response_format"
+    if kind == "json_object":
+        return _json({"type": "object"}), "response_format"
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict):
+            raise bad_request("response_format.json_schema must be an object with a 'schema'.",
+                              param="response_format.json_schema")
+        schema = spec.get("schema", {"type": "object"})  # OpenAI allows a name alone: any object
+        if not isinstance(schema, dict | bool):
+            raise bad_request("response_format.json_schema.schema must be a JSON schema object.",
+                              param="response_format.json_schema.schema")
+        return _json(schema), "response_format.json_schema.schema"
+    raise bad_request(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}.",
+                      param="response_format.type")
+
+
+def build_spec(fmt: dict[str, Any] | None, reasoning: bool) -> str | None:
+    """The structural tag (JSON text) for `fmt`, after a reasoning block when the prompt opened one."""
+    if fmt is None:
+        return None
+    if reasoning:
+        think = {"type": "tag", "begin": "", "content": {"type": "any_text", "excludes": _REASONING_EXCLUDES},
+                 "end": THINK_CLOSE}
+        fmt = {"type": "sequence", "elements": [think, fmt]}
+    return json.dumps({"type": "structural_tag", "format": fmt}, ensure_ascii=False, sort_keys=True)
+
+
+def check(spec: str, param: str) -> None:
+    """400 quoting the grammar compiler when `spec` does not compile (call off the event loop)."""
+    from service.engine.structured import check_spec
+
+    try:
+        check_spec(spec)
+    except ValueError as e:
+        raise bad_request(f"Invalid {param}: {e}", param=param, code="invalid_grammar") from None
