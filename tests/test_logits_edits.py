@@ -8,13 +8,7 @@ import torch
 
 from service.engine.sampler import Sampler, SamplingState
 from service.engine.sampling_params import SamplingParams
-from tests.engine_fixtures import (  # noqa: F401
-    assert_no_leaks,
-    engine_ckpt_fixture,
-    make_engine,
-    prompts,
-    run_engine,
-)
+from tests.engine_fixtures import assert_no_leaks, make_engine, prompts, run_engine
 
 V = 16
 
@@ -61,7 +55,7 @@ def _texts(engine, requests) -> dict[str, list[int]]:
     return {rid: out[rid][0].token_ids for rid, _, _ in requests}
 
 
-def test_edits_through_the_engine_with_and_without_speculation(engine_ckpt) -> None:  # noqa: F811
+def test_edits_through_the_engine_with_and_without_speculation(engine_ckpt) -> None:
     ps = prompts(4, [5, 9, 3, 12])
     requests = [
         ("bias", ps[0], SamplingParams(max_tokens=12, temperature=0.0, logit_bias={17: 8.0, 18: 8.0})),
@@ -77,7 +71,7 @@ def test_edits_through_the_engine_with_and_without_speculation(engine_ckpt) -> N
     assert set(plain["bias"]) & {17, 18}
 
 
-def test_grammar_rows_batched_beside_free_rows_with_speculation(engine_ckpt) -> None:  # noqa: F811
+def test_grammar_rows_batched_beside_free_rows_with_speculation(engine_ckpt) -> None:
     import json
 
     from service.api import structured
