@@ -148,3 +148,20 @@ def test_in_process_benchmarks_write_tables_and_json(tiny_ckpt, tmp_path, capsys
     rows = run_all.report(tmp_path, ["cache_bytes", "speculative", "dsa"])
     assert any(r["benchmark"] == "speculative" for r in rows) and (tmp_path / "summary.json").is_file()
     assert "headline figures" in capsys.readouterr().out
+
+
+def test_tp_bench_cpu_smoke(tmp_path):
+    """bench/tp_bench.py --cpu-smoke: the engine at tensor_parallel_size 2 (gloo) against 1 on a tiny model, in
+    its own process (it spawns the ranks); same logits within fp32 rounding, same greedy tokens, both timed."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(BENCH / "tp_bench.py"), "--cpu-smoke", "--out-dir", str(tmp_path),
+                           "--budget-s", "240"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((tmp_path / "tp_gpu-smoke.json").read_text())
+    c = res["correctness"]
+    assert c["logit_tokens"] > c["index_topk"] and c["max_abs_logit_diff_fp32"] <= 1e-5
+    assert c["argmax_agree"] == 1.0 and c["greedy_identical"] == "4/4"
+    assert [r["batch"] for r in res["rows"]] == [1, 4]
+    assert all(r["tp2_step_ms"] > 0 and r["tp1_step_ms"] > 0 for r in res["rows"])
+    assert "tensor parallel 2 vs 1" in proc.stdout
