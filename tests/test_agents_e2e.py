@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from tests.service_fixtures import ServerProcess
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 WEATHER_SCHEMA = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 24},

@@ -17,7 +17,7 @@ from model.tokenizer import ChatTemplate
 from tests import engine_fixtures
 from tests.service_fixtures import ServerProcess, sse_data
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 TEMPLATE = (Path(__file__).parent / "data" / "glm5_chat_template.jinja").read_text()
 TAGS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
         "</arg_value>", "<tool_response>", "</tool_response>", "[gMASK]", "<sop>", "<|system|>", "<|observation|>"]
