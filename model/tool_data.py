@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from random import Random
 from typing import Any
@@ -135,3 +136,41 @@ def eval_prompts(no_tool_requests: list[str], seed: int = 1, per_phrasing: int =
             messages, tools, args = tool_conversation(rng, tool, phrasing, False, TRAIN_TOOLS)
             yield {"messages": messages[:1], "tools": tools, "tool": tool.name, "arguments": args,
                    "split": split, "phrasing": phrasing}
+
+
+_CALL = re.compile(r"<tool_call>\s*([^<\s]+)\s*"
+                   r"((?:<arg_key>.*?</arg_key>\s*<arg_value>.*?</arg_value>\s*)*)</tool_call>", re.S)
+_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
+
+
+def parse_tool_calls(text: str, tools: list[dict]) -> list[dict[str, Any]]:
+    """GLM-5 calls in generated text (special tokens kept) as [{"name", "arguments"}]: a value whose schema
+    type is string stays raw, any other is read as JSON (raw when that fails). The inverse of the template."""
+    types = {t["function"]["name"]: {k: v.get("type") for k, v in
+                                     t["function"].get("parameters", {}).get("properties", {}).items()}
+             for t in tools}
+    calls = []
+    for name, body in _CALL.findall(text):
+        args: dict[str, Any] = {}
+        for key, raw in _ARG.findall(body):
+            if types.get(name, {}).get(key) == "string":
+                args[key] = raw
+                continue
+            try:
+                args[key] = json.loads(raw)
+            except ValueError:
+                args[key] = raw
+        calls.append({"name": name, "arguments": args})
+    return calls
+
+
+def schema_valid(args: dict[str, Any], tool: dict) -> bool:
+    """Whether `args` has exactly the schema's required keys, known keys only, each of its JSON type."""
+    params = tool["function"]["parameters"]
+    props = params.get("properties", {})
+    if set(params.get("required", [])) - set(args) or set(args) - set(props):
+        return False
+    check = {"integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+             "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+             "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool)}
+    return all(check.get(props[k].get("type"), lambda v: True)(v) for k, v in args.items())

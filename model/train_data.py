@@ -37,7 +37,7 @@ class TokenStream:
                 doc = json.loads(line)
                 start = len(ids)
                 ids.extend(tok.encode(doc["text"]))
-                stride = CODE_STRIDE if doc["kind"] == "code" else len(ids) - start
+                stride = CODE_STRIDE if doc.get("kind", "code") == "code" else len(ids) - start
                 anchors.extend(range(start, len(ids), max(1, stride)))
         tokens = torch.tensor(ids, dtype=torch.int32)
         starts = torch.tensor(anchors, dtype=torch.int64)
