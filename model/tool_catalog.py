@@ -151,8 +151,7 @@ def digits_or_word(r: Random) -> str:
     return str(r.randint(0, 99999)) if r.random() < 0.5 else r.choice(WORDS)
 
 
-P = Param
-TEXT = "the text to work on"
+P, TEXT = Param, "the text to work on"
 TOOLS: list[Tool] = [
     Tool("gcd", math.gcd, (P("a", int, "the first integer", ints(2, 400)), P("b", int, "the second integer",
         ints(2, 400))),

@@ -12,8 +12,7 @@ import pytest
 from model.build_tokenizer import ENDOFTEXT, GLM_CHAT_TEMPLATE
 from model.tokenizer import ChatTemplate
 from model.tool_catalog import BY_NAME, HELDOUT_TOOLS, TOOLS, describe
-from model.tool_data import (TRAIN_TOOLS, ToolDocs, eval_prompts, heldout_phrasing, parse_tool_calls,
-                             schema_valid)
+from model.tool_data import TRAIN_TOOLS, ToolDocs, eval_prompts, heldout_phrasing, parse_tool_calls, schema_valid
 
 TEMPLATE = ChatTemplate(GLM_CHAT_TEMPLATE)
 TURN = re.compile(r"<\|(user|assistant|observation)\|>(.*?)(?=<\|(?:user|assistant|observation)\|>|$)", re.S)
