@@ -29,39 +29,75 @@ from tokenizers import Tokenizer as RustTokenizer
 # Special tokens take ids 0.. in this order (GLM's relative order; GLM puts them after the BPE vocabulary).
 ENDOFTEXT, GMASK, SOP = "<|endoftext|>", "[gMASK]", "<sop>"
 SYSTEM, USER, ASSISTANT, OBSERVATION = "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"
-SPECIAL_TOKENS = [ENDOFTEXT, GMASK, SOP, SYSTEM, USER, ASSISTANT, OBSERVATION]
+THINK, END_THINK = "<think>", "</think>"
+TOOL_CALL, END_TOOL_CALL = "<tool_call>", "</tool_call>"
+ARG_KEY, END_ARG_KEY, ARG_VALUE, END_ARG_VALUE = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
+TOOL_RESPONSE, END_TOOL_RESPONSE = "<tool_response>", "</tool_response>"
+# GLM-5's reasoning and tool-call tags: single tokens, so a parser can find them in the id stream.
+TAG_TOKENS = [THINK, END_THINK, TOOL_CALL, END_TOOL_CALL, ARG_KEY, END_ARG_KEY, ARG_VALUE, END_ARG_VALUE,
+              TOOL_RESPONSE, END_TOOL_RESPONSE]
+SPECIAL_TOKENS = [ENDOFTEXT, GMASK, SOP, SYSTEM, USER, ASSISTANT, OBSERVATION, *TAG_TOKENS]
 EOS_TOKENS = [ENDOFTEXT, USER, OBSERVATION]
 ROLE_TOKENS = [SYSTEM, USER, ASSISTANT, OBSERVATION]
 
-# GLM-4-style template. Tools go into a leading system turn as JSON schemas; tool results are observations.
+# GLM-5's chat format (written here, not copied): role tokens with no newline after them; tools as one JSON
+# object per line inside <tools></tools> in a leading system turn; an assistant turn is `<think>reasoning</think>`
+# (reasoning kept only after the last user turn, as GLM-5 clears older thinking), its text, then its calls as
+# `<tool_call>name<arg_key>k</arg_key><arg_value>v</arg_value></tool_call>` (strings raw, other values as
+# JSON); tool results are `<tool_response>` blocks after one `<|observation|>`. The generation prompt opens
+# `<think>`, or closes it at once (`<think></think>`) when `enable_thinking` is false.
 GLM_CHAT_TEMPLATE = """\
 {{- '[gMASK]<sop>' -}}
 {%- if tools -%}
-{{- '<|system|>\\n# Tools\\n\\nYou may call the functions below. To call one, reply with a JSON object \
-{"name": ..., "arguments": {...}}.' -}}
+{{- '<|system|>\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n\\
+You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' -}}
 {%- for tool in tools -%}
-{{- '\\n\\n' + (tool.function if tool.function is defined else tool) | tojson -}}
+{{- '\\n' + (tool if tool.function is defined else {'type': 'function', 'function': tool}) | tojson -}}
 {%- endfor -%}
+{{- '\\n</tools>\\n\\nFor each function call, output the function name and arguments within the following \\
+XML format:\\n<tool_call>{function-name}<arg_key>{arg-key-1}</arg_key><arg_value>{arg-value-1}</arg_value>\\
+<arg_key>{arg-key-2}</arg_key><arg_value>{arg-value-2}</arg_value>...</tool_call>' -}}
 {%- endif -%}
+{%- set ns = namespace(last_user=-1) -%}
+{%- for message in messages -%}
+{%- if message.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}
+{%- endfor -%}
 {%- for message in messages -%}
 {%- if message.role == 'system' -%}
-{{- '<|system|>\\n' + message.content -}}
+{{- '<|system|>' + message.content -}}
 {%- elif message.role == 'user' -%}
-{{- '<|user|>\\n' + message.content -}}
+{{- '<|user|>' + message.content -}}
 {%- elif message.role == 'assistant' -%}
-{{- '<|assistant|>\\n' + (message.content or '') -}}
+{%- set reasoning = message.reasoning_content if message.reasoning_content is string else '' -%}
+{%- if loop.index0 > ns.last_user and reasoning -%}
+{{- '<|assistant|><think>' + reasoning.strip() + '</think>' -}}
+{%- else -%}
+{{- '<|assistant|><think></think>' -}}
+{%- endif -%}
+{{- (message.content or '').strip() -}}
 {%- for call in message.tool_calls or [] -%}
 {%- set fn = call.function if call.function is defined else call -%}
-{{- '\\n' + {'name': fn.name, 'arguments': fn.arguments} | tojson -}}
+{{- '<tool_call>' + fn.name -}}
+{%- if fn.arguments is mapping -%}
+{%- for key, value in fn.arguments.items() -%}
+{{- '<arg_key>' + key + '</arg_key><arg_value>' + (value if value is string else value | tojson) + '</arg_value>' -}}
+{%- endfor -%}
+{%- elif fn.arguments is string and fn.arguments.strip() not in ['', '{}'] -%}
+{{- raise_exception('tool call arguments must be an object (decode the JSON string first)') -}}
+{%- endif -%}
+{{- '</tool_call>' -}}
 {%- endfor -%}
 {%- elif message.role in ['tool', 'observation'] -%}
-{{- '<|observation|>\\n' + message.content -}}
+{%- if loop.first or messages[loop.index0 - 1].role not in ['tool', 'observation'] -%}
+{{- '<|observation|>' -}}
+{%- endif -%}
+{{- '<tool_response>' + message.content + '</tool_response>' -}}
 {%- else -%}
 {{- raise_exception('unsupported role: ' + message.role) -}}
 {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
-{{- '<|assistant|>\\n' -}}
+{{- '<|assistant|><think></think>' if enable_thinking is defined and not enable_thinking else '<|assistant|><think>' -}}
 {%- endif -%}
 """
 
@@ -102,13 +138,13 @@ def write_tokenizer_dir(tok: RustTokenizer, out: Path) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": ENDOFTEXT,
         "pad_token": ENDOFTEXT,  # GLM pads with <|endoftext|> too
-        "additional_special_tokens": [GMASK, SOP, *ROLE_TOKENS],
+        "additional_special_tokens": [GMASK, SOP, *ROLE_TOKENS, *TAG_TOKENS],
         "clean_up_tokenization_spaces": False,  # decoding must give back code exactly
         "padding_side": "left",
         "chat_template": GLM_CHAT_TEMPLATE,
     }
     special_map = {"eos_token": ENDOFTEXT, "pad_token": ENDOFTEXT,
-                   "additional_special_tokens": [GMASK, SOP, *ROLE_TOKENS]}
+                   "additional_special_tokens": [GMASK, SOP, *ROLE_TOKENS, *TAG_TOKENS]}
     gen = {"eos_token_id": eos_ids, "pad_token_id": tok.token_to_id(ENDOFTEXT)}
     for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map),
                        ("generation_config.json", gen)):

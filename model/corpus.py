@@ -46,9 +46,11 @@ import tokenize
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from random import Random
 
 from model.build_tokenizer import ENDOFTEXT, GLM_CHAT_TEMPLATE, SPECIAL_TOKENS
 from model.tokenizer import ChatTemplate
+from model.tool_data import ToolDocs, code_plan, eval_prompts
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "idlelib", "tkinter", "turtledemo",
              "encodings", "pydoc_data", "ensurepip", "__pycache__", "lib-dynload"}
@@ -143,6 +145,11 @@ def iter_functions(tree: ast.Module) -> Iterator[tuple[ast.FunctionDef | ast.Asy
 class Corpus:
     template: ChatTemplate = field(default_factory=lambda: ChatTemplate(GLM_CHAT_TEMPLATE, "GLM_CHAT_TEMPLATE"))
     seen_code: set[str] = field(default_factory=set)
+    seed: int = 0
+
+    @property
+    def tools(self) -> ToolDocs:
+        return ToolDocs(self.template, ENDOFTEXT, self.seed)
 
     def code_doc(self, relpath: str, source: str) -> dict:
         return {"text": f"[gMASK]<sop>{source}{ENDOFTEXT}", "kind": "code", "source": relpath}
@@ -161,24 +168,39 @@ class Corpus:
             key = f"{relpath}:{qualname}"
             messages = [{"role": "user", "content": _request(fn, cls, key)},
                         {"role": "assistant", "content": f"```python\n{code}\n```"}]
+            thinking = _pick("think:" + key, 5) < 2  # 40% with a plan, the rest with thinking off
+            if thinking:
+                doc = (ast.get_docstring(fn) or "").strip().split("\n")[0].strip()
+                messages[-1]["reasoning_content"] = code_plan(f"`{_signature(fn)}`", doc)
             if _pick("system:" + key, 4) == 0:
                 messages.insert(0, {"role": "system", "content": SYSTEM_PROMPTS[_pick("prompt:" + key, 3)]})
-            prompt = self.template.render(messages[:-1], add_generation_prompt=True)
-            text = self.template.render(messages, add_generation_prompt=False) + ENDOFTEXT
-            assert text.startswith(prompt)  # the loss mask relies on it
-            yield {"text": text, "kind": "chat", "source": key, "prompt_chars": len(prompt)}
+            if _pick("tools:" + key, 4) == 0:  # tools offered, none needed: the answer must not call one
+                yield self.tools.with_tools_offered(messages, Random(key), key, thinking)
+            else:
+                yield self.tools._doc(messages, None, "chat", key, thinking)
 
 
-def build(root: Path, out: Path, heldout_permille: int = 50) -> dict:
-    """Write train.jsonl, heldout.jsonl, stats.json and the licence into `out`; return the stats."""
+def build(root: Path, out: Path, heldout_permille: int = 50, tool_docs: int = 16000, eval_no_tool: int = 60,
+          seed: int = 0) -> dict:
+    """Write train.jsonl, heldout.jsonl, tool_eval.jsonl, stats.json and the licence into `out`; return the
+    stats."""
     t0 = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    corpus = Corpus()
+    corpus = Corpus(seed=seed)
+    kinds = ("code", "chat", "no_tool", "tool")
+    no_tool_requests: list[str] = []
     stats: dict = {"files_kept": 0, "files_skipped": {}, "python": platform.python_version(),
                    "stdlib": str(root), "split_rule": f"sha256('glm-serve-corpus:'+path) mod 1000 < {heldout_permille}",
-                   "splits": {s: {k: {"docs": 0, "bytes": 0} for k in ("code", "chat")} for s in ("train", "heldout")}}
+                   "splits": {s: {k: {"docs": 0, "bytes": 0} for k in kinds} for s in ("train", "heldout")}}
     skipped = stats["files_skipped"]
     files = {s: (out / f"{s}.jsonl").open("w", encoding="utf-8") for s in ("train", "heldout")}
+
+    def write(split: str, doc: dict) -> None:
+        files[split].write(json.dumps(doc, ensure_ascii=False) + "\n")
+        entry = stats["splits"][split][doc["kind"]]
+        entry["docs"] += 1
+        entry["bytes"] += len(doc["text"].encode("utf-8"))
+
     try:
         for relpath, path in iter_sources(root):
             source = read_source(path)
@@ -197,10 +219,17 @@ def build(root: Path, out: Path, heldout_permille: int = 50) -> dict:
             stats["files_kept"] += 1
             split = split_of(relpath, heldout_permille)
             for doc in [corpus.code_doc(relpath, source), *corpus.chat_docs(relpath, source, tree)]:
-                files[split].write(json.dumps(doc, ensure_ascii=False) + "\n")
-                entry = stats["splits"][split][doc["kind"]]
-                entry["docs"] += 1
-                entry["bytes"] += len(doc["text"].encode("utf-8"))
+                write(split, doc)
+                if split == "heldout" and doc["kind"] == "chat" and len(no_tool_requests) < eval_no_tool:
+                    no_tool_requests.append(doc["request"])
+        # Tool conversations after the code: the trainer draws windows at random, so order does not matter.
+        for doc in corpus.tools.tool_docs(tool_docs):
+            write("train", doc)
+        for doc in corpus.tools.tool_docs(max(1, tool_docs // 40), heldout=True):
+            write("heldout", doc)
+        with (out / "tool_eval.jsonl").open("w", encoding="utf-8") as f:
+            for rec in eval_prompts(no_tool_requests, seed=seed + 1):
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     finally:
         for f in files.values():
             f.close()
@@ -217,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--stdlib", type=Path, default=Path(sysconfig.get_paths()["stdlib"]))
     ap.add_argument("--heldout-permille", type=int, default=50)
+    ap.add_argument("--tool-docs", type=int, default=16000, help="tool-use conversations in the training split")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    stats = build(args.stdlib, args.out, args.heldout_permille)
+    stats = build(args.stdlib, args.out, args.heldout_permille, args.tool_docs, seed=args.seed)
     json.dump(stats, sys.stdout, indent=2)
     print()
     return 0

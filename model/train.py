@@ -37,15 +37,16 @@ from .train_data import TokenStream
 
 
 def default_config(vocab_size: int, bos: int, eos: list[int], pad: int | None) -> dict:
-    """config.json of the shipped model: ~9M parameters, 4 layers (1 dense + 3 MoE) + 1 MTP layer."""
+    """config.json of the shipped model: ~16M parameters, 8 layers (1 dense + 7 MoE) per MTP layer, so a draft
+    costs about an eighth of a step; a one-head indexer, about 1/18 of MLA's per-key cost as in GLM-5."""
     return {
         "architectures": ["GlmMoeDsaForCausalLM"], "model_type": "glm_moe_dsa",
         "vocab_size": vocab_size, "hidden_size": 256, "intermediate_size": 640, "moe_intermediate_size": 160,
-        "num_hidden_layers": 4, "first_k_dense_replace": 1, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "num_hidden_layers": 8, "first_k_dense_replace": 1, "num_attention_heads": 4, "num_key_value_heads": 4,
         "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
         "routed_scaling_factor": 2.5, "norm_topk_prob": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
         "kv_lora_rank": 64, "q_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32,
-        "index_topk": 64, "index_head_dim": 32, "index_n_heads": 4, "indexer_rope_interleave": True,
+        "index_topk": 128, "index_head_dim": 32, "index_n_heads": 1, "indexer_rope_interleave": True,
         "rope_interleave": True, "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"},
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "hidden_act": "silu", "attention_bias": False,
         "attention_dropout": 0.0, "tie_word_embeddings": False, "initializer_range": 0.02, "use_cache": True,
@@ -73,6 +74,9 @@ class TrainArgs:
     device: str = "auto"
     autocast: str = "auto"  # auto | bf16 | off
     save_every: int = 200
+    save_minutes: float = 5.0  # also checkpoint at least this often (a session may end at any moment)
+    log_every: int = 10  # a progress line every this many steps (newline-separated: the log is a file)
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
     resume: bool = False
     config_json: str | None = None  # override default_config (tests use a tiny one)
 
@@ -197,6 +201,8 @@ def pick_device(name: str) -> torch.device:
 
 def train(a: TrainArgs) -> dict:
     torch.manual_seed(a.seed)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     device = pick_device(a.device)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,17 +224,28 @@ def train(a: TrainArgs) -> dict:
                              {"params": indexer_params, "lr": a.indexer_lr, "weight_decay": 0.0}],
                             betas=(0.9, 0.95))
     state_file = out / "train_state.pt"
-    start, log, report = 0, [], {}
+    start, log, report, seconds_before = 0, [], {}, 0.0
     if a.resume and state_file.exists():
         st = torch.load(state_file, weights_only=False)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         start, log, report = st["step"], st["log"], st["report"]
+        seconds_before = st.get("seconds", 0.0)
+        print(f"resumed at step {start}/{a.steps} ({seconds_before / 60:.1f} min trained before)",
+              file=sys.stderr, flush=True)
+
+    def save(step: int) -> None:
+        tmp = state_file.with_suffix(".tmp")  # write then rename: a kill mid-save keeps the last good state
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log,
+                    "report": report, "seconds": seconds_before + time.perf_counter() - t0}, tmp)
+        tmp.replace(state_file)
+
     use_bf16 = a.autocast == "bf16" or (a.autocast == "auto" and device.type == "cpu")
     eval_tokens = held.sequential(8, a.seq_len).to(device)
     if "recall_initial" not in report:
         report["recall_initial"] = indexer_recall(model, eval_tokens[:4])
     t0, tokens_seen = time.perf_counter(), 0
+    last_save = t0
     for step in range(start, a.steps):
         stage = stage_of(step, a)
         if stage == "sparse" and "recall_after_warmup" not in report:
@@ -256,16 +273,19 @@ def train(a: TrainArgs) -> dict:
         log.append(row)
         rate = tokens_seen / (time.perf_counter() - t0)
         eta = (a.steps - step - 1) * a.batch * (a.seq_len + 1) / rate
-        print(f"\r[{step + 1}/{a.steps}] {stage:6s} lm {row['lm']:.3f} mtp {row['mtp']:.3f} kl {row['kl']:.3f}"
-              f" | {rate:.0f} tok/s | eta {eta / 60:.1f} min", end="", file=sys.stderr, flush=True)
-        if (step + 1) % a.save_every == 0 or step + 1 == a.steps:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1, "log": log,
-                        "report": report}, state_file)
-    print(file=sys.stderr)
+        if (step + 1) % a.log_every == 0 or step == start or step + 1 == a.steps:
+            print(f"[{step + 1}/{a.steps}] {stage:6s} lm {row['lm']:.3f} mtp {row['mtp']:.3f} kl {row['kl']:.3f}"
+                  f" | {rate:.0f} tok/s | eta {eta / 60:.1f} min | {time.strftime('%H:%M:%S')}",
+                  file=sys.stderr, flush=True)
+        now = time.perf_counter()
+        if (step + 1) % a.save_every == 0 or step + 1 == a.steps or now - last_save >= a.save_minutes * 60:
+            save(step + 1)
+            last_save = now
     model.eval()
     report["recall_final"] = indexer_recall(model, eval_tokens[:4])
     report["heldout"] = evaluate_loss(model, eval_tokens)
     report["train_seconds_this_run"] = round(time.perf_counter() - t0, 1)
+    report["train_seconds_total"] = round(seconds_before + time.perf_counter() - t0, 1)
     report["args"] = asdict(a)
     report["parameters"] = sum(p.numel() for p in model.parameters())
     report["device"] = str(device)

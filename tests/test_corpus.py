@@ -60,13 +60,13 @@ def read(path: Path) -> list[dict]:
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     root = fake_stdlib(tmp_path_factory.mktemp("stdlib"))
     out = tmp_path_factory.mktemp("data")
-    return out, build(root, out, heldout_permille=250)
+    return out, build(root, out, heldout_permille=250, tool_docs=120, eval_no_tool=5)
 
 
 def test_deterministic(built: tuple[Path, dict], tmp_path: Path) -> None:
     out, stats = built
-    again = build(Path(stats["stdlib"]), tmp_path, heldout_permille=250)
-    for name in ("train.jsonl", "heldout.jsonl"):
+    again = build(Path(stats["stdlib"]), tmp_path, heldout_permille=250, tool_docs=120, eval_no_tool=5)
+    for name in ("train.jsonl", "heldout.jsonl", "tool_eval.jsonl"):
         assert (out / name).read_bytes() == (tmp_path / name).read_bytes()
     assert again["splits"] == stats["splits"]
     assert (tmp_path / "LICENSE-PSF.txt").read_text() == "PSF LICENSE AGREEMENT"
@@ -74,13 +74,14 @@ def test_deterministic(built: tuple[Path, dict], tmp_path: Path) -> None:
 
 def test_split_by_file_and_disjoint(built: tuple[Path, dict]) -> None:
     out, stats = built
-    files = {s: {d["source"].split(":")[0] for d in read(out / f"{s}.jsonl")} for s in ("train", "heldout")}
+    files = {s: {d["source"].split(":")[0] for d in read(out / f"{s}.jsonl") if d["kind"] != "tool"}
+             for s in ("train", "heldout")}
     assert files["train"] and files["heldout"] and not files["train"] & files["heldout"]
     for split, paths in files.items():
         assert all(split_of(p, 250) == split for p in paths)
     for split in ("train", "heldout"):
         docs = read(out / f"{split}.jsonl")
-        for kind in ("code", "chat"):
+        for kind in ("code", "chat", "no_tool", "tool"):
             mine = [d for d in docs if d["kind"] == kind]
             assert stats["splits"][split][kind]["docs"] == len(mine)
             assert stats["splits"][split][kind]["bytes"] == sum(len(d["text"].encode()) for d in mine)
@@ -89,7 +90,7 @@ def test_split_by_file_and_disjoint(built: tuple[Path, dict]) -> None:
 
 def test_sources_left_out(built: tuple[Path, dict]) -> None:
     out, stats = built
-    docs = read(out / "train.jsonl") + read(out / "heldout.jsonl")
+    docs = [d for s in ("train", "heldout") for d in read(out / f"{s}.jsonl") if d["kind"] != "tool"]
     sources = {d["source"].split(":")[0] for d in docs}
     assert not any("leaked" in d["text"] for d in docs)
     assert not sources & {"py2.py", "special.py", "empty.py"}
@@ -99,13 +100,21 @@ def test_sources_left_out(built: tuple[Path, dict]) -> None:
 
 def test_chat_pairs_well_formed(built: tuple[Path, dict]) -> None:
     out, _ = built
-    chats = [d for s in ("train", "heldout") for d in read(out / f"{s}.jsonl") if d["kind"] == "chat"]
-    names = set()
+    chats = [d for s in ("train", "heldout") for d in read(out / f"{s}.jsonl") if d["kind"] in ("chat", "no_tool")]
+    names, plans = set(), 0
     for d in chats:
         text, n = d["text"], d["prompt_chars"]
         prompt, answer = text[:n], text[n:]
-        assert prompt.startswith("[gMASK]<sop>") and prompt.endswith("<|assistant|>\n")
-        assert "<|user|>\n" in prompt and prompt.count("<|assistant|>") == 1
+        assert prompt.startswith("[gMASK]<sop>") and prompt.count("<|assistant|>") == 1
+        assert f"<|user|>{d['request']}<|assistant|><think>" in prompt
+        if prompt.endswith("<think>"):  # thinking on: a plan from the signature and docstring, then the code
+            plan, _, answer = answer.partition("</think>")
+            assert plan.startswith("I need to write `") and "`" in plan[len("I need to write `"):]
+            plans += 1
+        else:
+            assert prompt.endswith("<think></think>")
+        # Tools offered in a quarter of them; none is ever called for a code request.
+        assert ("# Tools" in prompt) == (d["kind"] == "no_tool") and "<tool_call>" not in answer
         assert answer.startswith("```python\n") and answer.endswith(f"\n```{ENDOFTEXT}")
         code = answer[len("```python\n"):-len(f"\n```{ENDOFTEXT}")]
         fn = ast.parse(code).body[0]
@@ -118,7 +127,8 @@ def test_chat_pairs_well_formed(built: tuple[Path, dict]) -> None:
     assert "Box3.open_box" in names and "Box3.tiny" not in names and "long_one" not in names
     docstring_requests = [d for d in chats if "Combine a and b" in d["text"][:d["prompt_chars"]]]
     assert len(docstring_requests) == 40
-    assert any("<|system|>\n" in d["text"] for d in chats) and any("<|system|>" not in d["text"] for d in chats)
+    assert any("<|system|>You " in d["text"] for d in chats) and any("<|system|>" not in d["text"] for d in chats)
+    assert 0 < plans < len(chats) and 0 < sum(d["kind"] == "no_tool" for d in chats) < len(chats) / 2
 
 
 def test_code_docs_are_the_files(built: tuple[Path, dict]) -> None:

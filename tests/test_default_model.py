@@ -30,7 +30,7 @@ def test_exactly_one_default_model_is_shipped():
     assert cfg["architectures"] == ["GlmMoeDsaForCausalLM"] and cfg["num_nextn_predict_layers"] == 1
     assert cfg["index_topk"] < 256  # below the training length: DSA was really sparse
     size = sum(f.stat().st_size for f in DEFAULT.iterdir())
-    assert size <= 40 * 2**20
+    assert size <= 60 * 2**20  # issue 19: one directory, <= 60 MB
     assert (DEFAULT / "MODEL_CARD.md").is_file()
 
 

@@ -28,8 +28,20 @@ class Counter:
 CODE_UNICODE = "def π(x):\n\treturn x * 3.14159  # ≈ π, naïve ✓ 🙂\r\n    s = '日本語'\n"
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write add."},
                 {"role": "assistant", "content": "def add(a, b):\n    return a + b"}]
-EXPECTED = ("[gMASK]<sop><|system|>\nBe brief.<|user|>\nWrite add.<|assistant|>\n"
+EXPECTED = ("[gMASK]<sop><|system|>Be brief.<|user|>Write add.<|assistant|><think></think>"
             "def add(a, b):\n    return a + b")
+TOOLS = [{"type": "function", "function": {"name": "gcd", "description": "Greatest Common Divisor.", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}},
+         {"type": "function", "function": {"name": "upper", "description": "Upper case.", "parameters": {
+             "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}}]
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "gcd of 12 and 18, and shout hi"},
+    {"role": "assistant", "content": "", "reasoning_content": "Two calls.", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "gcd", "arguments": {"a": 12, "b": 18}}},
+        {"id": "c2", "type": "function", "function": {"name": "upper", "arguments": {"text": "hi"}}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "6"},
+    {"role": "tool", "tool_call_id": "c2", "content": "HI"},
+    {"role": "assistant", "content": "6 and HI.", "reasoning_content": "Both returned."}]
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +66,57 @@ def copy_dir(src: Path, dst: Path, drop: tuple[str, ...] = ()) -> Path:
 def test_glm_template_exact_strings(tok: Tokenizer) -> None:
     assert tok.apply_chat_template(CONVERSATION, add_generation_prompt=False) == EXPECTED
     prompt = tok.apply_chat_template(CONVERSATION[:2])
-    assert prompt == "[gMASK]<sop><|system|>\nBe brief.<|user|>\nWrite add.<|assistant|>\n"
+    assert prompt == "[gMASK]<sop><|system|>Be brief.<|user|>Write add.<|assistant|><think>"
+    off = tok.apply_chat_template(CONVERSATION[:2], enable_thinking=False)
+    assert off == "[gMASK]<sop><|system|>Be brief.<|user|>Write add.<|assistant|><think></think>"
     tool_turns = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]
     assert tok.apply_chat_template(tool_turns, add_generation_prompt=False) == \
-        "[gMASK]<sop><|user|>\nhi<|observation|>\n42"
+        "[gMASK]<sop><|user|>hi<|observation|><tool_response>42</tool_response>"
+
+
+def test_glm5_tool_calls_thinking_and_observations_exact(tok: Tokenizer) -> None:
+    text = tok.apply_chat_template(TOOL_CONVERSATION, tools=TOOLS, add_generation_prompt=False)
+    head, sep, rest = text.partition("<|user|>")
+    assert head == (
+        "[gMASK]<sop><|system|>\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        + "\n".join(json.dumps(t) for t in TOOLS) + "\n</tools>\n\nFor each function call, output the function name "
+        "and arguments within the following XML format:\n<tool_call>{function-name}<arg_key>{arg-key-1}</arg_key>"
+        "<arg_value>{arg-value-1}</arg_value><arg_key>{arg-key-2}</arg_key><arg_value>{arg-value-2}</arg_value>..."
+        "</tool_call>")
+    # Reasoning is kept after the last user turn; calls are back to back; string values raw, others JSON;
+    # consecutive tool results share one observation turn.
+    assert sep + rest == (
+        "<|user|>gcd of 12 and 18, and shout hi<|assistant|><think>Two calls.</think>"
+        "<tool_call>gcd<arg_key>a</arg_key><arg_value>12</arg_value><arg_key>b</arg_key><arg_value>18</arg_value>"
+        "</tool_call><tool_call>upper<arg_key>text</arg_key><arg_value>hi</arg_value></tool_call>"
+        "<|observation|><tool_response>6</tool_response><tool_response>HI</tool_response>"
+        "<|assistant|><think>Both returned.</think>6 and HI.")
+    # An older turn's reasoning is cleared (GLM-5's default); a zero-argument call is the bare name.
+    later = [*TOOL_CONVERSATION, {"role": "user", "content": "again"},
+             {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "now", "arguments": {}}}]}]
+    text = tok.apply_chat_template(later, add_generation_prompt=False)
+    assert "Two calls." not in text and "<|assistant|><think></think><tool_call>gcd" in text
+    assert text.endswith("<|user|>again<|assistant|><think></think><tool_call>now</tool_call>")
+    with pytest.raises(ChatTemplateError, match="arguments must be an object"):
+        tok.apply_chat_template([{"role": "assistant", "tool_calls": [
+            {"type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]}])
+
+
+def test_glm5_tags_are_single_special_tokens(tok: Tokenizer) -> None:
+    text = tok.apply_chat_template(TOOL_CONVERSATION, tools=TOOLS, add_generation_prompt=False)
+    ids = tok.encode(text)
+    for tag in ("<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
+                "</arg_value>", "<tool_response>", "</tool_response>", "<|observation|>"):
+        assert tok.token_to_id(tag) in ids and tok.decode([tok.token_to_id(tag)], skip_special_tokens=False) == tag
+    assert tok.decode(ids, skip_special_tokens=False) == text
 
 
 def test_list_of_parts_content(tok: Tokenizer) -> None:
     parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in CONVERSATION]
     assert tok.apply_chat_template(parts, add_generation_prompt=False) == EXPECTED
     two = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
-    assert tok.apply_chat_template(two).endswith("<|user|>\na\nb<|assistant|>\n")
+    assert tok.apply_chat_template(two).endswith("<|user|>a\nb<|assistant|><think>")
     with pytest.raises(ChatTemplateError, match="image_url"):
         tok.apply_chat_template([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
     with pytest.raises(ChatTemplateError, match="role"):
@@ -77,7 +129,8 @@ def test_tools_and_extra_kwargs_reach_the_template(tok: Tokenizer) -> None:
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     text = tok.apply_chat_template([{"role": "user", "content": "Weather?"}], tools=tools)
     assert text.startswith("[gMASK]<sop><|system|>\n# Tools")
-    assert '{"name": "get_weather", "parameters": {"type": "object"}}<|user|>\nWeather?' in text
+    assert '\n{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}\n</tools>' \
+        in text and text.endswith("</tool_call><|user|>Weather?<|assistant|><think>")
     custom = ChatTemplate("{{ eos_token }}|{{ flavour }}|{{ tools | length }}|{{ add_generation_prompt }}")
     assert custom.render([], tools=tools, flavour="mint", eos_token="<e>") == "<e>|mint|1|True"
 
@@ -114,9 +167,9 @@ def test_encode_decode_roundtrip_and_specials(tok: Tokenizer) -> None:
     assert tok.decode(ids) == "\nhi\n"
     assert tok.decode(ids, skip_special_tokens=False) == "<|user|>\nhi<|assistant|>\n"
     assert tok.encode("x", add_special_tokens=True)[:2] == [tok.token_to_id("[gMASK]"), tok.token_to_id("<sop>")]
-    assert tok.special_token_ids == {tok.token_to_id(t) for t in SPECIAL_TOKENS} == set(range(7))
+    assert tok.special_token_ids == {tok.token_to_id(t) for t in SPECIAL_TOKENS} == set(range(17))
     assert tok.eos_token_ids == {tok.token_to_id(t) for t in EOS_TOKENS}
-    assert 256 + 7 < tok.vocab_size <= 400  # bytes + specials + merges (a tiny text may run out of pairs)
+    assert 256 + 17 < tok.vocab_size <= 400  # bytes + specials + merges (a tiny text may run out of pairs)
     assert tok.id_to_token(1) == "[gMASK]" and tok.token_to_id("nope-not-a-token") is None
 
 
@@ -137,6 +190,11 @@ def test_agrees_with_transformers(tok: Tokenizer, tok_dir: Path) -> None:
     tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {}}}]
     assert hf.apply_chat_template(CONVERSATION[1:2], tools=tools, tokenize=False, add_generation_prompt=True) == \
         tok.apply_chat_template(CONVERSATION[1:2], tools=tools)
+    for kwargs in ({}, {"enable_thinking": False}):
+        for gen in (False, True):
+            assert hf.apply_chat_template(TOOL_CONVERSATION, tools=TOOLS, tokenize=False, add_generation_prompt=gen,
+                                          **kwargs) == \
+                tok.apply_chat_template(TOOL_CONVERSATION, tools=TOOLS, add_generation_prompt=gen, **kwargs)
     assert hf.eos_token_id == 0 and hf.pad_token_id == 0 and len(hf) == tok.vocab_size
 
 
@@ -200,7 +258,7 @@ def test_training_is_deterministic_and_cli_writes_hf_files(tmp_path: Path, capsy
         (corpus / name).write_text("".join(json.dumps(d) + "\n" for d in docs))
     assert main(["--corpus", str(corpus), "--out", str(tmp_path / "tok"), "--vocab-size", "350"]) == 0
     stats = json.loads(capsys.readouterr().out)
-    assert 256 + 7 < stats["vocab_size"] <= 350 and stats["heldout_code"]["roundtrip_failures"] == 0
+    assert 256 + 17 < stats["vocab_size"] <= 350 and stats["heldout_code"]["roundtrip_failures"] == 0
     assert stats["heldout_code"]["bytes_per_token"] > 1.5  # merges were learned, not bytes alone
     written = sorted(p.name for p in (tmp_path / "tok").iterdir())
     assert written == ["chat_template.jinja", "generation_config.json", "special_tokens_map.json",

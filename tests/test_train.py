@@ -113,3 +113,29 @@ def test_smoke_training_lowers_the_loss_and_exports(tmp_path):
     # Resuming a finished run changes nothing and reloads the same weights.
     again = train(TrainArgs(**{**args.__dict__, "resume": True, "export": None}))
     assert again["heldout"] == report["heldout"]
+
+
+def test_windows_start_at_conversation_starts_or_code_strides(tmp_path):
+    from model.train_data import CODE_STRIDE, TokenStream
+
+    class CharTok:  # one id per character: offsets are easy to check
+        def encode(self, text: str) -> list[int]:
+            return [ord(c) for c in text]
+
+    docs = [{"text": "c" * (CODE_STRIDE * 2 + 5), "kind": "code"}, {"text": "T" * 40, "kind": "tool"},
+            {"text": "h" * 30, "kind": "chat"}, {"text": "n" * 20, "kind": "no_tool"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    stream = TokenStream.from_jsonl(path, CharTok(), tmp_path / "cache.pt")
+    n_code = CODE_STRIDE * 2 + 5
+    assert stream.anchors.tolist() == [0, CODE_STRIDE, 2 * CODE_STRIDE, n_code, n_code + 40, n_code + 70]
+    cached = TokenStream.from_jsonl(path, CharTok(), tmp_path / "cache.pt")
+    assert torch.equal(cached.tokens, stream.tokens) and torch.equal(cached.anchors, stream.anchors)
+    for step in range(20):
+        batch = stream.batch(4, 16, seed=0, step=step)
+        assert torch.equal(batch, stream.batch(4, 16, seed=0, step=step))  # a resumed run sees the same windows
+        for row in batch.tolist():
+            first = chr(row[0])
+            # a conversation window starts at its first character; the last one is clamped into the stream
+            assert first in "cThn" and (first != "T" or row.count(ord("T")) == 16)
+    assert stream.batch(64, 16, 0, 0).shape == (64, 16)
