@@ -129,8 +129,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency:
     return tok
 
 
-def write_tokenizer_dir(tok: RustTokenizer, out: Path) -> None:
-    """The Hugging Face file set for `tok`, with the GLM chat template and eos ids."""
+def write_tokenizer_dir(tok: RustTokenizer, out: Path, chat_template: str = GLM_CHAT_TEMPLATE) -> None:
+    """The Hugging Face file set for `tok`, with a chat template (GLM-5's by default) and eos ids."""
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     eos_ids = [tok.token_to_id(t) for t in EOS_TOKENS]
@@ -141,7 +141,7 @@ def write_tokenizer_dir(tok: RustTokenizer, out: Path) -> None:
         "additional_special_tokens": [GMASK, SOP, *ROLE_TOKENS, *TAG_TOKENS],
         "clean_up_tokenization_spaces": False,  # decoding must give back code exactly
         "padding_side": "left",
-        "chat_template": GLM_CHAT_TEMPLATE,
+        "chat_template": chat_template,
     }
     special_map = {"eos_token": ENDOFTEXT, "pad_token": ENDOFTEXT,
                    "additional_special_tokens": [GMASK, SOP, *ROLE_TOKENS, *TAG_TOKENS]}
@@ -149,7 +149,7 @@ def write_tokenizer_dir(tok: RustTokenizer, out: Path) -> None:
     for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map),
                        ("generation_config.json", gen)):
         (out / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / "chat_template.jinja").write_text(GLM_CHAT_TEMPLATE, encoding="utf-8")
+    (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
 
 
 def read_texts(path: Path, kind: str | None = None) -> Iterator[str]:

@@ -48,12 +48,18 @@ CORPUS = [
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------
+# The server-plumbing checkpoints keep a GLM-4-style template whose generation prompt opens no <think>: a random
+# tiny model's output is then content, which these tests read. GLM-5's template has tests of its own
+# (test_tokenizer.py, test_reasoning_e2e.py).
+PLAIN_CHAT_TEMPLATE = (Path(__file__).parent / "data" / "plain_chat_template.jinja").read_text()
+
+
 def build_tokenizer_dir(out: Path, vocab_size: int = 400) -> Path:
     """A GLM-style byte-level BPE tokenizer (model/build_tokenizer.py) trained on a few sentences."""
     from model.build_tokenizer import train_tokenizer, write_tokenizer_dir
 
     tok = train_tokenizer(CORPUS * 20, vocab_size=vocab_size, min_frequency=1)
-    write_tokenizer_dir(tok, out)
+    write_tokenizer_dir(tok, out, chat_template=PLAIN_CHAT_TEMPLATE)
     return out
 
 
