@@ -86,6 +86,8 @@ CASES = [
     ("bad-grammar", "POST", CHAT, chat(structured_outputs={"grammar": "root ::= missing"}), 400,
      "structured_outputs.grammar", "invalid_grammar"),
     ("empty-choice", "POST", CHAT, chat(structured_outputs={"choice": []}), 400, "structured_outputs.choice", None),
+    ("json-object-not-bool", "POST", COMP, comp(structured_outputs={"json_object": -173}), 400,
+     "structured_outputs.json_object", None),
     ("tool-choice-required", "POST", CHAT, chat(tool_choice="required"), 400, None, None),
     ("response-format-schema", "POST", CHAT, chat(response_format={"type": "json_schema"}), 400, None, None),
     ("template-kwargs-clash", "POST", CHAT, chat(chat_template_kwargs={"messages": []}), 400,

@@ -68,6 +68,9 @@ def response_format_spec(response_format: dict[str, Any] | None,
                 raise bad_request("structured_outputs.json must be a JSON schema.", param="structured_outputs.json")
             return _json(value), "structured_outputs.json"
         if kind == "json_object":
+            if value is not True:
+                raise bad_request("structured_outputs.json_object must be a boolean.",
+                                  param="structured_outputs.json_object")
             return _json({"type": "object"}), "structured_outputs.json_object"
         if kind == "regex":
             if not isinstance(value, str):
