@@ -53,6 +53,17 @@ def dsv3_ckpt(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def glm_fp8_ckpt(glm_ckpt, tmp_path_factory) -> Path:
+    """The GLM checkpoint block-quantized by `python -m model.quantize` (each rank reads its slice of the FP8
+    weights and of their scale blocks, and dequantizes at load on CPU)."""
+    from model.quantize import quantize_checkpoint
+
+    out = tmp_path_factory.mktemp("tp_glm_fp8")
+    assert quantize_checkpoint(glm_ckpt, out) > 0
+    return out
+
+
 def _world1(ckpt: Path):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -202,3 +213,11 @@ def test_tp_flag_reaches_the_engine_config(glm_ckpt):
     cfg = parse_settings(["-tp", "4", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",
                           "--master-port", "29500"]).engine_config(glm_ckpt)
     assert (cfg.nnodes, cfg.node_rank, cfg.master_addr, cfg.master_port) == (2, 1, "10.0.0.1", 29500)
+
+
+def test_fp8_checkpoint_at_tensor_parallel_2_matches_one_rank(tmp_path, glm_fp8_ckpt):
+    """A model.quantize checkpoint serves at TP 2 exactly as at TP 1 (model and engine workloads)."""
+    ref = _world1(glm_fp8_ckpt)
+    for r, got in enumerate(run_ranks(glm_fp8_ckpt, 2, tmp_path)):
+        _same(got, ref, f"rank {r}/2")
+    assert ref["engine"]["drafts"] > 0
