@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -18,27 +19,53 @@ from service.api.logprobs import TokenNamer, chat_logprobs
 from service.api.protocol import ChatCompletionRequest
 
 
-async def create_chat_completion(request: Request) -> Response:
-    ctx: ServingContext = request.app.state.ctx
-    req = await parse_body(request, ChatCompletionRequest, ctx.settings.max_request_body_bytes)
+@dataclass
+class ChatRun:
+    """A chat request submitted to the engine: what a route needs to answer it in its own shape."""
+
+    plan: chat_agents.ChatPlan
+    prompt_ids: list[int]
+    response_id: str
+    created: int
+
+
+def check_chat(ctx: ServingContext, req: ChatCompletionRequest) -> None:
+    """What can be refused before admission (a 400 rather than a 503 when the server is full)."""
     ctx.check_model(req.model)
     ctx.check_n(req.n)
     ctx.check_token_ids(req.stop_token_ids or [], "stop_token_ids")
+
+
+async def start_chat(ctx: ServingContext, job: Job, req: ChatCompletionRequest, id_prefix: str) -> ChatRun:
+    """Check, render, encode, plan and submit `req` on `job`: the one path of every chat-shaped API (chat
+    completions, Anthropic Messages, OpenAI Responses translate their requests into a ChatCompletionRequest)."""
+    ctx.check_model(req.model)
+    ctx.check_n(req.n)
+    ctx.check_token_ids(req.stop_token_ids or [], "stop_token_ids")
+    messages = [m.for_template() for m in req.messages]
+    text = await ctx.render_chat(messages, req.add_generation_prompt, req.tools, req.chat_template_kwargs)
+    prompt_ids = await ctx.encode(text, add_special_tokens=False, prompt_of="messages")
+    max_tokens = ctx.resolve_max_tokens(len(prompt_ids), req.requested_max_tokens, chat=True)
+    ctx.check_token_ids(list(req.logit_bias_ids), "logit_bias")
+    ctx.check_token_ids(req.allowed_token_ids or [], "allowed_token_ids")
+    plan = await chat_agents.plan_chat(req, text, ctx.tokenizer, ctx.tool_parser_on, ctx.reasoning_parser_on)
+    params = req.sampling_params(max_tokens, req.num_logprobs, None, ctx.sampling_defaults,
+                                 plan.bad_words_token_ids, plan.spec)
+    response_id = new_id(id_prefix)
+    job.log_prompt(response_id, text)
+    job.submit(response_id, prompt_ids, params)
+    return ChatRun(plan, prompt_ids, response_id, int(time.time()))
+
+
+async def create_chat_completion(request: Request) -> Response:
+    ctx: ServingContext = request.app.state.ctx
+    req = await parse_body(request, ChatCompletionRequest, ctx.settings.max_request_body_bytes)
+    check_chat(ctx, req)
     async with Job(ctx, request) as job:
-        messages = [m.for_template() for m in req.messages]
-        text = await ctx.render_chat(messages, req.add_generation_prompt, req.tools, req.chat_template_kwargs)
-        prompt_ids = await ctx.encode(text, add_special_tokens=False, prompt_of="messages")
-        max_tokens = ctx.resolve_max_tokens(len(prompt_ids), req.requested_max_tokens, chat=True)
-        ctx.check_token_ids(list(req.logit_bias_ids), "logit_bias")
-        ctx.check_token_ids(req.allowed_token_ids or [], "allowed_token_ids")
-        plan = await chat_agents.plan_chat(req, text, ctx.tokenizer, ctx.tool_parser_on, ctx.reasoning_parser_on)
-        params = req.sampling_params(max_tokens, req.num_logprobs, None, ctx.sampling_defaults,
-                                     plan.bad_words_token_ids, plan.spec)
-        response_id = new_id("chatcmpl")
-        job.log_prompt(response_id, text)
-        job.submit(response_id, prompt_ids, params)
+        run = await start_chat(ctx, job, req, "chatcmpl")
+        plan, response_id, created = run.plan, run.response_id, run.created
+        prompt_ids = run.prompt_ids
         namer = TokenNamer(ctx.tokenizer, req.return_tokens_as_token_ids)
-        created = int(time.time())
         if req.stream:
             return await job.stream(_chunks(job, req, plan, response_id, created, namer, job.outputs(),
                                             len(prompt_ids)))
