@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -81,14 +81,17 @@ class Job:
         """Every submitted request run to the end (a JSON response)."""
         return await self._wait(asyncio.gather(*(collect(s) for s in self._streams)))
 
-    async def stream(self, chunks: AsyncGenerator[dict[str, Any], None]) -> SSEResponse:
-        """An SSE response of `chunks`, made from `outputs()`. The first output is awaited here: a request that
-        fails before it gets an HTTP status, not an error event."""
+    async def stream(self, chunks: AsyncGenerator[dict[str, Any], None],
+                     framing: Callable[[AsyncGenerator[dict[str, Any], None]], AsyncGenerator[str, None]] = sse_events,
+                     ) -> SSEResponse:
+        """An SSE response of `chunks`, made from `outputs()` and framed by `framing` (OpenAI chat's `data:` lines
+        and `[DONE]` unless told). The first output is awaited here: a request that fails before it gets an HTTP
+        status, not an error event."""
         if self._outputs is None:
             raise RuntimeError("Job.stream needs the chunks of Job.outputs()")
         await self._wait(self._outputs.wait_first())
         self._handed_off = True
-        return SSEResponse(sse_events(chunks), on_close=self.close)
+        return SSEResponse(framing(chunks), on_close=self.close)
 
     async def close(self) -> None:
         if self._closed:
