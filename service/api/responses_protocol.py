@@ -16,13 +16,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, WithJsonSchema, field_validator, model_validator
 
-from service.api.protocol import ChatCompletionRequest, _Strict
+from service.api.protocol import _LOGIT_BIAS, _STOP_SCHEMA, ChatCompletionRequest, _nullable, _Strict
 
 MAX_METADATA_KEYS = 16  # OpenAI's limits
 MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 64, 512
 ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 # `reasoning.effort`: these two turn thinking off (the template's enable_thinking: false); the others turn it on.
 THINKING_OFF = ("none", "minimal")
+VLLM_EXTENSIONS = ("top_k", "min_p", "seed", "repetition_penalty", "stop", "logit_bias")
 EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 
 # What the validators below accept, for the OpenAPI document (fields are `Any` so the validators phrase errors).
@@ -139,6 +140,13 @@ class ResponsesRequest(_Strict):
     include: list[str] | None = None  # e.g. Codex's reasoning.encrypted_content: there is nothing to encrypt
     background: Annotated[bool | None, WithJsonSchema({"enum": [False, None]})] = None
     truncation: Literal["disabled"] | None = None  # "auto" would drop context silently
+    # vLLM's sampling extensions (the openai SDK sends them in extra_body); the chat request validates them.
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=20.0)
+    stop: Annotated[str | list[str] | None, _STOP_SCHEMA] = None
+    logit_bias: Annotated[dict[str, Any] | None, _nullable(_LOGIT_BIAS)] = None
 
     @field_validator("input", mode="before")
     @classmethod
@@ -294,6 +302,7 @@ def to_chat(req: ResponsesRequest, items: list[dict[str, Any]]) -> ChatCompletio
     body: dict[str, Any] = {"model": req.model, "messages": messages, "max_tokens": req.max_output_tokens,
                             "temperature": req.temperature, "top_p": req.top_p, "user": req.user,
                             "parallel_tool_calls": req.parallel_tool_calls}
+    body.update({k: getattr(req, k) for k in VLLM_EXTENSIONS})
     if req.tools:
         body["tools"] = [{"type": "function", "function": {
             k: t[k] for k in ("name", "description", "parameters", "strict") if t.get(k) is not None}}
