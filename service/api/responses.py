@@ -31,6 +31,11 @@ from service.api.responses_protocol import ResponsesRequest, to_chat
 from service.api.responses_stream import response_events, typed_events
 
 
+# A chat request's fields as the Responses request names them (for the `param` of a 400 the chat path raises)
+_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format",
+           "response_format.json_schema.schema": "text.format.schema", "tools": "tools"}
+
+
 def response_store(app: FastAPI) -> ResponseStore:
     """The app's store, made on first use from --responses-store-size / --responses-store-ttl."""
     store = getattr(app.state, "response_store", None)
@@ -64,7 +69,11 @@ async def create_response(request: Request) -> Response:
         raise from_validation_error(e) from None
     except ValueError as e:
         raise bad_request(str(e), param="input") from None
-    check_chat(ctx, chat_req)
+    try:
+        check_chat(ctx, chat_req)
+    except APIError as e:
+        e.param = _PARAMS.get(e.param or "", e.param)
+        raise
 
     def count_tokens(text: str) -> int:
         return len(ctx.tokenizer.encode(text, False)) if text and ctx.tokenizer is not None else 0
@@ -74,7 +83,11 @@ async def create_response(request: Request) -> Response:
             store.put(response, items)
 
     async with Job(ctx, request) as job:
-        run = await start_chat(ctx, job, chat_req, "resp")
+        try:
+            run = await start_chat(ctx, job, chat_req, "resp")
+        except APIError as e:  # the chat path names chat's fields
+            e.param = _PARAMS.get(e.param or "", e.param)
+            raise
         response_id = "resp_" + run.response_id.split("-", 1)[1]
         if req.stream:
             return await job.stream(response_events(job, req, run, response_id, job.outputs(), count_tokens, keep),
