@@ -82,6 +82,13 @@ def test_parameter_table_is_the_request_models():
         assert documented == set(model.model_fields), model.__name__
 
 
+def test_responses_field_table_is_the_request_model():
+    from service.api.responses_protocol import ResponsesRequest
+
+    documented = {name for row in table(section("Responses API fields")) for name in ticks(row[0])}
+    assert documented == set(ResponsesRequest.model_fields)
+
+
 def _error_codes_in_code() -> set[str]:
     pattern = re.compile(r"""code["']?\s*[:=]\s*["']([a-z_]+)["']|AdmissionRejected\(\s*["']([a-z_]+)["']""")
     codes = set()

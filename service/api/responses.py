@@ -30,7 +30,6 @@ from service.api.responses_output import (
 from service.api.responses_protocol import ResponsesRequest, to_chat
 from service.api.responses_stream import response_events, typed_events
 
-
 # A chat request's fields as the Responses request names them (for the `param` of a 400 the chat path raises)
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format",
            "response_format.json_schema.schema": "text.format.schema", "tools": "tools"}
