@@ -217,6 +217,11 @@ def test_context_length_message_matches_openai(client):
         "prompt; or completion length.")
 
 
+def test_responses_context_length_names_the_input(client):
+    r = client.post(RESP, json=resp(max_output_tokens=MAX_MODEL_LEN))
+    assert "in the input" in r.json()["error"]["message"] and "messages" not in r.json()["error"]["message"]
+
+
 def test_method_not_allowed_lists_allowed(client):
     r = client.get(CHAT)
     assert r.status_code == 405 and "POST" in r.headers.get("allow", "")

@@ -12,6 +12,7 @@ import pytest
 
 from tests.engine_fixtures import until
 from tests.service_fixtures import wait_until
+from tests.soak.sse_check import typed_events_contract
 from tests.test_api_admission import metric
 
 KEY = "k"
@@ -45,6 +46,7 @@ def test_streamed_response_is_stored_and_routes_are_counted(server):
     before = metric(server.base_url, "glm_serve:http_requests_total", route="/v1/responses", status="200")
     r = _post(server, {**BODY, "stream": True, "metadata": {"run": "1"}})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    typed_events_contract(r.text, complete=True)  # the fuzz run's stream check, on a stream known to be right
     final = _events(r.text)[-1]["response"]
     got = httpx.get(server.base_url + f"/v1/responses/{final['id']}", headers=AUTH)
     assert got.status_code == 200 and got.json() == final and final["metadata"] == {"run": "1"}

@@ -240,7 +240,13 @@ def _responses_create() -> dict[str, Any]:
                          "`response.incomplete` or `response.failed` (or an `error` event); no `[DONE]`.",
           "content": {"application/json": {"schema": _ref(ResponseObject)},
                       "text/event-stream": typed_event_stream(_ref)}}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": _ref(ResponsesRequest)}}},
+    tool = {"type": "function", "name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}}
+    examples = {"streamed": {"value": {"input": "Hello", "stream": True, "max_output_tokens": 8}},
+                "function_call": {"value": {"input": "Weather?", "tools": [tool], "tool_choice": "required",
+                                            "stream": True, "max_output_tokens": 32}}}
+    body = {"application/json": {"schema": _ref(ResponsesRequest), "examples": examples}}
+    return {"requestBody": {"required": True, "content": body},
             "responses": {"200": ok, **_errors(400, 401, 404, 413, 415, 500, 503, 504)}}
 
 

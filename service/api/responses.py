@@ -32,7 +32,15 @@ from service.api.responses_stream import response_events, typed_events
 
 # A chat request's fields as the Responses request names them (for the `param` of a 400 the chat path raises)
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format",
-           "response_format.json_schema.schema": "text.format.schema", "tools": "tools"}
+           "response_format.json_schema.schema": "text.format.schema"}
+
+
+def _in_responses_words(e: APIError) -> APIError:
+    """A 4xx of the chat path, naming the Responses request's fields instead of chat's."""
+    e.param = _PARAMS.get(e.param or "", e.param)
+    if e.code == "context_length_exceeded":
+        e.message = e.message.replace("messages", "input")
+    return e
 
 
 def response_store(app: FastAPI) -> ResponseStore:
@@ -71,8 +79,7 @@ async def create_response(request: Request) -> Response:
     try:
         check_chat(ctx, chat_req)
     except APIError as e:
-        e.param = _PARAMS.get(e.param or "", e.param)
-        raise
+        raise _in_responses_words(e) from None
 
     def count_tokens(text: str) -> int:
         return len(ctx.tokenizer.encode(text, False)) if text and ctx.tokenizer is not None else 0
@@ -84,9 +91,8 @@ async def create_response(request: Request) -> Response:
     async with Job(ctx, request) as job:
         try:
             run = await start_chat(ctx, job, chat_req, "resp")
-        except APIError as e:  # the chat path names chat's fields
-            e.param = _PARAMS.get(e.param or "", e.param)
-            raise
+        except APIError as e:
+            raise _in_responses_words(e) from None
         response_id = "resp_" + run.response_id.split("-", 1)[1]
         if req.stream:
             return await job.stream(response_events(job, req, run, response_id, job.outputs(), count_tokens, keep),
