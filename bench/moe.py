@@ -2,12 +2,13 @@
 Python loop (one product per expert with tokens, after reading the counts back), on the same weights and routing.
 
     python bench/moe.py [--tokens 1 16 64 512] [--repeats 5] [--dtype float32] [--device cpu] [--threads 2]
+                        [--shapes shipped glm5-scaled [glm5]] [--name moe] [--out-dir DIR]
 
-Shapes: the shipped model's MoE layer (hidden 256, 8 experts of 160, top-2) and a GLM-5-like layer scaled down
-(hidden 1024, 64 experts of 256, top-8; GLM-5 has 6144, 256 of 2048, top-8). Routing is uniform random, one draw
-per token count (distinct experts per token). Per row: the median of `--repeats` calls of each path, alternating
-loop and grouped so drift hits both alike, and their outputs' max |diff|. Writes bench/results/moe.json
-(machine load in its meta: the training run may share the CPU).
+Shapes: the shipped model's MoE layer (hidden 256, 8 experts of 160, top-2), a GLM-5-like layer scaled down
+(hidden 1024, 64 experts of 256, top-8) and, for GPUs (bench/gpu.sh), GLM-5's own (6144, 256 of 2048, top-8).
+Routing is uniform random, one draw per token count (distinct experts per token). Per row: the median of
+`--repeats` calls of each path, alternating loop and grouped so drift hits both alike, and their outputs' max
+|diff|. Writes bench/results/NAME.json (machine load in its meta: the training run may share the CPU).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 from common import DEFAULT_THREADS, meta, pin_threads, print_table, warn_if_busy, write_result
 
 SHAPES = {  # name: (hidden, experts, expert intermediate, experts per token)
     "shipped": (256, 8, 160, 2),
     "glm5-scaled": (1024, 64, 256, 8),
+    "glm5": (6144, 256, 2048, 8),  # GLM-5's own layer (GPU runs: bench/gpu.sh)
 }
 COLUMNS = [("shape", "shape", ""), ("tokens", "tokens", "d"), ("experts_used", "experts used", "d"),
            ("loop_ms", "loop ms", ".3f"), ("grouped_ms", "grouped ms", ".3f"), ("speedup", "loop/grouped", ".2fx"),
@@ -41,12 +44,14 @@ def build(shape: tuple[int, int, int, int], dtype, device: str, seed: int = 0):
         "n_routed_experts": E, "num_experts_per_tok": k, "n_shared_experts": 1, "kv_lora_rank": 16,
         "q_lora_rank": 24, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8, "index_topk": 8,
         "index_head_dim": 16, "index_n_heads": 4, "first_k_dense_replace": 1, "max_position_embeddings": 64})
-    g = torch.Generator().manual_seed(seed)
-    ex = Experts(cfg)
-    with torch.no_grad():
-        ex.gate_up_proj.copy_(torch.randn(ex.gate_up_proj.shape, generator=g) * H**-0.5)
-        ex.down_proj.copy_(torch.randn(ex.down_proj.shape, generator=g) * I**-0.5)
-    return ex.to(device=device, dtype=dtype).eval()
+    with torch.device("meta"):  # then filled on the device in the serving dtype: GLM-5's own shape is 19 GB
+        ex = Experts(cfg)
+    g = torch.Generator(device=device).manual_seed(seed)
+    for name, scale in (("gate_up_proj", H**-0.5), ("down_proj", I**-0.5)):
+        shape = getattr(ex, name).shape
+        w = torch.randn(shape, generator=g, device=device, dtype=dtype).mul_(scale)
+        setattr(ex, name, torch.nn.Parameter(w, requires_grad=False))
+    return ex.eval()
 
 
 def routing(n: int, E: int, k: int, H: int, dtype, device: str, seed: int):
@@ -90,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=DEFAULT_THREADS)
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--name", default="moe", help="result file bench/results/NAME.json")
+    ap.add_argument("--shapes", nargs="+", default=["shipped", "glm5-scaled"], choices=list(SHAPES))
+    ap.add_argument("--name", default="moe", help="result file NAME.json")
+    ap.add_argument("--out-dir", type=Path, default=None, help="default bench/results")
     args = ap.parse_args(argv)
     import torch
 
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     m = meta(threads, dtype=args.dtype, device=args.device, repeats=args.repeats)
     print(f"load average (1m/5m): {m['loadavg_1m']}/{m['loadavg_5m']}; trainer running: {m['trainer_running']}")
     write_result(args.name, rows, m, {"speedup_by_row": {f"{r['shape']} x{r['tokens']}": round(r["speedup"], 3)
-                                                         for r in rows}})
+                                                         for r in rows}}, out_dir=args.out_dir)
     return 0
 
 
