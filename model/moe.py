@@ -46,6 +46,9 @@ class Router(nn.Module):
         return w * self.scale, ids, scores
 
 
+_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class Experts(nn.Module):
     """This rank's routed experts (all of them at world size 1) as two stacked tensors: gate|up [E, 2I, H] and
     down [E, H, I]; expert `first + e` of the model is row e.
@@ -86,19 +89,23 @@ class Experts(nn.Module):
         ends = torch.searchsorted(by_expert, torch.arange(1, E + 1, device=ids.device), out_int32=True)
         tokens = order // k
         xs = x.index_select(0, tokens)
-        grouped = self.impl == "grouped" or (self.impl == "auto" and grouped_gemm.applies(x, self.gate_up_proj,
-                                                                                        self.down_proj))
-        ys = self._grouped(xs, ends) if grouped else self._looped(xs, ends)
-        ys = ys * weights.flatten()[order, None].to(x.dtype)
+        w1, w2 = self.gate_up_proj, self.down_proj
+        if self.impl != "loop" and torch.is_autocast_enabled(x.device.type) and w1.dtype in _AUTOCAST_FROM:
+            # Training under autocast: the grouped products run in its dtype, as the loop's F.linear calls would.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            xs, w1, w2 = xs.to(dtype), w1.to(dtype), w2.to(dtype)
+        grouped = self.impl == "grouped" or (self.impl == "auto" and grouped_gemm.applies(xs, w1, w2))
+        ys = self._grouped(xs, ends, w1, w2) if grouped else self._looped(xs, ends)
+        ys = ys.to(x.dtype) * weights.flatten()[order, None].to(x.dtype)
         if self.expert_parallel:  # rows past ends[-1] were never computed (uninitialised, maybe NaN)
             ys = torch.where((by_expert < E)[:, None], ys, 0.0)
         return torch.zeros_like(x).index_add_(0, tokens, ys)
 
-    def _grouped(self, xs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    def _grouped(self, xs: torch.Tensor, ends: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
         mm = grouped_gemm.op()
-        h = mm(xs, self.gate_up_proj.transpose(1, 2), offs=ends)
+        h = mm(xs, w1.transpose(1, 2), offs=ends)
         g, u = h.split(self.inter, dim=-1)
-        return mm(F.silu(g) * u, self.down_proj.transpose(1, 2), offs=ends)
+        return mm(F.silu(g) * u, w2.transpose(1, 2), offs=ends)
 
     def _looped(self, xs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """One product per expert with tokens; the counts are read back to the host (a device sync)."""
