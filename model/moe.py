@@ -57,7 +57,8 @@ class Experts(nn.Module):
     grouped GEMM where it runs (see model/grouped_gemm.py): the per-expert ends are computed on the device, so the
     layer never waits for the device and a decode step can be captured in a CUDA graph. Elsewhere (FP8 weights,
     float64, widths whose rows are not a multiple of 16 bytes, a torch without grouped GEMM) a Python loop over
-    the experts runs the same products after reading the counts back (one host sync per layer). `impl` forces one: "auto", "grouped" or "loop" (tests, bench/moe.py).
+    the experts runs the same products after reading the counts back (one host sync per layer). `impl` forces
+    one: "auto", "grouped" or "loop" (tests, bench/moe.py).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:

@@ -2,10 +2,11 @@
 
 Every call that reads device data back to the host (`.item()`, `.tolist()`, truth tests, `int()`), makes a shape
 depend on values (`nonzero`, boolean indexing, `unique`, `bincount`, `repeat_interleave` without output_size)
-or copies host data in (`torch.tensor`) is patched to raise while the network runs a decode batch (ragged
-contexts past index_topk, so DSA selects; MoE layers; the LM head; an MTP draft step). The ForwardBatch is built
-before, as the engine's runner builds it ahead of the step; the first step runs unpatched (warm-up, as a CUDA graph
-is captured after warm-up), because the grouped GEMM's one-time capability check reads a value back.
+or copies host data in (`torch.tensor`, a number assigned through index tensors) is patched to raise while the
+network runs a decode batch (ragged contexts past index_topk, so DSA selects; MoE layers; the LM head; an MTP
+draft step), and a verification batch of 3 tokens per sequence. The ForwardBatch is built before, as the
+engine's runner builds it ahead of the step; the first step runs unpatched (warm-up, as a CUDA graph is captured
+after warm-up), because the grouped GEMM's one-time capability check reads a value back.
 """
 
 from __future__ import annotations
@@ -96,27 +97,27 @@ def tiny_model(dtype: torch.dtype) -> GlmMoeDsaForCausalLM:
     return model.to(dtype).eval()
 
 
-def decode_setup(model, contexts: list[int]):
-    """Prefill each sequence's prompt (contexts[b] - 1 tokens) into a fresh cache, then build the decode batch of
-    one new token per sequence at position contexts[b] - 1."""
+def decode_setup(model, contexts: list[int], q: int = 1):
+    """Prefill each sequence's prompt (contexts[b] - q tokens) into a fresh cache, then build the batch of q new
+    tokens per sequence (q = 1: decode; q = K + 1: verifying K drafts) ending at position contexts[b] - 1."""
     cfg = model.config
+    B = len(contexts)
     per_seq = -(-max(contexts) // BLOCK)
-    cache = KVCache(cfg, len(contexts) * per_seq, BLOCK, next(model.parameters()).dtype)
-    tables = torch.arange(len(contexts) * per_seq).view(len(contexts), per_seq)
+    cache = KVCache(cfg, B * per_seq, BLOCK, next(model.parameters()).dtype)
+    tables = torch.arange(B * per_seq).view(B, per_seq)
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(2, cfg.vocab_size, (c - 1,), generator=g) for c in contexts]
-    pos = torch.cat([torch.arange(c - 1) for c in contexts])
-    slots = torch.cat([tables[b, p // BLOCK] * BLOCK + p % BLOCK for b, c in enumerate(contexts)
-                       for p in [torch.arange(c - 1)]])
+
+    def batch(starts: list[int], stops: list[int]) -> ForwardBatch:
+        pos = torch.cat([torch.arange(a, b) for a, b in zip(starts, stops, strict=True)])
+        seq = torch.cat([torch.full((b - a,), i) for i, (a, b) in enumerate(zip(starts, stops, strict=True))])
+        slots = tables[seq, pos // BLOCK] * BLOCK + pos % BLOCK
+        return ForwardBatch(pos, [b - a for a, b in zip(starts, stops, strict=True)], list(stops), tables, slots,
+                            cache)
+
+    prompt = [c - q for c in contexts]
     with torch.inference_mode():
-        model(torch.cat(prompts), ForwardBatch(pos, [c - 1 for c in contexts], [c - 1 for c in contexts], tables,
-                                               slots, cache))
-    last = torch.tensor([c - 1 for c in contexts])
-    fb = ForwardBatch(last, [1] * len(contexts), list(contexts), tables, tables[torch.arange(len(contexts)),
-                                                                                 last // BLOCK] * BLOCK + last % BLOCK,
-                      cache)
-    ids = torch.randint(2, cfg.vocab_size, (len(contexts),), generator=g)
-    return ids, fb
+        model(torch.randint(2, cfg.vocab_size, (sum(prompt),), generator=g), batch([0] * B, prompt))
+    return torch.randint(2, cfg.vocab_size, (B * q,), generator=g), batch(prompt, list(contexts))
 
 
 def decode_step(model, ids, fb) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,11 +128,11 @@ def decode_step(model, ids, fb) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, draft
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_step_has_no_host_sync(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype,q", [(torch.float32, 1), (torch.bfloat16, 1), (torch.float32, 3)])
+def test_decode_step_has_no_host_sync(monkeypatch, dtype, q):
     model = tiny_model(dtype)
     contexts = [23, 9, 17]  # past index_topk = 8: the indexer scores and selects for every sequence
-    ids, fb = decode_setup(model, contexts)
+    ids, fb = decode_setup(model, contexts, q)
     want = decode_step(model, ids, fb)  # warm-up (and the reference)
     with no_host_sync(monkeypatch):
         got = decode_step(model, ids, fb)
