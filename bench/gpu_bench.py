@@ -11,7 +11,8 @@ service/engine/ and, when installed, transformers; no web stack, no installs, no
 4. the same with transformers generate() on the GPU (padded batch, bf16);
 5. model bandwidth utilisation: (active weight bytes + cache bytes read) per decode step / step time / copy
    bandwidth; active weights count the experts a batch of B is expected to touch (uniform routing);
-6. CUDA graphs for the decode forward: capture + replay at a fixed context, if the network is capturable.
+6. CUDA graphs for a decode step (forward + LM head) at a fixed context: host syncs under CUDA's sync debug mode,
+   capture, replay's logits against eager's, eager vs replay time (skipped without CUDA).
 Steps 3-5 run for the default model and for a ~1B-parameter random GlmMoeDsa config. `--cpu-smoke` runs all of
 it on the CPU with small sizes to check the script. Writes DIR/gpu.json and prints a table.
 """
@@ -210,49 +211,87 @@ def hf_bench(path: Path, device: str, batches: list[int], prompt_len: int, new: 
     return out
 
 
-def cuda_graph_trial(path: Path, device: str, dtype: torch.dtype, batch: int, ctx: int, reps: int = 20) -> dict:
-    """Eager vs captured decode forward at a fixed context (what graphs would save on launch overhead)."""
-    model = load_model(path, dtype, device).eval()
-    cfg = model.config
-    bs = 16
-    blocks = -(-(ctx + 1) // bs)
-    cache = KVCache(cfg, batch * blocks, bs, dtype, device)
+def decode_inputs(cfg: ModelConfig, batch: int, ctx: int, dtype: torch.dtype, device: str, block_size: int = 16
+                  ) -> tuple[torch.Tensor, ForwardBatch]:
+    """One decode step of `batch` sequences at position `ctx` (context ctx + 1) in a fresh paged cache: the token
+    ids and the ForwardBatch, built ahead of the step as the engine's runner builds them."""
+    blocks = -(-(ctx + 1) // block_size)
+    cache = KVCache(cfg, batch * blocks, block_size, dtype, device)
     tables = torch.arange(batch * blocks, device=device).view(batch, blocks)
     pos = torch.full((batch,), ctx, device=device)
-    slots = tables[:, ctx // bs] * bs + ctx % bs
+    slots = tables[:, ctx // block_size] * block_size + ctx % block_size
     fb = ForwardBatch(pos, [1] * batch, [ctx + 1] * batch, tables, slots, cache)
-    ids = torch.randint(16, cfg.vocab_size, (batch,), device=device)
+    ids = torch.randint(16, cfg.vocab_size, (batch,), generator=torch.Generator().manual_seed(batch)).to(device)
+    return ids, fb
+
+
+def sync_free_check(step) -> str:
+    """Run `step` once under CUDA's sync debug mode set to error: "sync-free", or the first sync it hit."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        torch.cuda.synchronize()
+        return "sync-free"
+    except RuntimeError as e:
+        return f"syncs: {str(e).splitlines()[0][:150]}"
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def graph_verdict(graph_diff: float, eager_diff: float, scale: float) -> bool:
+    """Graph replay gives eager's logits: bit-equal, or no further from them than two eager runs are from each
+    other (CUDA's atomic adds in index_add_ reorder sums) and within 1e-3 of the logits' scale."""
+    return graph_diff == 0.0 or graph_diff <= max(2 * eager_diff, 1e-3 * scale)
+
+
+def cuda_graph_trial(path: Path, device: str, dtype: torch.dtype, batch: int, ctx: int, reps: int = 20) -> dict:
+    """A decode step (forward + LM head) eager and captured in a CUDA graph at a fixed context: whether the
+    eager step is free of host syncs, whether it captures, replay's logits vs eager's, and both times."""
+    model = load_model(path, dtype, device).eval()
+    ids, fb = decode_inputs(model.config, batch, ctx, dtype, device)
+
+    def step() -> torch.Tensor:
+        return model.logits(model(ids, fb))
+
     with torch.inference_mode():
-        for _ in range(3):
-            model.logits(model(ids, fb))
+        for _ in range(3):  # warm-up: lazily built masks, one-time kernel checks (grouped GEMM, FP8)
+            first = step()
         sync(device)
         t = time.perf_counter()
         for _ in range(reps):
-            model.logits(model(ids, fb))
+            step()
         sync(device)
         eager = (time.perf_counter() - t) / reps
         res = {"batch": batch, "context": ctx, "eager_ms": eager * 1000}
         if not device.startswith("cuda"):
-            return {**res, "graph": "cpu: not applicable"}
+            return {**res, "graph": "skipped: no CUDA"}
+        res["host_syncs"] = sync_free_check(step)
+        want = step()  # replays rewrite the same cache slot, so every run sees the same context
+        res["eager_vs_eager_max_abs"] = (want.float() - first.float()).abs().max().item()
         try:
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
-                model.logits(model(ids, fb))
+                step()
             torch.cuda.current_stream().wait_stream(s)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                model.logits(model(ids, fb))
-            graph.replay()
-            sync(device)
-            t = time.perf_counter()
-            for _ in range(reps):
-                graph.replay()
-            sync(device)
-            res["graph_ms"] = (time.perf_counter() - t) / reps * 1000
-            res["graph"] = "captured"
+                out = step()
         except Exception as e:  # a host sync inside the forward (e.g. .tolist()) makes it uncapturable
             res["graph"] = f"not capturable: {type(e).__name__}: {str(e).splitlines()[0][:150]}"
+            return res
+        graph.replay()
+        sync(device)
+        diff = (out.float() - want.float()).abs().max().item()
+        res.update(graph="captured", graph_vs_eager_max_abs=diff,
+                   argmax_equal=bool(torch.equal(out.argmax(-1), want.argmax(-1))),
+                   logits_equal=graph_verdict(diff, res["eager_vs_eager_max_abs"], want.float().abs().max().item()))
+        t = time.perf_counter()
+        for _ in range(reps):
+            graph.replay()
+        sync(device)
+        res["graph_ms"] = (time.perf_counter() - t) / reps * 1000
+        res["eager_over_graph"] = res["eager_ms"] / res["graph_ms"]
     return res
 
 
@@ -330,6 +369,15 @@ def main(argv: list[str] | None = None) -> int:
         mbu = f"{r['mbu']:.1%}" if r.get("mbu") is not None else "-"
         print(f"{r['model']:>8} {r['batch']:>3} {r['engine_tok_s']:>12.1f} {r['decode_step_ms']:>8.2f} {hf_s:>9} "
               f"{ratio_s:>7} {mbu:>6}")
+    print(f"\n{'model':>8} {'B':>3} {'eager ms':>9} {'graph ms':>9} {'eager/graph':>11} {'logits eq':>9}  host syncs")
+    for name in models:
+        graphs = res.get(f"cuda_graph_{name}") or []
+        for g in graphs if isinstance(graphs, list) else [graphs]:
+            if isinstance(g, dict) and "graph_ms" in g:
+                print(f"{name:>8} {g['batch']:>3} {g['eager_ms']:>9.2f} {g['graph_ms']:>9.2f} "
+                      f"{g['eager_over_graph']:>10.2f}x {str(g['logits_equal']):>9}  {g['host_syncs']}")
+            elif isinstance(g, dict):
+                print(f"{name:>8} {g.get('batch', '-'):>3} {g.get('eager_ms', 0):>9.2f}  {g.get('graph', g)}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / ("gpu-smoke.json" if smoke else "gpu.json")
     out.write_text(json.dumps(res, indent=2, default=str) + "\n")

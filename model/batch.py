@@ -72,7 +72,11 @@ class ForwardBatch:
         j = torch.arange(Q, device=device)
         self.q_valid = j[None, :] < qlens[:, None]
         self.q_index = torch.where(self.q_valid, starts[:, None] + j[None, :], 0)
-        self.flat_to_padded = (torch.arange(B, device=device)[:, None] * Q + j[None, :])[self.q_valid]
+        # Token n of sequence b sits at b * Q + (n - starts[b]); built without a boolean mask (whose result size
+        # the device would have to report back).
+        N = sum(self.query_lens)
+        seq = torch.repeat_interleave(torch.arange(B, device=device), qlens, output_size=N)
+        self.flat_to_padded = seq * Q + torch.arange(N, device=device) - starts[seq]
         self.q_pos = self.positions[self.q_index]  # [B, Q]
         if self.cache is None:
             # The context is this step's tokens: key t is query t.

@@ -211,8 +211,9 @@ class RotaryTable:
             r = torch.zeros(N, width, width, device=self.cos.device)
             r[:, a, i], r[:, b, i] = self.cos, -self.sin  # out_i = x_a cos - x_b sin
             r[:, b, half + i], r[:, a, half + i] = self.cos, self.sin  # out_{half+i} = x_b cos + x_a sin
-            rest = torch.arange(2 * half, width, device=self.cos.device)
-            r[:, rest, rest] = 1.0
+            # The pass-through dims: a slice of the diagonal filled in place (a number assigned through index
+            # tensors would be copied from the host, which a CUDA graph cannot capture).
+            r.diagonal(dim1=1, dim2=2)[:, 2 * half :].fill_(1.0)
             self._matrices[key] = r.to(dtype)
         return self._matrices[key]
 

@@ -1,5 +1,6 @@
 """Mixture of experts: an fp32 sigmoid router with a selection-only bias, group-limited top-k, and the experts
-computed grouped by expert (one matmul per expert over all its tokens, never a loop over tokens).
+computed grouped by expert (one grouped GEMM over all experts' tokens where torch has one, else one matmul per
+expert; never a loop over tokens).
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import parallel
+from . import grouped_gemm, parallel
 from .config import ModelConfig
 from .fp8 import expert
 from .layers import MLP, linear
@@ -45,9 +46,20 @@ class Router(nn.Module):
         return w * self.scale, ids, scores
 
 
+_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class Experts(nn.Module):
     """This rank's routed experts (all of them at world size 1) as two stacked tensors: gate|up [E, 2I, H] and
-    down [E, H, I]; expert `first + e` of the model is row e."""
+    down [E, H, I]; expert `first + e` of the model is row e.
+
+    The (token, choice) slots are sorted by expert and each expert's block is one product, through torch's
+    grouped GEMM where it runs (see model/grouped_gemm.py): the per-expert ends are computed on the device, so the
+    layer never waits for the device and a decode step can be captured in a CUDA graph. Elsewhere (FP8 weights,
+    float64, widths whose rows are not a multiple of 16 bytes, a torch without grouped GEMM) a Python loop over
+    the experts runs the same products after reading the counts back (one host sync per layer). `impl` forces
+    one: "auto", "grouped" or "loop" (tests, bench/moe.py).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -58,35 +70,57 @@ class Experts(nn.Module):
         self.expert_parallel = E < cfg.n_routed_experts
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        self.impl = "auto"
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The weighted sum of this rank's experts' outputs (the caller sums over ranks)."""
-        N, k = ids.shape
-        flat = ids.flatten()
+        if not ids.numel():
+            return torch.zeros_like(x)
+        k = ids.shape[1]
         E = self.gate_up_proj.shape[0]
-        mine = None  # expert parallel: the (token, choice) slots routed to this rank's experts
+        local = ids.flatten() - self.first
         if self.expert_parallel:
-            mine = ((flat >= self.first) & (flat < self.first + E)).nonzero().squeeze(1)
-            flat = flat[mine] - self.first
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=E).tolist()
-        if mine is not None:
-            if not order.numel():
-                return torch.zeros_like(x)
-            order = mine[order]
+            # Slots routed to other ranks' experts go to bucket E, sorted past every local expert's block: the
+            # products skip them and their rows are zeroed below. No boolean selection: shapes stay fixed.
+            local = torch.where((local >= 0) & (local < E), local, E)
+        order = local.argsort(stable=True)
+        by_expert = local[order]
+        # ends[e]: slots of experts 0..e (the grouped GEMM's int32 offsets), by binary search of the sorted ids
+        # rather than bincount, which reads the largest id back to the host on CUDA.
+        ends = torch.searchsorted(by_expert, torch.arange(1, E + 1, device=ids.device), out_int32=True)
         tokens = order // k
-        xs = x[tokens]
-        outs = []
-        start = 0
-        for e, c in enumerate(counts):
-            if c == 0:
+        xs = x.index_select(0, tokens)
+        w1, w2 = self.gate_up_proj, self.down_proj
+        if self.impl != "loop" and torch.is_autocast_enabled(x.device.type) and w1.dtype in _AUTOCAST_FROM:
+            # Training under autocast: the grouped products run in its dtype, as the loop's F.linear calls would.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            xs, w1, w2 = xs.to(dtype), w1.to(dtype), w2.to(dtype)
+        grouped = self.impl == "grouped" or (self.impl == "auto" and grouped_gemm.applies(xs, w1, w2))
+        ys = self._grouped(xs, ends, w1, w2) if grouped else self._looped(xs, ends)
+        ys = ys.to(x.dtype) * weights.flatten()[order, None].to(x.dtype)
+        if self.expert_parallel:  # rows past ends[-1] were never computed (uninitialised, maybe NaN)
+            ys = torch.where((by_expert < E)[:, None], ys, 0.0)
+        return torch.zeros_like(x).index_add_(0, tokens, ys)
+
+    def _grouped(self, xs: torch.Tensor, ends: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        mm = grouped_gemm.op()
+        h = mm(xs, w1.transpose(1, 2), offs=ends)
+        g, u = h.split(self.inter, dim=-1)
+        return mm(F.silu(g) * u, w2.transpose(1, 2), offs=ends)
+
+    def _looped(self, xs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """One product per expert with tokens; the counts are read back to the host (a device sync)."""
+        outs, start = [], 0
+        for e, end in enumerate(ends.tolist()):
+            if end == start:
                 continue
-            h = linear(xs[start : start + c], expert(self.gate_up_proj, e))
+            h = linear(xs[start:end], expert(self.gate_up_proj, e))
             g, u = h.split(self.inter, dim=-1)
             outs.append(linear(F.silu(g) * u, expert(self.down_proj, e)))
-            start += c
-        ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, tokens, ys)
+            start = end
+        if start < xs.shape[0]:  # expert parallel: other ranks' slots, zeroed by the caller
+            outs.append(xs.new_zeros(xs.shape[0] - start, xs.shape[1]))
+        return torch.cat(outs)
 
 
 class MoE(nn.Module):
