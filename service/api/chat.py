@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import Request
@@ -17,6 +17,7 @@ from service.api.generation import Outputs
 from service.api.job import Job, new_id, usage
 from service.api.logprobs import TokenNamer, chat_logprobs
 from service.api.protocol import ChatCompletionRequest
+from service.api.reasoning_parser import THINK_CLOSE
 
 
 @dataclass
@@ -51,6 +52,9 @@ async def start_chat(ctx: ServingContext, job: Job, req: ChatCompletionRequest, 
     plan = await chat_agents.plan_chat(req, text, ctx.tokenizer, ctx.tool_parser_on, ctx.reasoning_parser_on)
     params = req.sampling_params(max_tokens, req.num_logprobs, None, ctx.sampling_defaults,
                                  plan.bad_words_token_ids, plan.spec)
+    if req.thinking_token_budget is not None and plan.in_reasoning:  # a prompt that opens no block has no budget
+        params = replace(params, reasoning_budget=req.thinking_token_budget,
+                                     reasoning_end_token_ids=ctx.tokenizer.encode(THINK_CLOSE, False))
     response_id = new_id(id_prefix)
     job.log_prompt(response_id, text)
     job.submit(response_id, prompt_ids, params)
