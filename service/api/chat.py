@@ -54,7 +54,7 @@ async def start_chat(ctx: ServingContext, job: Job, req: ChatCompletionRequest, 
                                  plan.bad_words_token_ids, plan.spec)
     if req.thinking_token_budget is not None and plan.in_reasoning:  # a prompt that opens no block has no budget
         params = replace(params, reasoning_budget=req.thinking_token_budget,
-                                     reasoning_end_token_ids=ctx.tokenizer.encode(THINK_CLOSE, False))
+                         reasoning_end_token_ids=ctx.tokenizer.encode(THINK_CLOSE, False))
     response_id = new_id(id_prefix)
     job.log_prompt(response_id, text)
     job.submit(response_id, prompt_ids, params)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -26,7 +26,7 @@ import anyio
 from fastapi import Request
 
 from service.api.context import ServingContext
-from service.api.errors import ClientDisconnected
+from service.api.errors import APIError, ClientDisconnected
 from service.api.generation import Collected, EngineFault, Outputs, RequestStream, collect, engine_dead
 from service.api.streaming import SSEResponse, sse_events
 from service.engine.sampling_params import SamplingParams
@@ -81,14 +81,15 @@ class Job:
         """Every submitted request run to the end (a JSON response)."""
         return await self._wait(asyncio.gather(*(collect(s) for s in self._streams)))
 
-    async def stream(self, chunks: AsyncGenerator[dict[str, Any], None]) -> SSEResponse:
-        """An SSE response of `chunks`, made from `outputs()`. The first output is awaited here: a request that
-        fails before it gets an HTTP status, not an error event."""
+    async def stream(self, chunks: AsyncGenerator[dict[str, Any], None],
+                     named_error: Callable[[APIError], dict[str, Any]] | None = None) -> SSEResponse:
+        """An SSE response of `chunks`, made from `outputs()` (named events with `named_error`: see sse_events).
+        The first output is awaited here: a request that fails before it gets an HTTP status, not an error event."""
         if self._outputs is None:
             raise RuntimeError("Job.stream needs the chunks of Job.outputs()")
         await self._wait(self._outputs.wait_first())
         self._handed_off = True
-        return SSEResponse(sse_events(chunks), on_close=self.close)
+        return SSEResponse(sse_events(chunks, named_error), on_close=self.close)
 
     async def close(self) -> None:
         if self._closed:

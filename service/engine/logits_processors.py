@@ -4,9 +4,9 @@ budget that forces the end of a reasoning block.
 Built once per sampler call for the rows that ask for them, applied to the penalised logits before temperature
 and truncation, so greedy rows, sampled rows, MTP drafts and their verification all see the same edited
 distribution. Bad words are token sequences: a one-token word is always banned; a longer word bans its last
-token wherever the output so far ends with the rest of it (vLLM's rule). A spent thinking budget forces the next token of the reasoning's end (`</think>`, one
-or more tokens) over every other edit; a grammar, applied after these edits, must allow it (its reasoning part
-ends with that same text).
+token wherever the output so far ends with the rest of it (vLLM's rule). A spent thinking budget forces the next
+token of the reasoning's end (`</think>`, one or more tokens) over every other edit; a grammar, applied after
+these edits, must allow it (its reasoning part ends with that same text).
 """
 
 from __future__ import annotations
