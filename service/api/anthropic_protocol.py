@@ -88,8 +88,8 @@ def _block(b: Any, role: str, where: str) -> dict[str, Any] | None:
         return {"type": "tool_result", "tool_use_id": b["tool_use_id"], "content": content,
                 "is_error": b.get("is_error", False)}
     if kind == "thinking" and role == "assistant":
-        if not isinstance(b.get("thinking"), str):
-            raise ValueError(f"{where}: a thinking block needs a string 'thinking'")
+        if not isinstance(b.get("thinking"), str) or not isinstance(b.get("signature", ""), str):
+            raise ValueError(f"{where}: a thinking block needs a string 'thinking' (and a string 'signature')")
         return {"type": "thinking", "thinking": b["thinking"]}
     if kind == "redacted_thinking" and role == "assistant":
         return None
@@ -131,7 +131,7 @@ class _MessagesBase(_Strict):
         names = []
         for i, tool in enumerate(self.tools or []):
             kind = tool.get("type", "custom")
-            if kind not in ("custom", None):
+            if kind != "custom":
                 raise ValueError(f"tools[{i}]: the server tool {kind!r} is not supported; give client tools "
                                  "({'name', 'description', 'input_schema'})")
             if not isinstance(tool.get("name"), str) or not tool["name"] or \
@@ -145,6 +145,8 @@ class _MessagesBase(_Strict):
             kind = choice.get("type")
             if kind not in ("auto", "any", "tool", "none"):
                 raise ValueError("tool_choice.type must be 'auto', 'any', 'tool' or 'none'")
+            if not isinstance(choice.get("name", ""), str):
+                raise ValueError("tool_choice.name must be a string")
             if not isinstance(choice.get("disable_parallel_tool_use", False), bool):
                 raise ValueError("tool_choice.disable_parallel_tool_use must be a boolean")
             if kind == "any" and not names:

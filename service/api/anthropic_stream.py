@@ -39,6 +39,11 @@ def stop_reason(finish_reason: str | None, engine_stop: int | str | None) -> tup
     return "pause_turn", None
 
 
+def message_id(run: ChatRun) -> str:
+    """Anthropic's `msg_...` form of the run's id (the logs and the engine keep `msg-...`)."""
+    return "msg_" + run.response_id.removeprefix("msg-")
+
+
 def tool_use_id(call_id: str) -> str:
     return "toolu_" + call_id.removeprefix("call_")
 
@@ -125,7 +130,7 @@ async def message_events(job: Job, run: ChatRun, outputs: Outputs) -> AsyncGener
         generated, cached = out.num_generated_tokens, out.num_cached_tokens
         if not started:  # the first output says how much of the prompt the cache served
             started = True
-            yield {"type": "message_start", "message": message(run.response_id, ctx.model_name, [], None, None,
+            yield {"type": "message_start", "message": message(message_id(run), ctx.model_name, [], None, None,
                                                                usage(prompt_tokens, 0, cached))}
             yield {"type": "ping"}
         for o in out.outputs:

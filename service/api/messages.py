@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from service.api import chat_agents
 from service.api.anthropic_protocol import CountTokensRequest, MessagesRequest
-from service.api.anthropic_stream import content_blocks, message, message_events, stop_reason, usage
+from service.api.anthropic_stream import content_blocks, message, message_events, message_id, stop_reason, usage
 from service.api.body import parse_body
 from service.api.chat import check_chat, start_chat
 from service.api.context import ServingContext
@@ -46,7 +46,7 @@ async def create_message(request: Request) -> Response:
         reason, sequence = stop_reason(finish, choice.stop_reason)
         job.log_done(run.response_id, result.num_prompt_tokens, result.num_generated_tokens,
                      [str(choice.finish_reason)])
-        return JSONResponse(message(run.response_id, ctx.model_name, content_blocks(msg), reason, sequence,
+        return JSONResponse(message(message_id(run), ctx.model_name, content_blocks(msg), reason, sequence,
                                     usage(result.num_prompt_tokens, result.num_generated_tokens,
                                           result.num_cached_tokens)))
 
