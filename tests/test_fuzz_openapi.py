@@ -30,7 +30,7 @@ KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance, negative_data_rejection, ignored_auth, unsupported_method, sse_contract]
-EXAMPLES_PER_OPERATION = 15  # x 10 operations x (positive, negative)
+EXAMPLES_PER_OPERATION = 15  # x 12 operations x (positive, negative)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,8 @@ def server(thread_server):
 
 
 OPERATIONS = ["POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models", "GET /v1/models/{model_id}",
-              "POST /tokenize", "POST /detokenize", "GET /health", "GET /ready", "GET /metrics", "GET /"]
+              "POST /tokenize", "POST /detokenize", "GET /health", "GET /ready", "GET /metrics", "GET /",
+              "POST /v1/messages", "POST /v1/messages/count_tokens"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def api_schema(server):
 
 # schemathesis' own pytest plugin (`from_fixture`) does not run under pytest 9, so each operation and mode is a
 # plain hypothesis test over the operation's strategy.
-WITH_INPUT = OPERATIONS[:2] + OPERATIONS[3:6]  # negative data needs a body or a parameter to break
+WITH_INPUT = OPERATIONS[:2] + OPERATIONS[3:6] + OPERATIONS[10:]  # negative data needs a body or a parameter
 
 
 @pytest.mark.parametrize("operation,mode", [(op, GenerationMode.POSITIVE) for op in OPERATIONS]
@@ -83,7 +84,7 @@ def test_document_describes_every_route_and_the_streams(server):
     documented = {(path, method.upper()) for path, ops in doc["paths"].items() for method in ops}
     served = {(r.path.replace(":path}", "}"), m) for r in router.routes for m in r.methods if m != "HEAD"}
     assert served == documented
-    for path in ("/v1/chat/completions", "/v1/completions"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/messages"):
         ok = doc["paths"][path]["post"]["responses"]["200"]["content"]
         assert set(ok) == {"application/json", "text/event-stream"} and "itemSchema" in ok["text/event-stream"]
         assert doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]

@@ -96,12 +96,12 @@ def _block(b: Any, role: str, where: str) -> dict[str, Any] | None:
     raise ValueError(f"{where}: a {kind!r} block is not supported in a {role} message")
 
 
-class AnthropicMessage(_Strict):
+class InputMessage(_Strict):
     role: Literal["user", "assistant"]
     content: Annotated[Any, WithJsonSchema(_BLOCKS)]
 
     @model_validator(mode="after")
-    def _blocks(self) -> AnthropicMessage:
+    def _blocks(self) -> InputMessage:
         if isinstance(self.content, str):
             self.content = [{"type": "text", "text": self.content}]
         elif isinstance(self.content, list):
@@ -114,7 +114,7 @@ class AnthropicMessage(_Strict):
 
 class _MessagesBase(_Strict):
     model: str | None = None
-    messages: list[AnthropicMessage] = Field(min_length=1)
+    messages: list[InputMessage] = Field(min_length=1)
     system: Annotated[str | list[dict[str, Any]] | None, WithJsonSchema(_SYSTEM)] = None
     tools: Annotated[list[dict[str, Any]] | None, WithJsonSchema(
         {"anyOf": [{"type": "array", "items": _TOOL}, {"type": "null"}]})] = None
@@ -188,7 +188,7 @@ class _MessagesBase(_Strict):
         return ChatCompletionRequest.model_validate(body)
 
 
-def _chat_messages(m: AnthropicMessage) -> list[dict[str, Any]]:
+def _chat_messages(m: InputMessage) -> list[dict[str, Any]]:
     """One Anthropic message as chat messages: an assistant turn with reasoning, text and tool calls; a user turn
     as its tool results (role "tool", in order) and its text."""
     if m.role == "assistant":

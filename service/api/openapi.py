@@ -19,6 +19,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import models_json_schema
 
+from service.api import anthropic_openapi
 from service.api.auth import is_protected
 from service.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
@@ -182,7 +183,7 @@ class ServerInfo(_Doc):
 _MODELS: list[type[BaseModel]] = [ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest,
                                   ErrorResponse, ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk,
                                   ModelList, ModelCard, TokenizeResponse, DetokenizeResponse, ProbeStatus,
-                                  ServerInfo]
+                                  ServerInfo, *anthropic_openapi.MODELS]
 _REF = "#/components/schemas/{model}"
 
 _WHY = {400: "Invalid request (OpenAI error shape).", 401: "Missing or wrong API key.",
@@ -199,6 +200,12 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
 
 def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
+
+
+def _models(openai: type[BaseModel], anthropic: type[BaseModel], description: str) -> dict[str, Any]:
+    """OpenAI's shape, or Anthropic's for a request with an `anthropic-version` header (the anthropic SDKs')."""
+    return {"description": description + " Anthropic's shape when the request has an `anthropic-version` header.",
+            "content": {"application/json": {"schema": {"anyOf": [_ref(openai), _ref(anthropic)]}}}}
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
@@ -239,9 +246,10 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
     return {
         ("/v1/chat/completions", "post"): _generation(ChatCompletionRequest, ChatCompletion, ChatCompletionChunk),
         ("/v1/completions", "post"): _generation(CompletionRequest, Completion, CompletionChunk),
-        ("/v1/models", "get"): {"responses": {"200": _json(ModelList, "The served model."), **_errors(401)}},
-        ("/v1/models/{model_id}", "get"): {"responses": {"200": _json(ModelCard, "The model."),
-                                                         **_errors(401, 404)}},
+        ("/v1/models", "get"): {"responses": {"200": _models(ModelList, anthropic_openapi.AnthropicModelList,
+                                                             "The served model."), **_errors(401)}},
+        ("/v1/models/{model_id}", "get"): {"responses": {"200": _models(ModelCard, anthropic_openapi.AnthropicModelInfo,
+                                                                        "The model."), **_errors(401, 404)}},
         ("/tokenize", "post"): {"requestBody": body(TokenizeRequest),
                                 "responses": {"200": _json(TokenizeResponse, "Token ids."),
                                               **_errors(400, 401, 404, 413, 415)}},
@@ -253,6 +261,7 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
         ("/metrics", "get"): {"responses": {"200": {"description": "Prometheus text format.",
                                                     "content": {"text/plain": {"schema": {"type": "string"}}}}}},
         ("/", "get"): {"responses": {"200": _json(ServerInfo, "Server name, model and uptime.")}},
+        **anthropic_openapi.operations(),
     }
 
 
