@@ -82,6 +82,24 @@ def test_parameter_table_is_the_request_models():
         assert documented == set(model.model_fields), model.__name__
 
 
+def test_messages_parameter_table_is_the_request_model():
+    from service.api.anthropic_protocol import CountTokensRequest, MessagesRequest
+
+    documented = {name for row in table(section("The Messages API (Anthropic)")) for name in ticks(row[0])}
+    assert documented == set(MessagesRequest.model_fields)
+    assert set(CountTokensRequest.model_fields) < documented
+
+
+def test_anthropic_error_types_are_documented():
+    from service.api.errors import _ANTHROPIC_TYPES, anthropic_error
+
+    rows = table(section("Errors on the Messages API"))
+    documented = {int(status): ticks(row[1])[0] for row in rows for status in row[0].split(", ")}
+    for status, kind in documented.items():
+        assert anthropic_error(status, "x")["error"]["type"] == kind, status
+    assert set(_ANTHROPIC_TYPES.values()) - {"permission_error", "rate_limit_error"} <= set(documented.values())
+
+
 def _error_codes_in_code() -> set[str]:
     pattern = re.compile(r"""code["']?\s*[:=]\s*["']([a-z_]+)["']|AdmissionRejected\(\s*["']([a-z_]+)["']""")
     codes = set()
