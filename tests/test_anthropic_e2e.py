@@ -8,8 +8,6 @@ This anthropic SDK (2.x) no longer takes `temperature` as an argument: greedy de
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import anthropic
 import httpx
 import jsonschema

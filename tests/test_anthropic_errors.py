@@ -4,6 +4,7 @@ headers; admission (503 + Retry-After) and metrics shared with the chat route; /
 
 from __future__ import annotations
 
+import json
 import threading
 
 import anthropic
@@ -186,3 +187,32 @@ def test_nothing_left_behind_and_counted(client, server):
     assert 'route="/v1/messages",status="200"' in metrics and 'route="/v1/messages",status="400"' in metrics
     assert 'route="/v1/messages/count_tokens",status="404"' in metrics
     assert 'status="500"' not in metrics and 'status="422"' not in metrics
+
+
+def _events(lines):
+    """(event name, data) pairs read from an SSE line iterator, until it ends."""
+    name = None
+    for line in lines:
+        if line.startswith("event: "):
+            name = line[len("event: "):]
+        elif line.startswith("data: "):
+            yield name, json.loads(line[len("data: "):])
+
+
+def test_stream_disconnect_aborts_and_engine_fault_is_an_error_event(thread_server):
+    with thread_server(engine={"max_model_len": MAX_MODEL_LEN, "step_s": 0.02}) as s:
+        body = msg(max_tokens=100, stream=True, temperature=0)
+        with httpx.stream("POST", s.base_url + MSGS, json=body, timeout=30) as r:
+            for name, _ in _events(r.iter_lines()):
+                if name == "content_block_delta":
+                    break
+        wait_until(lambda: s.engine.num_unfinished() == 0 and s.ctx.queue.active == 0, what="aborted")
+        assert len(s.engine.aborted) == 1 and s.engine.used_blocks == 0
+        with httpx.stream("POST", s.base_url + MSGS, json=body, timeout=30) as r:
+            seen, last = [], {}
+            for name, last in _events(r.iter_lines()):  # noqa: B007 - the last event is read after the loop
+                seen.append(name)
+                if name == "content_block_delta" and seen.count(name) == 1:
+                    s.in_loop(s.engine.kill, "boom")
+        assert seen[0] == "message_start" and seen[-1] == "error" and "message_stop" not in seen
+        assert last["type"] == "error" and last["error"]["type"] == "api_error" and "boom" in last["error"]["message"]
