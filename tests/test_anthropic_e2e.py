@@ -200,3 +200,11 @@ def test_budget_under_a_forced_tool_call(thinker):
     first = _client(thinker).messages.create(max_tokens=5, thinking={"type": "adaptive"}, **kwargs)
     assert first.stop_reason == "max_tokens" and [b.type for b in first.content] == ["thinking"]
     assert r.content[0].thinking == first.content[0].thinking
+
+
+def test_chat_thinking_token_budget(thinker):
+    """The chat route's own `thinking_token_budget` (vLLM's name), which budget_tokens translates to."""
+    r = httpx.post(thinker.base_url + "/v1/chat/completions", timeout=300, json={
+        "messages": HELLO, "max_tokens": 32, "temperature": 0, "thinking_token_budget": 3})
+    message = r.json()["choices"][0]["message"]
+    assert message["reasoning_content"] == _raw(thinker, 3)
