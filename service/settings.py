@@ -88,6 +88,9 @@ class Settings(BaseSettings):
                                                          "origins (default: CORS off)")
     shutdown_timeout: float = Field(30.0, ge=0, description="on SIGTERM, drain in-flight requests for up to "
                                                             "this many seconds, then exit 0")
+    responses_store_size: int = Field(256, ge=0, description="responses /v1/responses keeps for GET and "
+                                      "previous_response_id (least recently used dropped first; 0 keeps none)")
+    responses_store_ttl: float = Field(3600.0, gt=0, description="seconds a stored response is kept")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     log_prompts: bool = Field(False, description="log request prompts (off by default: they may hold user data)")

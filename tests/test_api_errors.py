@@ -22,6 +22,14 @@ def comp(**kw):
     return {"prompt": "hi", **kw}
 
 
+RESP = "/v1/responses"
+FN = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+
+
+def resp(**kw):
+    return {"input": "hi", **kw}
+
+
 # (id, method, path, body: dict | bytes | None, status, param (None = don't care), code (None = don't care))
 CASES = [
     ("not-json", "POST", CHAT, b"{", 400, None, None),
@@ -108,6 +116,48 @@ CASES = [
     ("wrong-method-chat", "GET", CHAT, None, 405, None, "method_not_allowed"),
     ("wrong-method-models", "DELETE", "/v1/models", None, 405, None, "method_not_allowed"),
     ("body-too-large", "POST", CHAT, chat(pad="x" * (2 * BODY_LIMIT)), 413, None, "request_too_large"),
+    ("resp-no-input", "POST", RESP, {"instructions": "x"}, 400, "input", None),
+    ("resp-input-number", "POST", RESP, {"input": 5}, 400, "input", None),
+    ("resp-input-empty", "POST", RESP, {"input": []}, 400, "input", None),
+    ("resp-item-reference", "POST", RESP, {"input": [{"type": "item_reference", "id": "x"}]}, 400, "input", None),
+    ("resp-image-part", "POST", RESP, {"input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": "http://x"}]}]}, 400, "input", None),
+    ("resp-unknown-role", "POST", RESP, {"input": [{"role": "wizard", "content": "hi"}]}, 400, "input", None),
+    ("resp-call-without-id", "POST", RESP, {"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]},
+     400, "input", None),
+    ("resp-web-search-tool", "POST", RESP, resp(tools=[{"type": "web_search"}]), 400, "tools", None),
+    ("resp-file-search-tool", "POST", RESP, resp(tools=[{"type": "file_search", "vector_store_ids": ["v"]}]), 400,
+     "tools", None),
+    ("resp-computer-tool", "POST", RESP, resp(tools=[{"type": "computer_use_preview", "display_width": 8,
+                                                      "display_height": 8, "environment": "linux"}]), 400, "tools",
+     None),
+    ("resp-tool-no-name", "POST", RESP, resp(tools=[{"type": "function"}]), 400, "tools", None),
+    ("resp-tool-choice-unknown", "POST", RESP, resp(tools=[FN], tool_choice={"type": "function", "name": "g"}), 400,
+     None, None),
+    ("resp-tool-choice-builtin", "POST", RESP, resp(tools=[FN], tool_choice={"type": "web_search_preview"}), 400,
+     None, None),
+    ("resp-required-without-tools", "POST", RESP, resp(tool_choice="required"), 400, None, None),
+    ("resp-max-output-tokens-zero", "POST", RESP, resp(max_output_tokens=0), 400, "max_output_tokens", None),
+    ("resp-temperature-above-two", "POST", RESP, resp(temperature=2.5), 400, "temperature", None),
+    ("resp-top-p-zero", "POST", RESP, resp(top_p=0), 400, "top_p", None),
+    ("resp-format-unknown", "POST", RESP, resp(text={"format": {"type": "xml"}}), 400, "text", None),
+    ("resp-format-no-schema", "POST", RESP, resp(text={"format": {"type": "json_schema", "name": "x"}}), 400, "text",
+     None),
+    ("resp-bad-json-schema", "POST", RESP, resp(text={"format": {"type": "json_schema", "name": "x", "schema": {
+        "type": "nonsense"}}}), 400, "text.format.schema", "invalid_grammar"),
+    ("resp-effort-unknown", "POST", RESP, resp(reasoning={"effort": "maximal"}), 400, "reasoning", None),
+    ("resp-background", "POST", RESP, resp(background=True), 400, "background", None),
+    ("resp-metadata-too-many", "POST", RESP, resp(metadata={str(i): "v" for i in range(17)}), 400, "metadata", None),
+    ("resp-metadata-not-string", "POST", RESP, resp(metadata={"k": 5}), 400, None, None),
+    ("resp-previous-unknown", "POST", RESP, resp(previous_response_id="resp_nope"), 400, "previous_response_id",
+     "previous_response_not_found"),
+    ("resp-context-length", "POST", RESP, resp(max_output_tokens=MAX_MODEL_LEN), 400, "input",
+     "context_length_exceeded"),
+    ("resp-logit-bias-vocab", "POST", RESP, resp(logit_bias={"99999999": 1}), 400, "logit_bias", None),
+    ("resp-unknown-model", "POST", RESP, resp(model="gpt-9"), 404, "model", "model_not_found"),
+    ("resp-get-unknown", "GET", RESP + "/resp_nope", None, 404, "response_id", "not_found"),
+    ("resp-delete-unknown", "DELETE", RESP + "/resp_nope", None, 404, "response_id", "not_found"),
+    ("resp-wrong-method", "PUT", RESP, None, 405, None, "method_not_allowed"),
     ("tokenize-both", "POST", "/tokenize", {"prompt": "a", "messages": MSG}, 400, None, None),
     ("tokenize-neither", "POST", "/tokenize", {}, 400, None, None),
     ("detokenize-out-of-vocab", "POST", "/detokenize", {"tokens": [10**6]}, 400, "tokens", None),
@@ -165,6 +215,11 @@ def test_context_length_message_matches_openai(client):
         f"This model's maximum context length is {MAX_MODEL_LEN} tokens, however you requested "
         f"{MAX_MODEL_LEN + 2} tokens (2 in your prompt; {MAX_MODEL_LEN} for the completion). Please reduce your "
         "prompt; or completion length.")
+
+
+def test_responses_context_length_names_the_input(client):
+    r = client.post(RESP, json=resp(max_output_tokens=MAX_MODEL_LEN))
+    assert "in the input" in r.json()["error"]["message"] and "messages" not in r.json()["error"]["message"]
 
 
 def test_method_not_allowed_lists_allowed(client):

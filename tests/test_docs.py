@@ -98,6 +98,11 @@ def test_anthropic_error_types_are_documented():
     for status, kind in documented.items():
         assert anthropic_error(status, "x")["error"]["type"] == kind, status
     assert set(_ANTHROPIC_TYPES.values()) - {"permission_error", "rate_limit_error"} <= set(documented.values())
+def test_responses_field_table_is_the_request_model():
+    from service.api.responses_protocol import ResponsesRequest
+
+    documented = {name for row in table(section("Responses API fields")) for name in ticks(row[0])}
+    assert documented == set(ResponsesRequest.model_fields)
 
 
 def _error_codes_in_code() -> set[str]:

@@ -26,7 +26,7 @@ import anyio
 from fastapi import Request
 
 from service.api.context import ServingContext
-from service.api.errors import APIError, ClientDisconnected
+from service.api.errors import ClientDisconnected
 from service.api.generation import Collected, EngineFault, Outputs, RequestStream, collect, engine_dead
 from service.api.streaming import SSEResponse, sse_events
 from service.engine.sampling_params import SamplingParams
@@ -82,14 +82,16 @@ class Job:
         return await self._wait(asyncio.gather(*(collect(s) for s in self._streams)))
 
     async def stream(self, chunks: AsyncGenerator[dict[str, Any], None],
-                     named_error: Callable[[APIError], dict[str, Any]] | None = None) -> SSEResponse:
-        """An SSE response of `chunks`, made from `outputs()` (named events with `named_error`: see sse_events).
-        The first output is awaited here: a request that fails before it gets an HTTP status, not an error event."""
+                     framing: Callable[[AsyncGenerator[dict[str, Any], None]], AsyncGenerator[str, None]] = sse_events,
+                     ) -> SSEResponse:
+        """An SSE response of `chunks`, made from `outputs()` and framed by `framing` (OpenAI chat's `data:` lines
+        and `[DONE]` unless told). The first output is awaited here: a request that fails before it gets an HTTP
+        status, not an error event."""
         if self._outputs is None:
             raise RuntimeError("Job.stream needs the chunks of Job.outputs()")
         await self._wait(self._outputs.wait_first())
         self._handed_off = True
-        return SSEResponse(sse_events(chunks, named_error), on_close=self.close)
+        return SSEResponse(framing(chunks), on_close=self.close)
 
     async def close(self) -> None:
         if self._closed:

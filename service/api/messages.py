@@ -9,6 +9,8 @@ Anthropic's shape (anthropic_stream.py); errors on these paths take Anthropic's 
 
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
@@ -22,6 +24,7 @@ from service.api.context import ServingContext
 from service.api.errors import APIError, from_validation_error
 from service.api.job import Job
 from service.api.protocol import ChatCompletionRequest
+from service.api.streaming import sse_events
 
 
 def _as_chat(body: MessagesRequest | CountTokensRequest) -> ChatCompletionRequest:
@@ -39,7 +42,8 @@ async def create_message(request: Request) -> Response:
     async with Job(ctx, request) as job:
         run = await start_chat(ctx, job, req, "msg")
         if body.stream:
-            return await job.stream(message_events(job, run, job.outputs()), named_error=APIError.anthropic_body)
+            return await job.stream(message_events(job, run, job.outputs()),
+                                    framing=partial(sse_events, named_error=APIError.anthropic_body))
         [result] = await job.collect()
         [choice] = result.choices
         msg, finish = chat_agents.message(run.plan, choice.text, choice.finish_reason)

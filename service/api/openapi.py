@@ -22,6 +22,9 @@ from pydantic.json_schema import models_json_schema
 from service.api import anthropic_openapi
 from service.api.auth import is_protected
 from service.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from service.api.responses_openapi import MODELS as RESPONSES_MODELS
+from service.api.responses_openapi import ResponseDeleted, ResponseObject, typed_event_stream
+from service.api.responses_protocol import ResponsesRequest
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -183,7 +186,7 @@ class ServerInfo(_Doc):
 _MODELS: list[type[BaseModel]] = [ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest,
                                   ErrorResponse, ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk,
                                   ModelList, ModelCard, TokenizeResponse, DetokenizeResponse, ProbeStatus,
-                                  ServerInfo, *anthropic_openapi.MODELS]
+                                  ServerInfo, ResponsesRequest, *RESPONSES_MODELS, *anthropic_openapi.MODELS]
 _REF = "#/components/schemas/{model}"
 
 _WHY = {400: "Invalid request (OpenAI error shape).", 401: "Missing or wrong API key.",
@@ -238,6 +241,22 @@ def _generation(body: type[BaseModel], result: type[BaseModel], chunk: type[Base
             "responses": {"200": ok, **_errors(400, 401, 404, 413, 415, 500, 503, 504)}}
 
 
+def _responses_create() -> dict[str, Any]:
+    ok = {"description": "The Response as JSON; with `stream: true` typed server-sent events `event: <type>\\ndata: "
+                         "<JSON>\\n\\n` numbered by sequence_number, the last `response.completed`, "
+                         "`response.incomplete` or `response.failed` (or an `error` event); no `[DONE]`.",
+          "content": {"application/json": {"schema": _ref(ResponseObject)},
+                      "text/event-stream": typed_event_stream(_ref)}}
+    tool = {"type": "function", "name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}}
+    examples = {"streamed": {"value": {"input": "Hello", "stream": True, "max_output_tokens": 8}},
+                "function_call": {"value": {"input": "Weather?", "tools": [tool], "tool_choice": "required",
+                                            "stream": True, "max_output_tokens": 32}}}
+    body = {"application/json": {"schema": _ref(ResponsesRequest), "examples": examples}}
+    return {"requestBody": {"required": True, "content": body},
+            "responses": {"200": ok, **_errors(400, 401, 404, 413, 415, 500, 503, 504)}}
+
+
 def _operations() -> dict[tuple[str, str], dict[str, Any]]:
     def body(model: type[BaseModel]) -> dict[str, Any]:
         return {"required": True, "content": {"application/json": {"schema": _ref(model)}}}
@@ -246,6 +265,13 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
     return {
         ("/v1/chat/completions", "post"): _generation(ChatCompletionRequest, ChatCompletion, ChatCompletionChunk),
         ("/v1/completions", "post"): _generation(CompletionRequest, Completion, CompletionChunk),
+        ("/v1/responses", "post"): _responses_create(),
+        ("/v1/responses/{response_id}", "get"): {"responses": {
+            "200": _json(ResponseObject, "The stored response."), **_errors(401),
+            "404": _json(ErrorResponse, "No stored response has this id (never stored, expired or deleted).")}},
+        ("/v1/responses/{response_id}", "delete"): {"responses": {
+            "200": _json(ResponseDeleted, "Deleted."), **_errors(401),
+            "404": _json(ErrorResponse, "No stored response has this id.")}},
         ("/v1/models", "get"): {"responses": {"200": _models(ModelList, anthropic_openapi.AnthropicModelList,
                                                              "The served model."), **_errors(401)}},
         ("/v1/models/{model_id}", "get"): {"responses": {"200": _models(ModelCard, anthropic_openapi.AnthropicModelInfo,

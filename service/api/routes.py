@@ -16,12 +16,16 @@ from service.api.context import ServingContext
 from service.api.errors import redact
 from service.api.messages import count_tokens, create_message
 from service.api.protocol import DetokenizeRequest, TokenizeRequest
+from service.api.responses import create_response, delete_response, get_response
 
 router = APIRouter()
 router.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
 router.add_api_route("/v1/completions", create_completion, methods=["POST"])
 router.add_api_route("/v1/messages", create_message, methods=["POST"])
 router.add_api_route("/v1/messages/count_tokens", count_tokens, methods=["POST"])
+router.add_api_route("/v1/responses", create_response, methods=["POST"])
+router.add_api_route("/v1/responses/{response_id}", get_response, methods=["GET"])
+router.add_api_route("/v1/responses/{response_id}", delete_response, methods=["DELETE"])
 
 
 def _ctx(request: Request) -> ServingContext:

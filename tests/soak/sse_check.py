@@ -1,5 +1,6 @@
 """A schemathesis check for what JSON Schema cannot say about a stream: `data: [DONE]` once and last, and exactly one
-finish_reason per choice (n per prompt); a stream the client stopped reading early is checked only for framing.
+finish_reason per choice (n per prompt); for the Responses API's typed events, their names, numbering and end; a
+stream the client stopped reading early is checked only for framing.
 Used by tests/test_fuzz_openapi.py and, as a hooks module, by
 bench/soak_fuzz.py (`SCHEMATHESIS_HOOKS=tests.soak.sse_check st run ...`)."""
 
@@ -25,6 +26,26 @@ def _expected_choices(path: str, body: Any) -> int | None:
     return n
 
 
+_RESPONSE_ENDS = ("response.completed", "response.incomplete", "response.failed", "error")
+
+
+def typed_events_contract(text: str, complete: bool) -> None:
+    """/v1/responses: `event: <type>\\ndata: <json with that type>` events numbered 0, 1, ...; response.created
+    first; a complete stream ends with one final event (or an error event) and has no [DONE]."""
+    events = []
+    for block in text[:-2].split("\n\n"):
+        lines = block.split("\n")
+        assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "), block[:200]
+        event = json.loads(lines[1][len("data: "):])
+        assert lines[0] == "event: " + event["type"], f"event name {lines[0]!r} but data type {event['type']!r}"
+        events.append(event)
+    assert [e["sequence_number"] for e in events] == list(range(len(events))), "sequence numbers"
+    assert events[0]["type"] == "response.created", events[0]["type"]
+    if complete:
+        ends = [e["type"] for e in events if e["type"] in _RESPONSE_ENDS]
+        assert ends == [events[-1]["type"]], f"final events {ends}, last {events[-1]['type']}"
+
+
 @schemathesis.check
 def sse_contract(ctx: Any, response: Any, case: Any) -> bool | None:
     if response.status_code != 200 or not response.headers.get("content-type", [""])[0].startswith(
@@ -38,6 +59,9 @@ def sse_contract(ctx: Any, response: Any, case: Any) -> bool | None:
     assert text.endswith("\n\n"), f"stream cut: {text[-100:]!r}"
     if case.operation.path == "/v1/messages":
         return _anthropic_contract(text, response.stream_cut_short)
+    if case.operation.path.endswith("/responses"):
+        typed_events_contract(text, not response.stream_cut_short)
+        return True
     events = text[:-2].split("\n\n")
     assert all(e.startswith("data: ") for e in events), "an event is not `data: ...`"
     data = [e[len("data: "):] for e in events]
