@@ -69,7 +69,8 @@ CASES = [
      "invalid_request_error"),
     ("thinking-unknown", MSGS, msg(thinking={"type": "maybe"}), 400, "invalid_request_error"),
     ("metadata-string", MSGS, msg(metadata="x"), 400, "invalid_request_error"),
-    ("context-length", MSGS, msg(max_tokens=MAX_MODEL_LEN), 400, "invalid_request_error"),
+    ("context-length", MSGS, msg(messages=[{"role": "user", "content": "hi " * MAX_MODEL_LEN}]), 400,
+     "invalid_request_error"),
     ("unknown-model", MSGS, msg(model="claude-opus-9"), 404, "not_found_error"),
     ("body-too-large", MSGS, msg(pad="x" * (2 * BODY_LIMIT)), 413, "request_too_large"),
     ("count-unknown-model", COUNT, {"model": "claude-opus-9", "messages": USER}, 404, "not_found_error"),
@@ -216,3 +217,14 @@ def test_stream_disconnect_aborts_and_engine_fault_is_an_error_event(thread_serv
                     s.in_loop(s.engine.kill, "boom")
         assert seen[0] == "message_start" and seen[-1] == "error" and "message_stop" not in seen
         assert last["type"] == "error" and last["error"]["type"] == "api_error" and "boom" in last["error"]["message"]
+
+
+def test_max_tokens_beyond_the_context_is_cut_to_fit(client):
+    """As Anthropic's newer models do: the answer runs to the end of the context and says so (this prompt leaves
+    two tokens, and the fake engine writes more than two before its eos)."""
+    long = [{"role": "user", "content": "hi " * 40}]
+    body = client.post(MSGS, json=msg(messages=long, max_tokens=10 * MAX_MODEL_LEN, temperature=0)).json()
+    assert body["stop_reason"] == "model_context_window_exceeded", body
+    assert body["usage"]["input_tokens"] + body["usage"]["output_tokens"] == MAX_MODEL_LEN
+    assert client.post(MSGS, json=msg(messages=long, max_tokens=2, temperature=0)).json()["stop_reason"] == \
+        "max_tokens"

@@ -52,7 +52,8 @@ class ToolUseBlock(_Doc):
     input: dict[str, Any]
 
 
-StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_turn"]
+StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_turn",
+                     "model_context_window_exceeded"]
 
 
 class AnthropicMessage(_Doc):

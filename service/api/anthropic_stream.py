@@ -26,14 +26,15 @@ def usage(prompt_tokens: int, output_tokens: int, cached: int) -> dict[str, int]
             "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
 
 
-def stop_reason(finish_reason: str | None, engine_stop: int | str | None) -> tuple[str, str | None]:
+def stop_reason(run: ChatRun, finish_reason: str | None, engine_stop: int | str | None) -> tuple[str, str | None]:
     """(stop_reason, stop_sequence) from the chat path's finish_reason and the engine's stop_reason (the stop string
-    matched, or a stop token id). A request the server gave up on (a drain ran out of time) ends `pause_turn`: its
-    turn is unfinished, and sending it again continues it."""
+    matched, or a stop token id). The length limit is `model_context_window_exceeded` when max_tokens had been cut
+    to fit the context. A request the server gave up on (a drain ran out of time) ends `pause_turn`: its turn is
+    unfinished, and sending it again continues it."""
     if finish_reason == "tool_calls":
         return "tool_use", None
     if finish_reason == "length":
-        return "max_tokens", None
+        return ("model_context_window_exceeded" if run.context_limited else "max_tokens"), None
     if finish_reason == "stop":
         return ("stop_sequence", engine_stop) if isinstance(engine_stop, str) else ("end_turn", None)
     return "pause_turn", None
@@ -141,7 +142,7 @@ async def message_events(job: Job, run: ChatRun, outputs: Outputs) -> AsyncGener
                 engine_stop = o.stop_reason
     for event in blocks.close():
         yield event
-    reason, sequence = stop_reason(finish, engine_stop)
+    reason, sequence = stop_reason(run, finish, engine_stop)
     yield {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
            "usage": usage(prompt_tokens, generated, cached)}
     yield {"type": "message_stop"}

@@ -40,14 +40,14 @@ async def create_message(request: Request) -> Response:
     req = _as_chat(body)
     check_chat(ctx, req)
     async with Job(ctx, request) as job:
-        run = await start_chat(ctx, job, req, "msg")
+        run = await start_chat(ctx, job, req, "msg", fit_context=True)
         if body.stream:
             return await job.stream(message_events(job, run, job.outputs()),
                                     framing=partial(sse_events, named_error=APIError.anthropic_body))
         [result] = await job.collect()
         [choice] = result.choices
         msg, finish = chat_agents.message(run.plan, choice.text, choice.finish_reason)
-        reason, sequence = stop_reason(finish, choice.stop_reason)
+        reason, sequence = stop_reason(run, finish, choice.stop_reason)
         job.log_done(run.response_id, result.num_prompt_tokens, result.num_generated_tokens,
                      [str(choice.finish_reason)])
         return JSONResponse(message(message_id(run), ctx.model_name, content_blocks(msg), reason, sequence,
