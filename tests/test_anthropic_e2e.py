@@ -126,9 +126,10 @@ def test_stop_sequence(client, model):
     assert cut.content[0].text == text[:text.index(stop)]
 
 
-def test_errors_on_the_real_server(client, model):
+def test_errors_on_the_real_server(server, client, model):
+    limit = httpx.get(server.base_url + "/v1/models").json()["data"][0]["max_model_len"]
     with pytest.raises(anthropic.BadRequestError, match="maximum context length"):
-        client.messages.create(model=model, max_tokens=10**7, messages=ASK)
+        client.messages.create(model=model, max_tokens=4, messages=[{"role": "user", "content": "x = 1\n" * limit}])
     with pytest.raises(anthropic.NotFoundError):
         client.messages.create(model="claude-sonnet-4-5", max_tokens=4, messages=ASK)
 
