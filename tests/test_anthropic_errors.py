@@ -228,3 +228,19 @@ def test_max_tokens_beyond_the_context_is_cut_to_fit(client):
     assert body["usage"]["input_tokens"] + body["usage"]["output_tokens"] == MAX_MODEL_LEN
     assert client.post(MSGS, json=msg(messages=long, max_tokens=2, temperature=0)).json()["stop_reason"] == \
         "max_tokens"
+
+
+def test_a_request_the_server_gives_up_on_ends_pause_turn(thread_server):
+    """What a drain that ran out of time does to the requests still running (ServingContext.abort_all)."""
+    import asyncio
+
+    with thread_server(engine={"max_model_len": MAX_MODEL_LEN, "step_s": 0.02}) as s:
+        s.engine.held = True
+        results = []
+        t = threading.Thread(target=lambda: results.append(httpx.post(s.base_url + MSGS, json=msg(), timeout=30)))
+        t.start()
+        wait_until(lambda: s.engine.num_unfinished() == 1, what="the request queued")
+        s.in_loop(lambda: asyncio.ensure_future(s.ctx.abort_all()))
+        t.join(30)
+        body = results[0].json()
+        assert body["stop_reason"] == "pause_turn" and body["content"] == [], body
