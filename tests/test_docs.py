@@ -82,6 +82,22 @@ def test_parameter_table_is_the_request_models():
         assert documented == set(model.model_fields), model.__name__
 
 
+def test_messages_parameter_table_is_the_request_model():
+    from service.api.anthropic_protocol import CountTokensRequest, MessagesRequest
+
+    documented = {name for row in table(section("The Messages API (Anthropic)")) for name in ticks(row[0])}
+    assert documented == set(MessagesRequest.model_fields)
+    assert set(CountTokensRequest.model_fields) < documented
+
+
+def test_anthropic_error_types_are_documented():
+    from service.api.errors import _ANTHROPIC_TYPES, anthropic_error
+
+    rows = table(section("Errors on the Messages API"))
+    documented = {int(status): ticks(row[1])[0] for row in rows for status in row[0].split(", ")}
+    for status, kind in documented.items():
+        assert anthropic_error(status, "x")["error"]["type"] == kind, status
+    assert set(_ANTHROPIC_TYPES.values()) - {"permission_error", "rate_limit_error"} <= set(documented.values())
 def test_responses_field_table_is_the_request_model():
     from service.api.responses_protocol import ResponsesRequest
 

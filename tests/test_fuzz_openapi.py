@@ -30,7 +30,7 @@ KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance, negative_data_rejection, ignored_auth, unsupported_method, sse_contract]
-EXAMPLES_PER_OPERATION = 15  # x 13 operations x (positive, negative)
+EXAMPLES_PER_OPERATION = 15  # x 15 operations x (positive, negative)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,8 @@ def server(thread_server):
 
 OPERATIONS = ["POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models", "GET /v1/models/{model_id}",
               "POST /tokenize", "POST /detokenize", "GET /health", "GET /ready", "GET /metrics", "GET /",
-              "POST /v1/responses", "GET /v1/responses/{response_id}", "DELETE /v1/responses/{response_id}"]
+              "POST /v1/responses", "GET /v1/responses/{response_id}", "DELETE /v1/responses/{response_id}",
+              "POST /v1/messages", "POST /v1/messages/count_tokens"]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,8 @@ def api_schema(server):
 
 # schemathesis' own pytest plugin (`from_fixture`) does not run under pytest 9, so each operation and mode is a
 # plain hypothesis test over the operation's strategy.
-WITH_INPUT = OPERATIONS[:2] + OPERATIONS[3:6] + ["POST /v1/responses"]  # negative data needs a body or a parameter
+WITH_INPUT = OPERATIONS[:2] + OPERATIONS[3:6] + ["POST /v1/responses", "POST /v1/messages",
+                                                "POST /v1/messages/count_tokens"]  # negative data needs input
 
 
 @pytest.mark.parametrize("operation,mode", [(op, GenerationMode.POSITIVE) for op in OPERATIONS]
@@ -84,7 +86,7 @@ def test_document_describes_every_route_and_the_streams(server):
     documented = {(path, method.upper()) for path, ops in doc["paths"].items() for method in ops}
     served = {(r.path.replace(":path}", "}"), m) for r in router.routes for m in r.methods if m != "HEAD"}
     assert served == documented
-    for path in ("/v1/chat/completions", "/v1/completions"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/messages"):
         ok = doc["paths"][path]["post"]["responses"]["200"]["content"]
         assert set(ok) == {"application/json", "text/event-stream"} and "itemSchema" in ok["text/event-stream"]
         assert doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]

@@ -107,3 +107,28 @@ def test_torch_bitmask_path_equals_xgrammars() -> None:
     a = apply_bitmask(logits.clone(), bitmask, rows)
     b = unpack_and_mask(logits.clone(), bitmask, rows)
     assert torch.equal(a.isinf(), b.isinf()) and torch.equal(a[1], logits[1])
+
+
+def test_thinking_budget_forces_the_reasoning_end() -> None:
+    """Once `reasoning_budget` tokens were generated without the end sequence, its next token is forced (over every
+    other edit); an end the model wrote itself, or that was forced, turns the budget off."""
+    from service.engine.logits_processors import forced_reasoning_end
+
+    one = SamplingParams(temperature=1.0, reasoning_budget=2, reasoning_end_token_ids=[9])
+    two = SamplingParams(temperature=0.0, reasoning_budget=1, reasoning_end_token_ids=[7, 8], allowed_token_ids=[3])
+    assert [forced_reasoning_end(one, out) for out in ([1], [1, 2], [1, 9, 2], [1, 2, 9, 4])] == [None, 9, None, None]
+    assert [forced_reasoning_end(two, out) for out in ([1], [1, 7], [1, 7, 8, 7], [7, 8])] == [7, 8, None, None]
+    p = _probs([one, one, two], [[1], [1, 2], [1, 7]], torch.randn(3, V))
+    assert p[0, 9] < 1 and p[1, 9] == 1.0 and p[2, 8] == 1.0  # forced past allowed_token_ids too
+
+
+def test_thinking_budget_through_the_engine_with_and_without_speculation(engine_ckpt) -> None:
+    ps = prompts(2, [6, 9])
+    end = [5, 6]
+    requests = [(f"budget-{b}", ps[i], SamplingParams(max_tokens=10, temperature=0.0, reasoning_budget=b,
+                                                      reasoning_end_token_ids=end, bad_words_token_ids=[[5]]))
+                for i, b in enumerate((0, 4))]  # the model may not write the end itself: only the budget does
+    plain = _texts(make_engine(engine_ckpt), requests)
+    assert plain == _texts(make_engine(engine_ckpt, num_speculative_tokens=2), requests)
+    assert plain["budget-0"][:2] == end and plain["budget-4"][4:6] == end
+    assert 5 not in plain["budget-4"][:4] + plain["budget-4"][6:]

@@ -1,4 +1,5 @@
-"""API keys on /v1/*, /tokenize and /detokenize (probes and /metrics stay open, as in vLLM).
+"""API keys on /v1/*, /tokenize and /detokenize (probes and /metrics stay open, as in vLLM), sent as
+`Authorization: Bearer KEY` (OpenAI's clients, ANTHROPIC_AUTH_TOKEN) or `x-api-key: KEY` (Anthropic's clients).
 
 Keys are compared as SHA-256 digests with `hmac.compare_digest`, and every configured key is checked even
 after a match, so neither the key's content nor which key matched shows in the timing.
@@ -11,6 +12,8 @@ import hmac
 import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.api.errors import anthropic_error, is_anthropic_path
 
 PROTECTED_PATHS = ("/tokenize", "/detokenize")
 
@@ -28,30 +31,34 @@ class APIKeyMiddleware:
         self.app = app
         self._digests = [_digest(k) for k in keys]
 
-    def _authorized(self, header: bytes | None) -> bool:
-        if header is None:
-            return False
-        scheme, _, token = header.decode("latin-1").partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        given = _digest(token.strip())
+    def _authorized(self, header: bytes | None, api_key: bytes | None = None) -> bool:
+        """`Authorization: Bearer KEY` or `x-api-key: KEY` (either may hold the key)."""
+        bearer = None
+        if header is not None:
+            scheme, _, token = header.decode("latin-1").partition(" ")
+            bearer = token if scheme.lower() == "bearer" else None
+        given = [_digest(t.strip()) for t in (bearer, api_key.decode("latin-1") if api_key is not None else None)
+                 if t is not None]
         ok = False
-        for d in self._digests:
-            ok |= hmac.compare_digest(given, d)
+        for g in given:
+            for d in self._digests:
+                ok |= hmac.compare_digest(g, d)
         return ok
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] == "OPTIONS" or not is_protected(scope["path"]):
             await self.app(scope, receive, send)
             return
-        header = dict(scope["headers"]).get(b"authorization")
-        if self._authorized(header):
+        headers = dict(scope["headers"])
+        header, api_key = headers.get(b"authorization"), headers.get(b"x-api-key")
+        if self._authorized(header, api_key):
             await self.app(scope, receive, send)
             return
-        message = "Missing API key" if header is None else "Invalid API key"
-        body = json.dumps({"error": {"message": f"{message}: send 'Authorization: Bearer <key>'.",
-                                     "type": "invalid_request_error", "param": None,
-                                     "code": "invalid_api_key"}}).encode()
+        message = ("Missing API key" if header is None and api_key is None else "Invalid API key") + \
+            ": send 'Authorization: Bearer <key>' or 'x-api-key: <key>'."
+        error = anthropic_error(401, message) if is_anthropic_path(scope["path"]) else {"error": {
+            "message": message, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+        body = json.dumps(error).encode()
         await send({"type": "http.response.start", "status": 401,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"www-authenticate", b"Bearer")]})

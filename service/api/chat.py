@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import Request
@@ -17,6 +17,7 @@ from service.api.generation import Outputs
 from service.api.job import Job, new_id, usage
 from service.api.logprobs import TokenNamer, chat_logprobs
 from service.api.protocol import ChatCompletionRequest
+from service.api.reasoning_parser import THINK_CLOSE
 
 
 @dataclass
@@ -27,6 +28,7 @@ class ChatRun:
     prompt_ids: list[int]
     response_id: str
     created: int
+    context_limited: bool = False  # max_tokens was cut to what the context had left (fit_context)
 
 
 def check_chat(ctx: ServingContext, req: ChatCompletionRequest) -> None:
@@ -36,25 +38,34 @@ def check_chat(ctx: ServingContext, req: ChatCompletionRequest) -> None:
     ctx.check_token_ids(req.stop_token_ids or [], "stop_token_ids")
 
 
-async def start_chat(ctx: ServingContext, job: Job, req: ChatCompletionRequest, id_prefix: str) -> ChatRun:
+async def start_chat(ctx: ServingContext, job: Job, req: ChatCompletionRequest, id_prefix: str,
+                     fit_context: bool = False) -> ChatRun:
     """Check, render, encode, plan and submit `req` on `job`: the one path of every chat-shaped API (chat
-    completions, Anthropic Messages, OpenAI Responses translate their requests into a ChatCompletionRequest)."""
+    completions, Anthropic Messages, OpenAI Responses translate their requests into a ChatCompletionRequest).
+    `fit_context`: a max_tokens beyond what the context has left is cut to fit rather than refused (Anthropic's
+    newer models answer so, ending with `model_context_window_exceeded`)."""
     ctx.check_model(req.model)
     ctx.check_n(req.n)
     ctx.check_token_ids(req.stop_token_ids or [], "stop_token_ids")
     messages = [m.for_template() for m in req.messages]
     text = await ctx.render_chat(messages, req.add_generation_prompt, req.tools, req.chat_template_kwargs)
     prompt_ids = await ctx.encode(text, add_special_tokens=False, prompt_of="messages")
-    max_tokens = ctx.resolve_max_tokens(len(prompt_ids), req.requested_max_tokens, chat=True)
+    requested = req.requested_max_tokens
+    room = ctx.max_model_len - len(prompt_ids)
+    limited = fit_context and requested is not None and 0 < room < requested
+    max_tokens = ctx.resolve_max_tokens(len(prompt_ids), room if limited else requested, chat=True)
     ctx.check_token_ids(list(req.logit_bias_ids), "logit_bias")
     ctx.check_token_ids(req.allowed_token_ids or [], "allowed_token_ids")
     plan = await chat_agents.plan_chat(req, text, ctx.tokenizer, ctx.tool_parser_on, ctx.reasoning_parser_on)
     params = req.sampling_params(max_tokens, req.num_logprobs, None, ctx.sampling_defaults,
                                  plan.bad_words_token_ids, plan.spec)
+    if req.thinking_token_budget is not None and plan.in_reasoning:  # a prompt that opens no block has no budget
+        params = replace(params, reasoning_budget=req.thinking_token_budget,
+                         reasoning_end_token_ids=ctx.tokenizer.encode(THINK_CLOSE, False))
     response_id = new_id(id_prefix)
     job.log_prompt(response_id, text)
     job.submit(response_id, prompt_ids, params)
-    return ChatRun(plan, prompt_ids, response_id, int(time.time()))
+    return ChatRun(plan, prompt_ids, response_id, int(time.time()), limited)
 
 
 async def create_chat_completion(request: Request) -> Response:

@@ -1,4 +1,7 @@
-"""Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`, with the right status.
+"""Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`, with the right status; on the
+Anthropic Messages paths (`/v1/messages*`) in Anthropic's: `{"type": "error", "error": {"type", "message"},
+"request_id"}`, with the same statuses (Anthropic's error types; a full queue stays 503 + Retry-After, which the
+anthropic SDKs retry as they retry every 5xx, rather than Anthropic's own 529).
 
 Every failure a client can cause becomes an APIError (400/401/404/405/413/503/504); FastAPI's 422 and
 Starlette's `{"detail": ...}` bodies are replaced here; anything else is a bug and gets a 500 whose body
@@ -25,6 +28,22 @@ log = logging.getLogger(__name__)
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
           503: "service_unavailable", 504: "timeout"}
+
+
+# Anthropic's error types by status (https://docs.claude.com/en/api/errors); other 4xx are invalid_request_error
+_ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 503: "overloaded_error",
+                    504: "timeout_error", 529: "overloaded_error"}
+
+
+def is_anthropic_path(path: str) -> bool:
+    """Paths whose errors take Anthropic's shape: the Messages API."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def anthropic_error(status: int, message: str) -> dict[str, Any]:
+    kind = _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}, "request_id": request_id_var.get()}
 
 
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.@+~-]+){2,}[\\/]?")
@@ -54,8 +73,13 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def anthropic_body(self) -> dict[str, Any]:
+        return anthropic_error(self.status, self.message)
+
+    def response(self, path: str = "") -> JSONResponse:
+        """The error in the shape of the API `path` belongs to."""
+        body = self.anthropic_body() if is_anthropic_path(path) else self.body()
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 class ClientDisconnected(Exception):
@@ -90,11 +114,11 @@ def from_validation_error(e: ValidationError | RequestValidationError) -> APIErr
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+        return exc.response(request.url.path)
 
     @app.exception_handler(SamplingParamError)
     async def _sampling(request: Request, exc: SamplingParamError) -> JSONResponse:
-        return bad_request(str(exc), param=exc.param).response()
+        return bad_request(str(exc), param=exc.param).response(request.url.path)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(request: Request, exc: ClientDisconnected) -> Response:
@@ -103,7 +127,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return from_validation_error(exc).response()
+        return from_validation_error(exc).response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -114,9 +138,9 @@ def install_error_handlers(app: FastAPI) -> None:
                            code="method_not_allowed", headers=dict(exc.headers or {}))
         else:
             err = APIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
-        return err.response()
+        return err.response(request.url.path)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"fields": {"method": request.method, "path": request.url.path}})
-        return APIError(500, "Internal server error; the server log has the details.").response()
+        return APIError(500, "Internal server error; the server log has the details.").response(request.url.path)

@@ -19,6 +19,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import models_json_schema
 
+from service.api import anthropic_openapi
 from service.api.auth import is_protected
 from service.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from service.api.responses_openapi import MODELS as RESPONSES_MODELS
@@ -185,7 +186,7 @@ class ServerInfo(_Doc):
 _MODELS: list[type[BaseModel]] = [ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest,
                                   ErrorResponse, ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk,
                                   ModelList, ModelCard, TokenizeResponse, DetokenizeResponse, ProbeStatus,
-                                  ServerInfo, ResponsesRequest, *RESPONSES_MODELS]
+                                  ServerInfo, ResponsesRequest, *RESPONSES_MODELS, *anthropic_openapi.MODELS]
 _REF = "#/components/schemas/{model}"
 
 _WHY = {400: "Invalid request (OpenAI error shape).", 401: "Missing or wrong API key.",
@@ -202,6 +203,12 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
 
 def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
+
+
+def _models(openai: type[BaseModel], anthropic: type[BaseModel], description: str) -> dict[str, Any]:
+    """OpenAI's shape, or Anthropic's for a request with an `anthropic-version` header (the anthropic SDKs')."""
+    return {"description": description + " Anthropic's shape when the request has an `anthropic-version` header.",
+            "content": {"application/json": {"schema": {"anyOf": [_ref(openai), _ref(anthropic)]}}}}
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
@@ -265,9 +272,10 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
         ("/v1/responses/{response_id}", "delete"): {"responses": {
             "200": _json(ResponseDeleted, "Deleted."), **_errors(401),
             "404": _json(ErrorResponse, "No stored response has this id.")}},
-        ("/v1/models", "get"): {"responses": {"200": _json(ModelList, "The served model."), **_errors(401)}},
-        ("/v1/models/{model_id}", "get"): {"responses": {"200": _json(ModelCard, "The model."),
-                                                         **_errors(401, 404)}},
+        ("/v1/models", "get"): {"responses": {"200": _models(ModelList, anthropic_openapi.AnthropicModelList,
+                                                             "The served model."), **_errors(401)}},
+        ("/v1/models/{model_id}", "get"): {"responses": {"200": _models(ModelCard, anthropic_openapi.AnthropicModelInfo,
+                                                                        "The model."), **_errors(401, 404)}},
         ("/tokenize", "post"): {"requestBody": body(TokenizeRequest),
                                 "responses": {"200": _json(TokenizeResponse, "Token ids."),
                                               **_errors(400, 401, 404, 413, 415)}},
@@ -279,6 +287,7 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
         ("/metrics", "get"): {"responses": {"200": {"description": "Prometheus text format.",
                                                     "content": {"text/plain": {"schema": {"type": "string"}}}}}},
         ("/", "get"): {"responses": {"200": _json(ServerInfo, "Server name, model and uptime.")}},
+        **anthropic_openapi.operations(),
     }
 
 

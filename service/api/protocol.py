@@ -255,6 +255,7 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     include_reasoning: bool = True
+    thinking_token_budget: int | None = Field(None, ge=0)  # vLLM's: reasoning tokens before `</think>` is forced
 
     @model_validator(mode="after")
     def _chat(self) -> ChatCompletionRequest:

@@ -1,8 +1,9 @@
-"""Routes: the OpenAI endpoints, vLLM's tokenize/detokenize, probes and metrics."""
+"""Routes: the OpenAI endpoints, Anthropic's Messages API, vLLM's tokenize/detokenize, probes and metrics."""
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -13,12 +14,15 @@ from service.api.chat import create_chat_completion
 from service.api.completions import create_completion
 from service.api.context import ServingContext
 from service.api.errors import redact
+from service.api.messages import count_tokens, create_message
 from service.api.protocol import DetokenizeRequest, TokenizeRequest
 from service.api.responses import create_response, delete_response, get_response
 
 router = APIRouter()
 router.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
 router.add_api_route("/v1/completions", create_completion, methods=["POST"])
+router.add_api_route("/v1/messages", create_message, methods=["POST"])
+router.add_api_route("/v1/messages/count_tokens", count_tokens, methods=["POST"])
 router.add_api_route("/v1/responses", create_response, methods=["POST"])
 router.add_api_route("/v1/responses/{response_id}", get_response, methods=["GET"])
 router.add_api_route("/v1/responses/{response_id}", delete_response, methods=["DELETE"])
@@ -28,21 +32,32 @@ def _ctx(request: Request) -> ServingContext:
     return request.app.state.ctx
 
 
-def _model_card(ctx: ServingContext) -> dict[str, object]:
+def _model_card(ctx: ServingContext, anthropic: bool) -> dict[str, object]:
+    if anthropic:  # Anthropic's ModelInfo
+        created = datetime.fromtimestamp(ctx.created, UTC).isoformat().replace("+00:00", "Z")
+        return {"type": "model", "id": ctx.model_name, "display_name": ctx.model_name, "created_at": created}
     return {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "glm-serve",
             "root": ctx.model_name, "parent": None, "max_model_len": ctx.max_model_len}
 
 
+def _anthropic(request: Request) -> bool:
+    """The anthropic SDKs (and Claude Code) send `anthropic-version` on every request; OpenAI's never do."""
+    return "anthropic-version" in request.headers
+
+
 @router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
-    return JSONResponse({"object": "list", "data": [_model_card(_ctx(request))]})
+    card = _model_card(_ctx(request), _anthropic(request))
+    if _anthropic(request):  # one page holds every model
+        return JSONResponse({"data": [card], "first_id": card["id"], "last_id": card["id"], "has_more": False})
+    return JSONResponse({"object": "list", "data": [card]})
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> JSONResponse:
     ctx = _ctx(request)
     ctx.check_model(model_id)
-    return JSONResponse(_model_card(ctx))
+    return JSONResponse(_model_card(ctx, _anthropic(request)))
 
 
 @router.post("/tokenize")

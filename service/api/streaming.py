@@ -1,9 +1,11 @@
-"""Server-sent events as OpenAI (and vLLM) frame them.
+"""Server-sent events as OpenAI (and vLLM) frame them, or as named events (Anthropic's Messages API).
 
 Each event is `data: {json}\\n\\n`; the stream always ends with `data: [DONE]\\n\\n`, also after an error,
 which is sent as `data: {"error": {...}}` (clients cannot tell truncation from completion otherwise, vLLM
-#52852). The response runs a cleanup callback however it ends, including when the client disconnects
-before the first byte (the body generator then never starts, so its own `finally` would not run).
+#52852). Named events are `event: TYPE\\ndata: {json}\\n\\n`, TYPE being the data's own `type`; they end with
+the API's own last event (no `[DONE]`), and an error is one event in the API's error shape. The response runs
+a cleanup callback however it ends, including when the client disconnects before the first byte (the body
+generator then never starts, so its own `finally` would not run).
 """
 
 from __future__ import annotations
@@ -32,20 +34,28 @@ def error_event(err: APIError) -> str:
     return sse(err.body())
 
 
-async def sse_events(chunks: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[str, None]:
-    """Frame `chunks` as SSE, turning a failure into an error event; `[DONE]` always comes last."""
+def named_sse(data: dict[str, Any]) -> str:
+    return f"event: {data['type']}\n" + sse(data)
+
+
+async def sse_events(chunks: AsyncGenerator[dict[str, Any], None],
+                     named_error: Callable[[APIError], dict[str, Any]] | None = None) -> AsyncGenerator[str, None]:
+    """Frame `chunks` as SSE, turning a failure into an error event; `[DONE]` always comes last. With
+    `named_error` (the error event's data), as named events instead, and without `[DONE]`."""
+    frame = sse if named_error is None else named_sse
     try:
         async for chunk in chunks:
-            yield sse(chunk)
-    except APIError as e:  # EngineFault included: logged where it was raised
-        yield error_event(e)
-    except Exception:
-        log.exception("error while streaming")
-        yield error_event(APIError(500, "Internal server error while streaming; the server log has the details."))
+            yield frame(chunk)
+    except Exception as e:
+        if not isinstance(e, APIError):  # an APIError (EngineFault included) was logged where it was raised
+            log.exception("error while streaming")
+            e = APIError(500, "Internal server error while streaming; the server log has the details.")
+        yield error_event(e) if named_error is None else named_sse(named_error(e))
     finally:
         with anyio.CancelScope(shield=True):
             await chunks.aclose()
-    yield DONE
+    if named_error is None:
+        yield DONE
 
 
 class SSEResponse(StreamingResponse):

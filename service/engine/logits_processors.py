@@ -1,9 +1,12 @@
-"""Per-request logits edits: OpenAI's `logit_bias`, vLLM's `allowed_token_ids` and `bad_words`.
+"""Per-request logits edits: OpenAI's `logit_bias`, vLLM's `allowed_token_ids` and `bad_words`, and a thinking
+budget that forces the end of a reasoning block.
 
 Built once per sampler call for the rows that ask for them, applied to the penalised logits before temperature
 and truncation, so greedy rows, sampled rows, MTP drafts and their verification all see the same edited
 distribution. Bad words are token sequences: a one-token word is always banned; a longer word bans its last
-token wherever the output so far ends with the rest of it (vLLM's rule).
+token wherever the output so far ends with the rest of it (vLLM's rule). A spent thinking budget forces the next
+token of the reasoning's end (`</think>`, one or more tokens) over every other edit; a grammar, applied after
+these edits, must allow it (its reasoning part ends with that same text).
 """
 
 from __future__ import annotations
@@ -15,7 +18,22 @@ import torch
 
 from .sampling_params import SamplingParams
 
-__all__ = ["LogitsEdits"]
+__all__ = ["LogitsEdits", "forced_reasoning_end"]
+
+
+def forced_reasoning_end(params: SamplingParams, out: Sequence[int]) -> int | None:
+    """The token a spent thinking budget forces next, or None. The reasoning has ended once its end sequence
+    appears; it can only appear within the budget plus its own length (later, it was forced there)."""
+    budget, end = params.reasoning_budget, params.reasoning_end_token_ids
+    if budget is None or len(out) < budget:
+        return None
+    window = list(out[: budget + len(end)])
+    if end[0] in window and (len(end) == 1 or any(window[i:i + len(end)] == end
+                                                  for i in range(len(window) - len(end) + 1))):
+        return None
+    tail = list(out[len(out) - len(end) + 1:])  # the end may be under way (forced, or begun by the model)
+    done = max((k for k in range(1, len(end)) if tail[len(tail) - k:] == end[:k]), default=0)
+    return end[done]
 
 
 @dataclass
@@ -23,6 +41,7 @@ class LogitsEdits:
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # rows, token ids, values
     allowed: tuple[torch.Tensor, torch.Tensor] | None  # rows [R], mask [R, V] (True = allowed)
     banned: tuple[torch.Tensor, torch.Tensor] | None  # rows, token ids
+    forced: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, the one token each must take
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], output_ids: Sequence[Sequence[int]], vocab_size: int,
@@ -37,6 +56,8 @@ class LogitsEdits:
         a_lists: list[list[int]] = []
         x_rows: list[int] = []
         x_toks: list[int] = []
+        f_rows: list[int] = []
+        f_toks: list[int] = []
         for i, (p, out) in enumerate(zip(params, output_ids, strict=True)):
             for tok, val in (p.logit_bias or {}).items():
                 b_rows.append(i)
@@ -50,6 +71,9 @@ class LogitsEdits:
                 if n == 0 or (len(out) >= n and list(out[len(out) - n:]) == list(word[:n])):
                     x_rows.append(i)
                     x_toks.append(word[-1])
+            if (tok := forced_reasoning_end(p, out)) is not None:
+                f_rows.append(i)
+                f_toks.append(tok)
 
         def t(x: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
             return torch.tensor(x, dtype=dtype, device=device)
@@ -61,7 +85,8 @@ class LogitsEdits:
                 mask[r, t(ids)] = True
             allowed = (t(a_rows), mask)
         return cls(bias=(t(b_rows), t(b_toks), t(b_vals, torch.float32)) if b_rows else None, allowed=allowed,
-                   banned=(t(x_rows), t(x_toks)) if x_rows else None)
+                   banned=(t(x_rows), t(x_toks)) if x_rows else None,
+                   forced=(t(f_rows), t(f_toks)) if f_rows else None)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Edited copy of `logits` [B, V]."""
@@ -75,4 +100,8 @@ class LogitsEdits:
         if self.banned is not None:
             rows, toks = self.banned
             logits[rows, toks] = float("-inf")
+        if self.forced is not None:
+            rows, toks = self.forced
+            logits[rows] = float("-inf")
+            logits[rows, toks] = 0.0
         return logits

@@ -44,6 +44,11 @@ class SamplingParams:
     # A grammar (an xgrammar structural tag, JSON) the output must follow: structured outputs and forced tool
     # calls. Compiled by the engine off its loop; the request waits for it before its first step.
     structured: str | None = None
+    # A thinking budget (vLLM's thinking_token_budget, Anthropic's budget_tokens), for output that starts inside a
+    # reasoning block: once this many tokens were generated without the block's end (these token ids, `</think>`),
+    # the end is forced, token by token, and the answer follows.
+    reasoning_budget: int | None = None
+    reasoning_end_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -70,6 +75,8 @@ class SamplingParams:
                            "values must be in [-100, 100]"))
         checks.append((self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids",
                        "must not be empty"))
+        checks.append((self.reasoning_budget is None or (self.reasoning_budget >= 0 and self.reasoning_end_token_ids),
+                       "reasoning_budget", "must be >= 0, with the token ids that end the reasoning"))
         if not all(self.bad_words_token_ids or []):
             raise SamplingParamError("bad_words", "bad_words must not hold empty words")
         for ok, name, why in checks:
@@ -82,7 +89,8 @@ class SamplingParams:
 
     @property
     def has_logits_edits(self) -> bool:
-        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words_token_ids)
+        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words_token_ids) or \
+            self.reasoning_budget is not None
 
     @property
     def argmax_only(self) -> bool:
@@ -108,6 +116,7 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, vocab_
     if params.structured is not None and not has_tokenizer:
         raise ValueError("structured outputs need a tokenizer; this checkpoint has none")
     for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or []),
-                      ("bad_words", [t for w in params.bad_words_token_ids or [] for t in w])):
+                      ("bad_words", [t for w in params.bad_words_token_ids or [] for t in w]),
+                      ("reasoning_end_token_ids", params.reasoning_end_token_ids)):
         if any(not 0 <= t < vocab_size for t in ids):
             raise ValueError(f"{name}: token ids must be in [0, {vocab_size})")

@@ -57,6 +57,8 @@ def sse_contract(ctx: Any, response: Any, case: Any) -> bool | None:
         if not text:
             return None
     assert text.endswith("\n\n"), f"stream cut: {text[-100:]!r}"
+    if case.operation.path == "/v1/messages":
+        return _anthropic_contract(text, response.stream_cut_short)
     if case.operation.path.endswith("/responses"):
         typed_events_contract(text, not response.stream_cut_short)
         return True
@@ -80,4 +82,36 @@ def sse_contract(ctx: Any, response: Any, case: Any) -> bool | None:
         assert sorted(finishes) == list(range(expected)), f"finish_reason indexes {sorted(finishes)}, " \
                                                           f"expected {expected} choices"
     assert all(v == 1 for v in finishes.values()), f"finish_reason counts per choice: {finishes}"
+    return True
+
+
+def _anthropic_contract(text: str, cut_short: bool) -> bool:
+    """Anthropic's named events: `event: T` + `data: {"type": T, ...}`; message_start first; each block started,
+    given deltas and stopped at its own index, in order; one message_delta, then message_stop last (or an error
+    event ends it)."""
+    events = []
+    for e in text[:-2].split("\n\n"):
+        head, _, data = e.partition("\n")
+        assert head.startswith("event: ") and data.startswith("data: "), f"not `event:` + `data:`: {e[:100]!r}"
+        payload = json.loads(data[len("data: "):])
+        assert payload["type"] == head[len("event: "):], e[:100]
+        events.append(payload)
+    if cut_short:
+        return True
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "message_start", kinds[:3]
+    if kinds[-1] == "error":
+        return True
+    assert kinds[-1] == "message_stop" and kinds.count("message_stop") == 1, kinds[-3:]
+    assert kinds.count("message_delta") == 1 and kinds[-2] == "message_delta", kinds[-3:]
+    open_index, next_index = None, 0
+    for e in events:
+        if e["type"] == "content_block_start":
+            assert open_index is None and e["index"] == next_index, (open_index, e)
+            open_index, next_index = e["index"], next_index + 1
+        elif e["type"] in ("content_block_delta", "content_block_stop"):
+            assert e["index"] == open_index, (open_index, e)
+            if e["type"] == "content_block_stop":
+                open_index = None
+    assert open_index is None, "a block was never stopped"
     return True
