@@ -1,7 +1,8 @@
-"""Automatic prefix caching: caching on vs off, in one process, on two workloads.
+"""Automatic prefix caching: caching on vs off, in one process, on three workloads.
 
     python bench/prefix_cache.py [--model DIR] [--conversations 8] [--turns 6] [--system-tokens 1500]
-                                 [--user-tokens 48] [--max-tokens 32] [--repeats 3] [--threads 2] [--quick]
+                                 [--user-tokens 48] [--max-tokens 32] [--think-s 1.0] [--repeats 3] [--threads 2]
+                                 [--quick]
 
 chat: `--conversations` conversations of `--turns` turns run at once. Every conversation opens with the same
 `--system-tokens` system prompt (held-out code, tokenized: engine_runs.text_prompts) and each turn appends a user
@@ -10,6 +11,14 @@ earlier replies included, as chat clients do; the reply is the greedy, ignore_eo
 A conversation sends its next turn as soon as its previous reply is complete (a closed loop per conversation).
 TTFT = request added -> first token on its engine's clock, in-process (no HTTP). Prompt tokens computed = prompt
 positions the engine ran through the model (counted from each step's schedule: a cache hit skips its positions).
+In lockstep the conversations' turns arrive together (replies have one length), so with caching every turn
+waits for the other conversations' prefills in the same step, while without it the long prefills spread the
+arrivals out: the two engines see different arrival patterns.
+
+chat+think: the same conversations with a user's pause between a reply and the next turn (exponential, mean
+`--think-s` seconds, seeded: the same pauses for both engines), as chat clients and agents send them. A run
+idles until its next turn arrives: its clock jumps there (no wall time is spent), and a turn's TTFT counts
+from its arrival, including its wait for the step in flight.
 
 unshared: the same number of requests and prompt lengths, every prompt different from its first token on
 (random token ids), `--conversations` at a time: the cost of hashing, registering and evicting when nothing is
@@ -28,6 +37,7 @@ bench/results/prefix_cache.json.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from pathlib import Path
@@ -90,19 +100,26 @@ class Run:
         engine.block_manager.pool.reset()  # every run starts with nothing cached
         self.clock = self.cpu = 0.0
         self.added, self.ttft, self.replies, self.prompt_len = {}, {}, {}, {}
+        self.pending: list[tuple[float, str, list[int]]] = []  # (arrival on this run's clock, id, prompt)
         self.base = engine.prompt_computed, engine.stats().prefix_cache_hits, engine.bookkeeping_s
         for rid, prompt in start:
             self.add(rid, prompt)
 
-    def add(self, rid: str, prompt: list[int]) -> None:
-        self.added[rid], self.replies[rid], self.prompt_len[rid] = self.clock, [], len(prompt)
+    def add(self, rid: str, prompt: list[int], arrival: float | None = None) -> None:
+        """Submit now; `arrival` (earlier) is when the client sent it: its wait for this step counts in TTFT."""
+        self.added[rid], self.replies[rid], self.prompt_len[rid] = arrival or self.clock, [], len(prompt)
         self.engine.add_request(rid, prompt, self.params)
 
     @property
     def done(self) -> bool:
-        return not self.engine.has_unfinished()
+        return not self.engine.has_unfinished() and not self.pending
 
     def step(self) -> None:
+        if not self.engine.has_unfinished():  # idle until the next turn arrives: the clock jumps there
+            self.clock = max(self.clock, min(p[0] for p in self.pending))
+        for due in [p for p in self.pending if p[0] <= self.clock]:
+            self.pending.remove(due)
+            self.add(due[1], due[2], arrival=due[0])
         t, c = time.perf_counter(), time.process_time()
         outs = self.engine.step()
         self.clock += time.perf_counter() - t
@@ -113,7 +130,11 @@ class Run:
                 self.ttft[out.request_id] = self.clock - self.added[out.request_id]
             self.replies[out.request_id] += new
             if out.finished and (nxt := self.follow_up(out.request_id, self.replies[out.request_id])) is not None:
-                self.add(*nxt)
+                rid, prompt, *think = nxt
+                if think and think[0] > 0:  # the user reads the reply and types the next turn
+                    self.pending.append((self.clock + think[0], rid, prompt))
+                else:
+                    self.add(rid, prompt)
 
     def result(self) -> dict:
         e, (computed0, hits0, book0) = self.engine, self.base
@@ -132,7 +153,9 @@ def drive_paired(runs: list[Run]) -> list[dict]:
     return [r.result() for r in runs]
 
 
-def chat_run(engine, system: list[int], users: list[list[list[int]]], max_tokens: int) -> Run:
+def chat_run(engine, system: list[int], users: list[list[list[int]]], max_tokens: int,
+             think: list[list[float]] | None = None) -> Run:
+    """`think[c][t]`: seconds between turn t's reply and turn t+1 of conversation c (None: none, lockstep)."""
     history = [list(system) + users[c][0] for c in range(len(users))]
 
     def follow_up(rid: str, reply: list[int]):
@@ -140,7 +163,7 @@ def chat_run(engine, system: list[int], users: list[list[list[int]]], max_tokens
         if t + 1 == len(users[c]):
             return None
         history[c] += reply + users[c][t + 1]
-        return f"c{c}t{t + 1}", list(history[c])
+        return f"c{c}t{t + 1}", list(history[c]), think[c][t] if think else 0.0
 
     return Run(engine, [(f"c{c}t0", list(history[c])) for c in range(len(users))], follow_up, max_tokens)
 
@@ -182,6 +205,8 @@ def main() -> None:
     ap.add_argument("--system-tokens", type=int, default=1500)
     ap.add_argument("--user-tokens", type=int, default=48)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--think-s", type=float, default=1.0,
+                    help="mean of the exponential pause between a reply and the next turn (chat+think workload)")
     ap.add_argument("--cache-tokens", type=int, default=32768)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=DEFAULT_THREADS)
@@ -205,12 +230,18 @@ def main() -> None:
         drive_paired([unshared_run(engine, random_prompts(2, 64, vocab, seed=99), 2, 4)])
 
     chat = {False: [], True: []}
+    chat_think = {False: [], True: []}
     unshared = {False: [], True: []}
     for rep in range(args.repeats):
         order = (False, True) if rep % 2 == 0 else (True, False)  # alternate who steps first
         runs = drive_paired([chat_run(engines[c], system, users, args.max_tokens) for c in order])
         for c, r in zip(order, runs, strict=True):
             chat[c].append(split_turns(r))
+        rng = random.Random(300 + rep)  # the same pauses for both engines
+        think = [[rng.expovariate(1 / args.think_s) for _ in range(T)] for _ in range(C)]
+        runs = drive_paired([chat_run(engines[c], system, users, args.max_tokens, think) for c in order])
+        for c, r in zip(order, runs, strict=True):
+            chat_think[c].append(split_turns(r))
         # The unshared prompts: chat's prompt lengths, each starting from a different random token.
         lengths = [args.system_tokens + (t + 1) * args.user_tokens + t * args.max_tokens for t in range(T)] * C
         prompts = random_prompts(len(lengths), max(lengths), vocab, seed=100 + rep)
@@ -219,9 +250,11 @@ def main() -> None:
         for c, r in zip(order, runs, strict=True):
             unshared[c].append(r)
     rows = [row("chat", c, chat[c]) for c in (False, True)] + [row("unshared", c, unshared[c]) for c in (False, True)]
+    rows += [row("chat+think", c, chat_think[c]) for c in (False, True)]
     off, on = rows[0], rows[1]
     summary = {
         "ttft_p50_later_speedup": off["ttft_p50_later_ms"] / on["ttft_p50_later_ms"],
+        "ttft_p50_later_speedup_think": rows[4]["ttft_p50_later_ms"] / rows[5]["ttft_p50_later_ms"],
         "prompt_computed_reduction": 1 - on["computed"] / off["computed"],
         "unshared_slowdown": rows[2]["tok_s"] / rows[3]["tok_s"] - 1,
         "unshared_cpu_ratio": rows[3]["cpu_s"] / rows[2]["cpu_s"] - 1,
@@ -233,7 +266,8 @@ def main() -> None:
     print_table(f"prefix caching, {C} conversations x {T} turns over a {args.system_tokens}-token system prompt; "
                 f"unshared: the same lengths, nothing in common ({threads} threads, medians of {args.repeats})",
                 COLUMNS, rows)
-    print(f"\nTTFT p50 turns >= 2: {summary['ttft_p50_later_speedup']:.1f}x lower with caching (target >= 4x); "
+    print(f"\nTTFT p50 turns >= 2: {summary['ttft_p50_later_speedup']:.1f}x lower with caching in lockstep, "
+          f"{summary['ttft_p50_later_speedup_think']:.1f}x with pauses between turns (target >= 4x); "
           f"prompt tokens computed {summary['prompt_computed_reduction']:.1%} fewer (target >= 75%); "
           f"unshared {summary['unshared_slowdown']:+.1%} wall, {summary['unshared_cpu_ratio']:+.1%} process CPU, "
           f"bookkeeping {summary['unshared_bookkeeping_share']:.2%} of the run (target <= +3%)")
