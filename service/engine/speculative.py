@@ -132,7 +132,15 @@ def verify_drafts(verifying: list[tuple[Sequence, int]], logits: torch.Tensor, s
 
 
 class MTPProposer:
-    """Runs the MTP layer each step: catch-up over newly validated positions, then K recursive drafts."""
+    """Runs the MTP layer each step: catch-up over newly validated positions, then up to K recursive drafts.
+
+    While the policy drafts nothing, the catch-up is deferred: each sequence keeps the main model's hidden rows
+    of the positions whose MTP entries are not yet written (`Sequence.mtp_hidden`), and one MTP forward writes
+    them when the sequence drafts again or has `defer_rows` of them: the same entries, written in fewer and
+    larger batches, so drafting resumes exactly where it would have been.
+    """
+
+    defer_rows = 16
 
     def __init__(self, model: GlmMoeDsaForCausalLM, cache: KVCache, sampler: Sampler, block_manager: BlockManager,
                  device: torch.device, num_speculative_tokens: int) -> None:
@@ -143,6 +151,7 @@ class MTPProposer:
         self.block_size = block_manager.block_size
         self.device = device
         self.k = num_speculative_tokens
+        self.depth = num_speculative_tokens  # this step's draft depth (the policy's choice)
 
     def eligible(self, seq: Sequence) -> bool:
         # Grammar-constrained rows draft nothing: a draft the grammar forbids would always be rejected, and
@@ -152,31 +161,50 @@ class MTPProposer:
     def draft_budget(self, seq: Sequence, max_model_len: int) -> int:
         """Drafts that can still be emitted: never past max_tokens or max_model_len (one slot is the bonus)."""
         left = min(seq.params.max_tokens - len(seq.output_token_ids), max_model_len - seq.num_tokens)
-        return max(0, min(self.k, left - 1))
+        return max(0, min(self.depth, left - 1))
 
     @torch.inference_mode()
-    def propose(self, done: list[tuple[Sequence, int, int]], hidden: torch.Tensor, max_model_len: int) -> None:
+    def propose(self, done: list[tuple[Sequence, int, int]], hidden: torch.Tensor, max_model_len: int,
+                depth: int | None = None) -> None:
         """done: (sequence, computed positions before this step, first hidden row) for every live sequence of
-        the step. Catches the MTP cache up and leaves fresh drafts on sequences now waiting to decode."""
+        the step. Catches the MTP cache up (or defers it when `depth` is 0) and leaves fresh drafts of up to
+        `depth` tokens (default K) on sequences now waiting to decode."""
+        self.depth = self.k if depth is None else min(depth, self.k)
         dev = self.device
-        ids, rows, positions, slots, qlens, seqs = [], [], [], [], [], []
-        for seq, start, row in done:
+        new = [(seq, start, row) for seq, start, row in done if seq.num_computed_tokens > start]
+        if not new:
+            return
+        # This step's hidden rows of every sequence, gathered once (a copy: deferred rows outlive the step).
+        rows = [r for seq, start, row in new for r in range(row, row + seq.num_computed_tokens - start)]
+        mine = hidden[torch.tensor(rows, device=dev)].split([seq.num_computed_tokens - start for seq, start, _ in new])
+        ids, pieces, positions, slots, qlens, seqs, before = [], [], [], [], [], [], []
+        for (seq, start, _), h in zip(new, mine, strict=True):
             end = seq.num_computed_tokens
-            if end <= start:
-                continue
-            ids += seq.token_ids(start + 1, end + 1)
-            rows += range(row, row + end - start)
-            positions += range(start, end)
-            slots += seq.slots(range(start, end), self.block_size)
-            qlens.append(end - start)
+            if seq.num_mtp_tokens + sum(len(x) for x in seq.mtp_hidden) != start:
+                seq.mtp_hidden = []  # deferred rows that do not reach this step (not expected): start afresh
+            seq.mtp_hidden.append(h)
+            first = end - sum(len(x) for x in seq.mtp_hidden)
+            if self.depth == 0 and end - first < self.defer_rows:
+                continue  # deferred
+            ids += seq.token_ids(first + 1, end + 1)
+            pieces += seq.mtp_hidden
+            positions += range(first, end)
+            slots += seq.slots(range(first, end), self.block_size)
+            qlens.append(end - first)
             seqs.append(seq)
+            before.append(first)
+            seq.mtp_hidden = []
         if not seqs:
             return
         fb = self._batch(seqs, positions, qlens, [s.num_computed_tokens for s in seqs], slots)
-        z = self.model.mtp(torch.tensor(ids, device=dev), hidden[torch.tensor(rows, device=dev)], fb)
-        for (seq, start, _) in done:  # valid MTP entries now reach num_computed_tokens (prefix caching reads it)
-            if seq.num_mtp_tokens == start:
+        z = self.model.mtp(torch.tensor(ids, device=dev), torch.cat(pieces), fb)
+        for seq, first in zip(seqs, before, strict=True):
+            # Valid MTP entries now reach num_computed_tokens (prefix caching reads it).
+            if seq.num_mtp_tokens == first:
                 seq.num_mtp_tokens = seq.num_computed_tokens
+                self.block_manager.mtp_written(seq, first)
+        if self.depth == 0:
+            return
         last = torch.tensor(qlens, device=dev).cumsum(0) - 1
         drafting = [(s, i) for i, s in enumerate(seqs)
                     if s.num_computed_tokens == s.num_tokens - 1 and self.draft_budget(s, max_model_len) > 0]

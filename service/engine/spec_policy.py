@@ -1,0 +1,197 @@
+"""How deep the MTP layer drafts next step (0..K): a fixed K, or chosen each step from measurement.
+
+Drafting pays when the tokens a step gains outweigh what it costs: the draft depths themselves (an MTP layer
+and an LM head each) and a verify forward of K + 1 tokens per sequence. Both sides move at run time: acceptance
+depends on the text, and the cost of K extra tokens per sequence grows with the batch (near zero at batch 1 on
+a GPU, close to proportional on a busy CPU). vLLM lets the operator switch drafting off above a fixed batch size;
+`AdaptivePolicy` measures instead, per batch-size bucket:
+
+- acceptance: per draft position j, the chance the draft is accepted given the drafts before it were, from
+  exponentially decayed counts (unobserved positions drift back to their prior, so a depth that stopped paying
+  is retried once the text may have changed). Expected tokens per sequence and step at depth k:
+  E(k) = 1 + sum over i <= k of the product of those chances up to i.
+- cost: the wall time of whole engine steps that only decode, per (bucket, depth), as a moving average.
+  Only steady steps count (the depth verified equals the depth drafted), so a step's time is that depth's.
+- choice: the depth with the most tokens per second, E(k) / T(bucket, k). Depths are measured in order from 0
+  and the climb stops at the first depth that scores below the one before (tokens per step flatten with depth
+  while cost keeps growing, so the score has one peak); every `refresh_every` steps a neighbour of the best is
+  measured again for two steps, so the table follows load changes at a cost of about 1% of steps.
+
+Policies are pure: the engine feeds them batch sizes, verification counts and step times; tests feed
+synthetic ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class SpecPolicy(Protocol):
+    max_depth: int
+
+    def depth(self, batch_size: int) -> int:
+        """Draft depth for the next step of `batch_size` running sequences (0: no drafts)."""
+        ...
+
+    def observe_verified(self, num_drafts: int, num_accepted: int) -> None:
+        """One sequence's drafts were verified: `num_accepted` of its `num_drafts` passed."""
+        ...
+
+    def observe_step(self, batch_size: int, verified_depth: int, drafted_depth: int, seconds: float,
+                     decode_only: bool) -> None:
+        """A step ended: it verified drafts of `verified_depth` and drafted `drafted_depth` for the next step."""
+        ...
+
+
+class FixedPolicy:
+    """Always K drafts (what `--speculative-policy fixed` runs)."""
+
+    def __init__(self, max_depth: int) -> None:
+        self.max_depth = max_depth
+
+    def depth(self, batch_size: int) -> int:
+        return self.max_depth
+
+    def observe_verified(self, num_drafts: int, num_accepted: int) -> None:
+        pass
+
+    def observe_step(self, batch_size: int, verified_depth: int, drafted_depth: int, seconds: float,
+                     decode_only: bool) -> None:
+        pass
+
+
+@dataclass
+class _Bucket:
+    """Step times of one batch-size bucket, per depth."""
+
+    seconds: list[float]
+    samples: list[int]
+    tries: list[int]
+    calls: int = 0
+    probe: int = 0
+    probe_left: int = 0
+    up: bool = True
+    chosen: list[int] = field(default_factory=list)  # how often each depth was returned (stats, tests)
+
+
+class AdaptivePolicy:
+    def __init__(self, max_depth: int, *, prior_acceptance: float = 0.6, memory_steps: float = 50.0,
+                 min_samples: int = 3, refresh_every: int = 100, time_alpha: float = 0.3) -> None:
+        if max_depth < 1:
+            raise ValueError("an adaptive policy needs max_depth >= 1")
+        self.max_depth = max_depth
+        self.prior = prior_acceptance
+        self.decay = 1.0 - 1.0 / memory_steps
+        self.min_samples = min_samples
+        self.refresh_every = refresh_every
+        self.alpha = time_alpha
+        self.accepted = [0.0] * max_depth  # decayed counts per draft position
+        self.tried = [0.0] * max_depth
+        self.buckets: dict[int, _Bucket] = {}
+
+    # -- estimates ---------------------------------------------------------------------------------------------------
+    def acceptance(self) -> list[float]:
+        """Per position, P(draft j accepted | drafts before it accepted); little data leans on the position before."""
+        out, prior = [], self.prior
+        for acc, tried in zip(self.accepted, self.tried, strict=True):
+            a = (acc + prior) / (tried + 1.0)
+            out.append(a)
+            prior = a
+        return out
+
+    def expected_tokens(self, depth: int) -> float:
+        """Tokens per sequence a step at `depth` emits on average (the bonus token plus accepted drafts)."""
+        total, run = 1.0, 1.0
+        for a in self.acceptance()[:depth]:
+            run *= a
+            total += run
+        return total
+
+    def score(self, bucket: int, depth: int) -> float | None:
+        """Estimated tokens per second per sequence at `depth` in `bucket`, once measured."""
+        b = self.buckets.get(bucket)
+        if b is None or b.samples[depth] < self.min_samples or b.seconds[depth] <= 0:
+            return None
+        return self.expected_tokens(depth) / b.seconds[depth]
+
+    @staticmethod
+    def bucket_of(batch_size: int) -> int:
+        """1, 2-3, 4-7, 8-15, ...: steps of similar batches cost alike."""
+        return max(1, batch_size).bit_length()
+
+    def _bucket(self, key: int) -> _Bucket:
+        b = self.buckets.get(key)
+        if b is None:
+            n = self.max_depth + 1
+            b = self.buckets[key] = _Bucket([0.0] * n, [0] * n, [0] * n, chosen=[0] * n)
+        return b
+
+    # -- the choice ------------------------------------------------------------------------------------------------
+    def best(self, key: int) -> tuple[int, int | None]:
+        """(best measured depth, depth to measure next or None), climbing from depth 0."""
+        b = self._bucket(key)
+        best, best_score = 0, None
+        for k in range(self.max_depth + 1):
+            s = self.score(key, k)
+            if s is None:
+                # Unmeasured: measure it, unless steady steps never come (then stop climbing here).
+                return best, (k if b.tries[k] < 4 * self.min_samples + 4 else None)
+            if best_score is not None and s <= best_score:
+                return best, None
+            best, best_score = k, s
+        return best, None
+
+    def depth(self, batch_size: int) -> int:
+        if batch_size < 1:
+            return 0
+        key = self.bucket_of(batch_size)
+        b = self._bucket(key)
+        b.calls += 1
+        if b.probe_left > 0:
+            b.probe_left -= 1
+            return self._chose(b, b.probe)
+        best, explore = self.best(key)
+        if explore is not None:
+            b.tries[explore] += 1
+            return self._chose(b, explore)
+        if b.calls % self.refresh_every == 0:  # re-measure a neighbour: load or the text may have changed
+            up = (b.up or best == 0) and best < self.max_depth
+            b.up = not b.up
+            b.probe, b.probe_left = (best + 1 if up else best - 1), 1
+            return self._chose(b, b.probe)
+        return self._chose(b, best)
+
+    @staticmethod
+    def _chose(b: _Bucket, depth: int) -> int:
+        b.chosen[depth] += 1
+        return depth
+
+    # -- measurements ----------------------------------------------------------------------------------------------
+    def observe_verified(self, num_drafts: int, num_accepted: int) -> None:
+        for j in range(min(num_accepted + 1, num_drafts, self.max_depth)):
+            self.tried[j] += 1.0
+            self.accepted[j] += float(j < num_accepted)
+
+    def observe_step(self, batch_size: int, verified_depth: int, drafted_depth: int, seconds: float,
+                     decode_only: bool) -> None:
+        self.accepted = [a * self.decay for a in self.accepted]
+        self.tried = [t * self.decay for t in self.tried]
+        if not decode_only or batch_size < 1 or verified_depth != drafted_depth or seconds <= 0:
+            return
+        b = self._bucket(self.bucket_of(batch_size))
+        k = drafted_depth
+        b.seconds[k] = seconds if b.samples[k] == 0 else b.seconds[k] + self.alpha * (seconds - b.seconds[k])
+        b.samples[k] += 1
+
+
+def make_policy(kind: str, max_depth: int) -> SpecPolicy:
+    """`fixed` or `adaptive` (see the module docstring)."""
+    if kind == "fixed":
+        return FixedPolicy(max_depth)
+    if kind == "adaptive":
+        return AdaptivePolicy(max_depth)
+    raise ValueError(f"speculative_policy must be adaptive or fixed, got {kind!r}")
+
+
+__all__ = ["AdaptivePolicy", "FixedPolicy", "SpecPolicy", "make_policy"]
