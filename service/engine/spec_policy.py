@@ -6,10 +6,10 @@ depends on the text, and the cost of K extra tokens per sequence grows with the 
 a GPU, close to proportional on a busy CPU). vLLM lets the operator switch drafting off above a fixed batch size;
 `AdaptivePolicy` measures instead, per batch-size bucket:
 
-- acceptance: per draft position j, the chance the draft is accepted given the drafts before it were, from
-  exponentially decayed counts (unobserved positions drift back to their prior, so a depth that stopped paying
-  is retried once the text may have changed). Expected tokens per sequence and step at depth k:
-  E(k) = 1 + sum over i <= k of the product of those chances up to i.
+- acceptance: per draft position j, the chance the draft is accepted given the drafts before it were, as a
+  moving average over the last `memory` verified drafts that reached j (a few steps at batch 1, one step at a
+  big batch); a position with few observations leans on the one before. Expected tokens per sequence and step
+  at depth k: E(k) = 1 + sum over i <= k of the product of those chances up to i.
 - cost: the wall time of whole engine steps that only decode, per (bucket, depth), as a moving average.
   Only steady steps count (the depth verified equals the depth drafted), so a step's time is that depth's.
 - choice: the depth with the most tokens per second, E(k) / T(bucket, k). Depths are measured in order from 0
@@ -76,17 +76,17 @@ class _Bucket:
 
 
 class AdaptivePolicy:
-    def __init__(self, max_depth: int, *, prior_acceptance: float = 0.6, memory_steps: float = 50.0,
+    def __init__(self, max_depth: int, *, prior_acceptance: float = 0.6, memory: float = 20.0,
                  min_samples: int = 3, refresh_every: int = 100, time_alpha: float = 0.3) -> None:
         if max_depth < 1:
             raise ValueError("an adaptive policy needs max_depth >= 1")
         self.max_depth = max_depth
         self.prior = prior_acceptance
-        self.decay = 1.0 - 1.0 / memory_steps
+        self.decay = 1.0 - 1.0 / memory
         self.min_samples = min_samples
         self.refresh_every = refresh_every
         self.alpha = time_alpha
-        self.accepted = [0.0] * max_depth  # decayed counts per draft position
+        self.accepted = [0.0] * max_depth  # per draft position: decayed counts of accepted and tried drafts
         self.tried = [0.0] * max_depth
         self.buckets: dict[int, _Bucket] = {}
 
@@ -170,13 +170,11 @@ class AdaptivePolicy:
     # -- measurements ----------------------------------------------------------------------------------------------
     def observe_verified(self, num_drafts: int, num_accepted: int) -> None:
         for j in range(min(num_accepted + 1, num_drafts, self.max_depth)):
-            self.tried[j] += 1.0
-            self.accepted[j] += float(j < num_accepted)
+            self.tried[j] = self.tried[j] * self.decay + 1.0
+            self.accepted[j] = self.accepted[j] * self.decay + float(j < num_accepted)
 
     def observe_step(self, batch_size: int, verified_depth: int, drafted_depth: int, seconds: float,
                      decode_only: bool) -> None:
-        self.accepted = [a * self.decay for a in self.accepted]
-        self.tried = [t * self.decay for t in self.tried]
         if not decode_only or batch_size < 1 or verified_depth != drafted_depth or seconds <= 0:
             return
         b = self._bucket(self.bucket_of(batch_size))
