@@ -136,6 +136,8 @@ def test_default_config_drafts_adaptively(engine_ckpt, plain):
     assert run(engine) == plain
     assert engine.stats().spec_num_drafts > 0  # it measured depth 0 first, then climbed
     assert make_engine(engine_ckpt, num_speculative_tokens=0).spec is None
+    with pytest.raises(ValueError, match="adaptive or fixed"):
+        make_engine(engine_ckpt, num_speculative_tokens=0, speculative_policy="greedy")
 
 
 def test_deferred_entries_reach_the_prefix_cache(engine_ckpt, monkeypatch):

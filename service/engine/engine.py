@@ -60,6 +60,7 @@ class LLMEngine:
         k = config.num_speculative_tokens
         if k < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {k}")
+        make_policy(config.speculative_policy, 1)  # a bad policy name fails even where nothing drafts
         if k and not model.has_mtp:
             log.info("the checkpoint has no MTP layer: speculative decoding is off")
             k = 0
