@@ -106,17 +106,24 @@ def test_only_steady_decode_steps_are_timed():
     policy.observe_step(0, 1, 1, 5.0, True)
     assert policy.score(AdaptivePolicy.bucket_of(4), 1) is None
     policy.observe_step(4, 1, 1, 2.0, True)
-    assert policy.score(AdaptivePolicy.bucket_of(4), 1) == pytest.approx(policy.expected_tokens(1) / 2.0)
+    assert policy.score(AdaptivePolicy.bucket_of(4), 1) == pytest.approx(policy.expected_tokens(1, 1.0) / 2.0)
 
 
 def test_acceptance_estimate_and_expected_tokens():
     policy = AdaptivePolicy(3, prior_acceptance=0.5)
     assert policy.expected_tokens(0) == 1.0
-    for _ in range(1000):
-        policy.observe_verified(3, 3)  # every draft accepted
-    assert policy.expected_tokens(3) == pytest.approx(4.0, abs=0.15)  # the prior keeps a little weight
-    for _ in range(1000):
-        policy.observe_verified(3, 0)  # position 0 rejected: positions 1, 2 not tried
+    for _ in range(100):
+        for _ in range(4):
+            policy.observe_verified(3, 3)  # every draft accepted
+        policy.observe_step(4, 3, 3, 1.0, True)
+    assert policy.expected_tokens(3) == pytest.approx(4.0, abs=0.1)  # the prior keeps a little weight
+    for _ in range(100):
+        policy.observe_step(4, 0, 0, 1.0, True)  # steps without drafts forget nothing
+    assert policy.expected_tokens(3) == pytest.approx(4.0, abs=0.1)
+    for _ in range(100):
+        for _ in range(4):
+            policy.observe_verified(3, 0)  # position 0 rejected: positions 1, 2 not tried
+        policy.observe_step(4, 3, 3, 1.0, True)
     a = policy.acceptance()
     assert a[0] < 0.05 and a[1] > 0.9  # conditional: position 1 only counts when position 0 passed
 
@@ -127,3 +134,14 @@ def test_fixed_and_factory():
     with pytest.raises(ValueError, match="adaptive or fixed"):
         make_policy("sometimes", 2)
     assert AdaptivePolicy(2).depth(0) == 0
+
+
+def test_climb_skips_a_depth_its_cost_trend_rules_out():
+    """Depth 1 pays, and extrapolating the cost of depths 0 and 1 shows depth 2 cannot: depth 2 runs only in the
+    refresh probes (two steps in 50), depth 3 never."""
+    acc, draft, per_token = [0.5, 0.3, 0.2], 0.3, 0.02
+    assert best_depth(8, acc, draft, per_token, 3) == 1
+    policy = AdaptivePolicy(3, refresh_every=50)
+    depths = simulate(policy, 300, 8, acc, draft, per_token, random.Random(3))
+    assert depths.count(3) == 0 and depths.count(2) <= 2 * 300 // 50
+    assert depths[100:].count(1) / 200 > 0.9

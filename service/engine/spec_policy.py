@@ -7,15 +7,19 @@ a GPU, close to proportional on a busy CPU). vLLM lets the operator switch draft
 `AdaptivePolicy` measures instead, per batch-size bucket:
 
 - acceptance: per draft position j, the chance the draft is accepted given the drafts before it were, as a
-  moving average over the last `memory` verified drafts that reached j (a few steps at batch 1, one step at a
-  big batch); a position with few observations leans on the one before. Expected tokens per sequence and step
-  at depth k: E(k) = 1 + sum over i <= k of the product of those chances up to i.
+  moving average over about the last `memory` steps that verified drafts reaching j (so a big batch averages
+  more drafts, and steps without drafts forget nothing); a position with few observations leans on the one
+  before. Expected tokens per sequence and step at depth k: E(k) = 1 + sum over i <= k of the product of those
+  chances up to i. Choices read each chance plus `optimism` standard errors (an upper confidence bound), so a
+  depth judged on a few unlucky drafts is tried again rather than written off.
 - cost: the wall time of whole engine steps that only decode, per (bucket, depth), as a moving average.
   Only steady steps count (the depth verified equals the depth drafted), so a step's time is that depth's.
 - choice: the depth with the most tokens per second, E(k) / T(bucket, k). Depths are measured in order from 0
-  and the climb stops at the first depth that scores below the one before (tokens per step flatten with depth
-  while cost keeps growing, so the score has one peak); every `refresh_every` steps a neighbour of the best is
-  measured again for two steps, so the table follows load changes (4% of steps at a neighbouring depth).
+  and the climb stops at the first depth that does not beat the one before by `margin` (tokens per step flatten
+  with depth while cost keeps growing, so the score has one peak), or before measuring a depth whose cost,
+  extrapolated linearly from the two below it, predicts no such gain; every `refresh_every` steps a neighbour
+  of the best is measured again for two steps, so the table follows load changes (4% of steps at a neighbouring
+  depth).
 
 Policies are pure: the engine feeds them batch sizes, verification counts and step times; tests feed
 synthetic ones.
@@ -77,7 +81,8 @@ class _Bucket:
 
 class AdaptivePolicy:
     def __init__(self, max_depth: int, *, prior_acceptance: float = 0.6, memory: float = 20.0,
-                 min_samples: int = 3, refresh_every: int = 50, time_alpha: float = 0.3) -> None:
+                 min_samples: int = 2, refresh_every: int = 50, time_alpha: float = 0.3, margin: float = 0.02,
+                 optimism: float = 1.0) -> None:
         if max_depth < 1:
             raise ValueError("an adaptive policy needs max_depth >= 1")
         self.max_depth = max_depth
@@ -86,24 +91,29 @@ class AdaptivePolicy:
         self.min_samples = min_samples
         self.refresh_every = refresh_every
         self.alpha = time_alpha
+        self.margin = margin
+        self.optimism = optimism
         self.accepted = [0.0] * max_depth  # per draft position: decayed counts of accepted and tried drafts
         self.tried = [0.0] * max_depth
+        self._step_accepted = [0] * max_depth  # this step's, folded in by observe_step
+        self._step_tried = [0] * max_depth
         self.buckets: dict[int, _Bucket] = {}
 
     # -- estimates ---------------------------------------------------------------------------------------------------
-    def acceptance(self) -> list[float]:
-        """Per position, P(draft j accepted | drafts before it accepted); little data leans on the position before."""
+    def acceptance(self, optimism: float = 0.0) -> list[float]:
+        """Per position, P(draft j accepted | drafts before it accepted), plus `optimism` standard errors; little
+        data leans on the position before."""
         out, prior = [], self.prior
         for acc, tried in zip(self.accepted, self.tried, strict=True):
             a = (acc + prior) / (tried + 1.0)
-            out.append(a)
+            out.append(min(1.0, a + optimism * (a * (1.0 - a) / (tried + 1.0)) ** 0.5))
             prior = a
         return out
 
-    def expected_tokens(self, depth: int) -> float:
+    def expected_tokens(self, depth: int, optimism: float = 0.0) -> float:
         """Tokens per sequence a step at `depth` emits on average (the bonus token plus accepted drafts)."""
         total, run = 1.0, 1.0
-        for a in self.acceptance()[:depth]:
+        for a in self.acceptance(optimism)[:depth]:
             run *= a
             total += run
         return total
@@ -113,7 +123,7 @@ class AdaptivePolicy:
         b = self.buckets.get(bucket)
         if b is None or b.samples[depth] < self.min_samples or b.seconds[depth] <= 0:
             return None
-        return self.expected_tokens(depth) / b.seconds[depth]
+        return self.expected_tokens(depth, self.optimism) / b.seconds[depth]
 
     @staticmethod
     def bucket_of(batch_size: int) -> int:
@@ -135,9 +145,14 @@ class AdaptivePolicy:
         for k in range(self.max_depth + 1):
             s = self.score(key, k)
             if s is None:
+                if k >= 2 and best_score is not None:  # worth measuring? extrapolate the cost of the two below
+                    predicted = 2 * b.seconds[k - 1] - b.seconds[k - 2]
+                    gain = self.expected_tokens(k, self.optimism) / predicted if predicted > 0 else 0.0
+                    if gain <= best_score * (1 + self.margin):
+                        return best, None
                 # Unmeasured: measure it, unless steady steps never come (then stop climbing here).
                 return best, (k if b.tries[k] < 4 * self.min_samples + 4 else None)
-            if best_score is not None and s <= best_score:
+            if best_score is not None and s <= best_score * (1 + self.margin):
                 return best, None
             best, best_score = k, s
         return best, None
@@ -170,11 +185,17 @@ class AdaptivePolicy:
     # -- measurements ----------------------------------------------------------------------------------------------
     def observe_verified(self, num_drafts: int, num_accepted: int) -> None:
         for j in range(min(num_accepted + 1, num_drafts, self.max_depth)):
-            self.tried[j] = self.tried[j] * self.decay + 1.0
-            self.accepted[j] = self.accepted[j] * self.decay + float(j < num_accepted)
+            self._step_tried[j] += 1
+            self._step_accepted[j] += j < num_accepted
 
     def observe_step(self, batch_size: int, verified_depth: int, drafted_depth: int, seconds: float,
                      decode_only: bool) -> None:
+        for j, n in enumerate(self._step_tried):
+            if n:
+                self.tried[j] = self.tried[j] * self.decay + n
+                self.accepted[j] = self.accepted[j] * self.decay + self._step_accepted[j]
+        self._step_tried = [0] * self.max_depth
+        self._step_accepted = [0] * self.max_depth
         if not decode_only or batch_size < 1 or verified_depth != drafted_depth or seconds <= 0:
             return
         b = self._bucket(self.bucket_of(batch_size))
