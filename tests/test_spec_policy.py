@@ -145,3 +145,18 @@ def test_climb_skips_a_depth_its_cost_trend_rules_out():
     depths = simulate(policy, 300, 8, acc, draft, per_token, random.Random(3))
     assert depths.count(3) == 0 and depths.count(2) <= 2 * 300 // 50
     assert depths[100:].count(1) / 200 > 0.9
+
+
+def test_one_slow_step_does_not_flip_the_choice():
+    """A step slowed by something else on the machine (10x) moves the median of the last steps little."""
+    policy = AdaptivePolicy(1)
+    for _ in range(3):
+        policy.observe_step(1, 0, 0, 1.0, True)
+    for _ in range(5):
+        policy.observe_verified(1, 1)
+        policy.observe_step(1, 1, 1, 1.3, True)
+    key = AdaptivePolicy.bucket_of(1)
+    assert policy.best(key) == (1, None)
+    policy.observe_verified(1, 1)
+    policy.observe_step(1, 1, 1, 13.0, True)
+    assert policy.best(key) == (1, None)

@@ -12,8 +12,9 @@ a GPU, close to proportional on a busy CPU). vLLM lets the operator switch draft
   before. Expected tokens per sequence and step at depth k: E(k) = 1 + sum over i <= k of the product of those
   chances up to i. Choices read each chance plus `optimism` standard errors (an upper confidence bound), so a
   depth judged on a few unlucky drafts is tried again rather than written off.
-- cost: the wall time of whole engine steps that only decode, per (bucket, depth), as a moving average.
-  Only steady steps count (the depth verified equals the depth drafted), so a step's time is that depth's.
+- cost: the wall time of whole engine steps that only decode, per (bucket, depth): the median of the last
+  `window` (a step slowed by something else on the machine moves it little). Only steady steps count (the
+  depth verified equals the depth drafted), so a step's time is that depth's.
 - choice: the depth with the most tokens per second, E(k) / T(bucket, k). Depths are measured in order from 0
   and the climb stops at the first depth that does not beat the one before by `margin` (tokens per step flatten
   with depth while cost keeps growing, so the score has one peak), or before measuring a depth whose cost,
@@ -27,6 +28,8 @@ synthetic ones.
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -69,7 +72,8 @@ class FixedPolicy:
 class _Bucket:
     """Step times of one batch-size bucket, per depth."""
 
-    seconds: list[float]
+    times: list[deque[float]]  # the last steps' seconds, per depth
+    seconds: list[float]  # their medians
     samples: list[int]
     tries: list[int]
     calls: int = 0
@@ -81,7 +85,7 @@ class _Bucket:
 
 class AdaptivePolicy:
     def __init__(self, max_depth: int, *, prior_acceptance: float = 0.6, memory: float = 20.0,
-                 min_samples: int = 2, refresh_every: int = 50, time_alpha: float = 0.3, margin: float = 0.02,
+                 min_samples: int = 2, refresh_every: int = 50, window: int = 7, margin: float = 0.02,
                  optimism: float = 1.0) -> None:
         if max_depth < 1:
             raise ValueError("an adaptive policy needs max_depth >= 1")
@@ -90,7 +94,7 @@ class AdaptivePolicy:
         self.decay = 1.0 - 1.0 / memory
         self.min_samples = min_samples
         self.refresh_every = refresh_every
-        self.alpha = time_alpha
+        self.window = window
         self.margin = margin
         self.optimism = optimism
         self.accepted = [0.0] * max_depth  # per draft position: decayed counts of accepted and tried drafts
@@ -134,7 +138,8 @@ class AdaptivePolicy:
         b = self.buckets.get(key)
         if b is None:
             n = self.max_depth + 1
-            b = self.buckets[key] = _Bucket([0.0] * n, [0] * n, [0] * n, chosen=[0] * n)
+            b = self.buckets[key] = _Bucket([deque(maxlen=self.window) for _ in range(n)], [0.0] * n, [0] * n,
+                                            [0] * n, chosen=[0] * n)
         return b
 
     # -- the choice ------------------------------------------------------------------------------------------------
@@ -200,7 +205,8 @@ class AdaptivePolicy:
             return
         b = self._bucket(self.bucket_of(batch_size))
         k = drafted_depth
-        b.seconds[k] = seconds if b.samples[k] == 0 else b.seconds[k] + self.alpha * (seconds - b.seconds[k])
+        b.times[k].append(seconds)
+        b.seconds[k] = statistics.median(b.times[k])
         b.samples[k] += 1
 
 
