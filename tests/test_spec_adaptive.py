@@ -17,8 +17,15 @@ from tests.engine_fixtures import assert_no_leaks, greedy, make_engine, prompts,
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-MAX_TOKENS = 24  # past MTPProposer.defer_rows (16), so a deferred catch-up also flushes by size
+MAX_TOKENS = 24  # past DEFER_ROWS, so a deferred catch-up also flushes by size
+DEFER_ROWS = 16
 PROMPTS = prompts(6, [3, 9, 17, 30, 5, 12], seed=4)  # index_topk is 8
+
+
+@pytest.fixture(autouse=True)
+def short_deferral(monkeypatch):
+    """Flush deferred MTP rows after 16 (the default is 32): short requests reach a flush by size."""
+    monkeypatch.setattr(MTPProposer, "defer_rows", DEFER_ROWS)
 
 
 class Scripted(AdaptivePolicy):
@@ -111,7 +118,7 @@ class DropsDeferred(MTPProposer):
 
 
 def test_deferred_mtp_entries_equal_always_drafting(engine_ckpt, plain, draft_inputs, monkeypatch):
-    script = [2] + [0] * 18 + [2, 0, 0, 2, 0, 2]  # a flush by size (16 rows), then flushes on resuming
+    script = [2] + [0] * 18 + [2, 0, 0, 2, 0, 2]  # a flush by size (DEFER_ROWS), then flushes on resuming
     always = make_engine(engine_ckpt, num_speculative_tokens=2)
     assert run(always) == plain
     switching = scripted_engine(engine_ckpt, script, k=2)
@@ -165,7 +172,7 @@ def test_deferred_entries_reach_the_prefix_cache(engine_ckpt, monkeypatch):
     want_next = run_engine_one(make_engine(engine_ckpt), prompt + want_first, g)
     first, nxt, cached = turns(make_engine(engine_ckpt, num_speculative_tokens=2))
     assert (first, nxt) == (want_first, want_next)
-    assert cached == 16  # positions 0-15 flushed by size; 16 on were still deferred when "first" finished
+    assert cached == DEFER_ROWS  # positions 0-15 flushed by size; 16 on were still deferred when "first" ended
     monkeypatch.setattr(BlockManager, "mtp_written", lambda self, seq, first: None)
     assert turns(make_engine(engine_ckpt, num_speculative_tokens=2))[2] == 0
 

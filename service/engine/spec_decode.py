@@ -59,8 +59,9 @@ class SpecDecode:
         """Choose the next depth, roll block tables back past rejected drafts, catch up and draft."""
         depth = self.policy.depth(num_running)
         live = [(s, start, r) for s, start, r in starts if not s.is_finished and self.eligible(s)]
-        for seq, _, _ in live:  # roll the block table back past rejected drafts
-            self.block_manager.trim(seq, seq.num_tokens)
+        if self.depth:  # this step verified drafts: roll block tables back past the rejected ones
+            for seq, _, _ in live:
+                self.block_manager.trim(seq, seq.num_tokens)
         self.proposer.propose(live, result.hidden, max_model_len, depth)
         self.policy.observe_step(self._batch, self.depth, depth, time.perf_counter() - self._t0, self._decode_only)
         self.depth_steps[depth] += 1
