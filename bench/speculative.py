@@ -1,5 +1,5 @@
 """Speculative decoding with the MTP layer: tokens/s and acceptance for K = 0..4, batch 1 and 8, code and prose;
-and with `--ab`, the server's default configuration (adaptive depth up to K = 3) against `--num-speculative-tokens 0`.
+and with `--ab`, the server's default configuration (adaptive depth up to K = 2) against `--num-speculative-tokens 0`.
 
     python bench/speculative.py [--model DIR] [--k 0 1 2 3 4] [--batch 1 8] [--prompt-set code prose]
                                 [--prompts 8] [--prompt-tokens 64] [--max-tokens 128] [--repeats 5] [--threads 2]

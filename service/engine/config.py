@@ -19,7 +19,9 @@ class EngineConfig:
     block_size: int = 16
     # MTP speculative decoding, on whenever the checkpoint has an MTP layer: up to K drafts per step, the depth
     # chosen each step from measured acceptance and step cost ("adaptive"), or always K ("fixed"); K = 0: off.
-    num_speculative_tokens: int = 3
+    # K = 2: on the shipped model the best fixed K at batch 1 is 1 and deeper loses (bench/speculative.py); 2
+    # leaves the policy room where drafts are cheap (bigger models, GPUs) and bounds what a wrong pick costs.
+    num_speculative_tokens: int = 2
     speculative_policy: str = "adaptive"  # adaptive | fixed
     quantization: str | None = None  # "fp8": block-quantize a bf16/fp32 checkpoint at load
     enable_prefix_caching: bool = True
