@@ -24,8 +24,9 @@ fixed (`speculative_policy="fixed"`).
 
 `--ab` (issue 18): per prompt set and batch size B (default 1, 8, 32), two engines, EngineConfig's defaults
 (`num_speculative_tokens`, `speculative_policy`) and the same with K = 0, each runs a closed loop of B requests
-over max(prompts, 2 B) prompts (so the tail, where requests that drafted finish at different steps and the
-batch thins out, is a small part of the run), repeats interleaved, median tok/s; per row the ratio to K = 0,
+over max(prompts, waves x B) prompts (`--waves`, default 4: the tail, where requests that drafted finish at
+different steps and the batch thins out, must stay a small part of the run; K = 0's requests end together),
+repeats interleaved, median tok/s; per row the ratio to K = 0,
 identical tokens, the share of steps that drafted each depth 0..K (what the adaptive policy chose) and the
 acceptance. Targets: >= 1.25x at batch 1, >= 0.98x at 8 and at 32, greedy tokens identical.
 """
@@ -191,7 +192,7 @@ def main_ab(args: argparse.Namespace, model: Path, threads: int) -> int:
     batches = args.batch if args.batch != [1, 8] else [1, 8, 32]
     rows = []
     for batch in batches:
-        n = max(args.prompts, 2 * batch)
+        n = max(args.prompts, args.waves * batch)
         sets = load_sets(args, model, n)
         rows += run_ab(model, batch, sets, args.max_tokens, args.repeats)
     misses = [r for r in rows if r["config"] == "default" and (r["speedup"] < r["target"]
@@ -234,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="random token ids instead of text (one set, named 'random')")
     ap.add_argument("--ab", action="store_true", help="the default configuration vs K = 0 at --batch (default "
                     "1 8 32) instead of the K sweep")
+    ap.add_argument("--waves", type=int, default=4, help="--ab: prompts per closed loop = waves x batch (at least)")
     ap.add_argument("--name", default="speculative")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args(argv)

@@ -146,7 +146,7 @@ def test_in_process_benchmarks_write_tables_and_json(tiny_ckpt, tmp_path, capsys
     assert d["rows"][0]["read_share"] == pytest.approx(8 / 12)  # tiny index_topk = 8
 
     # The issue-18 A/B: the default configuration (adaptive MTP, K = 2) against K = 0.
-    assert speculative.main(["--model", str(tiny_ckpt), "--ab", "--batch", "1", "3", "--prompts", "2",
+    assert speculative.main(["--model", str(tiny_ckpt), "--ab", "--batch", "1", "3", "--prompts", "2", "--waves", "2",
                              "--prompt-set", "code", "--prompt-tokens", "6", "--max-tokens", "6", "--repeats", "1",
                              *out]) == 0
     ab = json.loads((tmp_path / "speculative_ab.json").read_text())
