@@ -202,3 +202,28 @@ def test_constrained_and_seeded_rows_beside_switching_drafts(engine_ckpt, plain)
     assert out["seeded"][0].token_ids == run_engine_one(make_engine(engine_ckpt), PROMPTS[2], seeded)
     assert engine.stats().spec_num_drafts > 0
     assert torch.get_num_threads() == 1
+
+
+def test_fill_cache_writes_what_the_full_mtp_layer_writes(engine_ckpt):
+    """mtp_fill_cache (the catch-up of positions nobody drafts from) writes the MTP layer's latent and indexer
+    key exactly as the full layer does, and nothing of the main layers."""
+    from model.batch import ForwardBatch
+    from model.kv_cache import KVCache, Store
+    from model.loader import load_model
+
+    model = load_model(engine_ckpt, torch.float32)
+    cfg = model.config
+    n = 30  # past index_topk
+    ids = torch.tensor(PROMPTS[3][:n])
+    hidden = torch.randn(n, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    caches = [KVCache(cfg, 16, 4, torch.float32, torch.device("cpu")) for _ in range(2)]
+    with torch.inference_mode():
+        model.mtp(ids, hidden, ForwardBatch.single(n, cache=caches[0]))
+        model.mtp_fill_cache(ids, hidden, ForwardBatch.single(n, cache=caches[1]))
+    mtp_layer = cfg.num_hidden_layers
+    slots = torch.arange(n)
+    stores = [Store.LATENT] + ([Store.INDEX_KEY] if cfg.use_indexer else [])
+    for store in stores:
+        full, filled = (c.read(store, mtp_layer, slots) for c in caches)
+        assert full.abs().sum() > 0 and torch.allclose(full, filled, atol=1e-6), store
+    assert caches[1].read(Store.LATENT, 0, slots).abs().sum() == 0  # the main layers' entries stay untouched

@@ -177,7 +177,9 @@ class MTPProposer:
         # This step's hidden rows of every sequence, gathered once (a copy: deferred rows outlive the step).
         rows = [r for seq, start, row in new for r in range(row, row + seq.num_computed_tokens - start)]
         mine = hidden[torch.tensor(rows, device=dev)].split([seq.num_computed_tokens - start for seq, start, _ in new])
-        ids, pieces, positions, slots, qlens, seqs, before = [], [], [], [], [], [], []
+        fill = _Rows()  # positions whose MTP entries are only written
+        last = _Rows()  # the last position of each sequence that drafts: the MTP layer's output is needed there
+        drafting = []
         for (seq, start, _), h in zip(new, mine, strict=True):
             end = seq.num_computed_tokens
             if seq.num_mtp_tokens + sum(len(x) for x in seq.mtp_hidden) != start:
@@ -186,31 +188,24 @@ class MTPProposer:
             first = end - sum(len(x) for x in seq.mtp_hidden)
             if self.depth == 0 and end - first < self.defer_rows:
                 continue  # deferred
-            ids += seq.token_ids(first + 1, end + 1)
-            pieces += seq.mtp_hidden
-            positions += range(first, end)
-            slots += seq.slots(range(first, end), self.block_size)
-            qlens.append(end - first)
-            seqs.append(seq)
-            before.append(first)
+            hs = torch.cat(seq.mtp_hidden) if len(seq.mtp_hidden) > 1 else seq.mtp_hidden[0]
             seq.mtp_hidden = []
-        if not seqs:
-            return
-        fb = self._batch(seqs, positions, qlens, [s.num_computed_tokens for s in seqs], slots)
-        z = self.model.mtp(torch.tensor(ids, device=dev), torch.cat(pieces), fb)
-        for seq, first in zip(seqs, before, strict=True):
-            # Valid MTP entries now reach num_computed_tokens (prefix caching reads it).
-            if seq.num_mtp_tokens == first:
-                seq.num_mtp_tokens = seq.num_computed_tokens
+            drafts = self.depth > 0 and end == seq.num_tokens - 1 and self.draft_budget(seq, max_model_len) > 0
+            split = end - 1 if drafts else end
+            if split > first:
+                fill.add(seq, first, split, hs[: split - first])
+            if drafts:
+                last.add(seq, split, end, hs[split - first :])
+                drafting.append(seq)
+            if seq.num_mtp_tokens == first:  # valid MTP entries reach num_computed_tokens (prefix caching reads it)
+                seq.num_mtp_tokens = end
                 self.block_manager.mtp_written(seq, first)
-        if self.depth == 0:
-            return
-        last = torch.tensor(qlens, device=dev).cumsum(0) - 1
-        drafting = [(s, i) for i, s in enumerate(seqs)
-                    if s.num_computed_tokens == s.num_tokens - 1 and self.draft_budget(s, max_model_len) > 0]
+        # Entries first: the drafting rows attend to them.
+        if fill.seqs:
+            self.model.mtp_fill_cache(fill.ids(dev), torch.cat(fill.hidden), fill.batch(self))
         if drafting:
-            self._draft([s for s, _ in drafting], z[last[torch.tensor([i for _, i in drafting], device=dev)]],
-                        max_model_len)
+            z = self.model.mtp(last.ids(dev), torch.cat(last.hidden), last.batch(self))
+            self._draft(drafting, z, max_model_len)
 
     def _draft(self, seqs: list[Sequence], z: torch.Tensor, max_model_len: int) -> None:
         dev = self.device
@@ -256,6 +251,32 @@ class MTPProposer:
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
         return ForwardBatch(t(positions), qlens, ctx, t(tables), t(slots), self.cache)
+
+
+class _Rows:
+    """MTP catch-up rows of several sequences: per sequence a run of positions [first, end) and their hidden rows."""
+
+    def __init__(self) -> None:
+        self.seqs: list[Sequence] = []
+        self.spans: list[tuple[int, int]] = []
+        self.hidden: list[torch.Tensor] = []
+
+    def add(self, seq: Sequence, first: int, end: int, hidden: torch.Tensor) -> None:
+        self.seqs.append(seq)
+        self.spans.append((first, end))
+        self.hidden.append(hidden)
+
+    def ids(self, device: torch.device) -> torch.Tensor:
+        """The token after each position (the MTP input at position i is token i + 1)."""
+        return torch.tensor([t for s, (a, b) in zip(self.seqs, self.spans, strict=True)
+                             for t in s.token_ids(a + 1, b + 1)], device=device)
+
+    def batch(self, proposer: MTPProposer) -> ForwardBatch:
+        positions = [p for a, b in self.spans for p in range(a, b)]
+        slots = [x for s, (a, b) in zip(self.seqs, self.spans, strict=True) for x in s.slots(range(a, b),
+                                                                                              proposer.block_size)]
+        return proposer._batch(self.seqs, positions, [b - a for a, b in self.spans], [b for _, b in self.spans],
+                               slots)
 
 
 def draft_tensors(seqs: list[Sequence], vocab: int, device: torch.device) -> tuple[torch.Tensor, ...]:
