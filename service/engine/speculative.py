@@ -5,7 +5,10 @@ Conventions (reference §3.8, GLM's NextN):
 - The MTP cache entry at position i is the MTP layer run on (h_i, t_{i+1}): the main model's final-normed
   hidden state at i and the token after it, at position i. Every step, once the step's tokens are known, the
   MTP layer catches up over exactly the positions the main model newly validated, so both caches always
-  cover the same positions; a preempted sequence recomputes both.
+  cover the same positions (while the policy drafts nothing, the catch-up is deferred and batched, see
+  MTPProposer); a preempted sequence recomputes both. An entry depends only on the layer's input, so the
+  catch-up only writes entries (`mtp_fill_cache`: no attention, no MoE), except at the last position of a
+  sequence that drafts, where the layer's output is the first draft's input.
 - Draft step 1 reads the MTP output at the last valid position; step k > 1 feeds the previous step's output
   (already `shared_head.norm`-ed, like the main model's output) and the previous draft, at the next position.
   Those speculative MTP entries lie past the valid length and are overwritten by the next catch-up.
