@@ -160,3 +160,17 @@ def test_one_slow_step_does_not_flip_the_choice():
     policy.observe_verified(1, 1)
     policy.observe_step(1, 1, 1, 13.0, True)
     assert policy.best(key) == (1, None)
+
+
+def test_no_drafts_without_fresh_evidence():
+    """When no step can be timed for long (a prefill rides along in every step), the policy stops drafting, and
+    resumes once steady steps are timed again."""
+    policy = AdaptivePolicy(2, refresh_every=10)
+    simulate(policy, 100, 1, [0.9, 0.85], 0.05, 0.01, random.Random(4))
+    assert policy.depth(1) > 0
+    for _ in range(30):
+        d = policy.depth(1)
+        policy.observe_step(1, d, d, 1.0, False)  # mixed steps only: not timed
+    assert policy.depth(1) == 0
+    simulate(policy, 20, 1, [0.9, 0.85], 0.05, 0.01, random.Random(5))
+    assert policy.depth(1) > 0

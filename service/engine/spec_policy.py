@@ -20,7 +20,7 @@ a GPU, close to proportional on a busy CPU). vLLM lets the operator switch draft
   with depth while cost keeps growing, so the score has one peak), or before measuring a depth whose cost,
   extrapolated linearly from the two below it, predicts no such gain; every `refresh_every` steps a neighbour
   of the best is measured again for two steps, so the table follows load changes (4% of steps at a neighbouring
-  depth).
+  depth). Without a timed step for 2 x `refresh_every` steps (a prefill in every step), it drafts nothing.
 
 Policies are pure: the engine feeds them batch sizes, verification counts and step times; tests feed
 synthetic ones.
@@ -77,6 +77,7 @@ class _Bucket:
     samples: list[int]
     tries: list[int]
     calls: int = 0
+    last_sample: int = 0  # `calls` when the last steady step was timed
     probe: int = 0
     probe_left: int = 0
     up: bool = True
@@ -172,6 +173,11 @@ class AdaptivePolicy:
             b.probe_left -= 1
             return self._chose(b, b.probe)
         best, explore = self.best(key)
+        if best > 0 and b.calls - b.last_sample > 2 * self.refresh_every:
+            # No steady step timed for long (prefills ride along in every step, e.g. under steady arrivals): the
+            # table is stale, and drafting without evidence could be a loss, so draft nothing until steps are
+            # measurable again.
+            return self._chose(b, 0)
         if explore is not None:
             b.tries[explore] += 1
             return self._chose(b, explore)
@@ -205,6 +211,7 @@ class AdaptivePolicy:
             return
         b = self._bucket(self.bucket_of(batch_size))
         k = drafted_depth
+        b.last_sample = b.calls
         b.times[k].append(seconds)
         b.seconds[k] = statistics.median(b.times[k])
         b.samples[k] += 1
