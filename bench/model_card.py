@@ -113,7 +113,8 @@ def recall(model_dir: Path, data: Path, seq_len: int, rows: int) -> dict:
 
 def acceptance(model: Path, prompts: list[list[int]], k: int, max_tokens: int) -> dict:
     engine = LLMEngine.from_config(EngineConfig(model=model, device="cpu", dtype="float32",
-                                                num_speculative_tokens=k, kv_cache_tokens=32768, max_num_seqs=64))
+                                                num_speculative_tokens=k, speculative_policy="fixed",
+                                                kv_cache_tokens=32768, max_num_seqs=64))
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
     t0 = time.perf_counter()

@@ -3,12 +3,17 @@
     python bench/profile_engine.py engine [--concurrency 16] [--k 0]   # engine step phases + top torch ops
     python bench/profile_engine.py dsa [--context 16384]               # one decode step, sparse vs dense, by op
     python bench/profile_engine.py server [--concurrency 16]           # py-spy on a live server under load
+    python bench/profile_engine.py steps [--batches 1 4 16 64]         # per-step CPU time vs batch size
 
 engine: LLMEngine in-process on the shipped model, a closed loop of C greedy requests; wall time of each engine
 phase (schedule, prepare, forward, MTP propose, sample, postprocess) from wrappers around those methods, and the
 top operators by self CPU time from torch.profiler. server: `python -m service` under the in-repo SSE client,
 sampled by py-spy (from .venv-aiperf or PATH) for `--seconds`; shares of samples per thread and per function
-(inclusive), which splits the event loop's HTTP/SSE work from the engine loop's.
+(inclusive), which splits the event loop's HTTP/SSE work from the engine loop's. steps (issue 18): a random
+GlmMoeDsa with hidden_size 64 (bench/checkpoints.py; `--model` for another), where a step is nearly all engine
+work; at each batch size B a closed loop of B greedy requests, and per decode-only step (no prefill rode along)
+the median wall time and each phase's share of it; the slope is what one more sequence adds to a step.
+Writes profile_steps.json (a PNG plot too when matplotlib is installed).
 """
 
 from __future__ import annotations
@@ -78,7 +83,8 @@ def profile_engine(args) -> dict:
     model = args.model or checkpoints.default_model()
     C, L, new = args.concurrency, args.prompt_tokens, args.max_tokens
     engine = LLMEngine.from_config(EngineConfig(model=model, device="cpu", max_num_seqs=C, max_model_len=L + new + 16,
-                                                kv_cache_tokens=C * (L + new + 32), num_speculative_tokens=args.k))
+                                                kv_cache_tokens=C * (L + new + 32), num_speculative_tokens=args.k,
+                                                speculative_policy="fixed"))
     prompts = random_prompts(2 * C, L, engine.model_config.vocab_size, seed=C)
     closed_loop(engine, prompts[:C], 4, C, prefix="w")
     acc.clear()
@@ -135,6 +141,76 @@ def profile_dsa(args) -> dict:
                      ("share", "share", ".1%")], rows)
         out[name] = rows
     return out
+
+
+def profile_steps(args) -> dict:
+    """Median decode-step wall time and its phases at each batch size (see the module docstring)."""
+    import statistics
+
+    acc = wrap_phases()
+    from service.engine.config import EngineConfig
+    from service.engine.engine import LLMEngine
+
+    tmp = tempfile.TemporaryDirectory(prefix="prof-steps-")
+    # With the shipped tokenizer when there is one: detokenizing is part of a step's work.
+    model = args.model or checkpoints.glm_checkpoint(Path(tmp.name) / "h64", hidden_size=64)
+    L, new = args.prompt_tokens, args.max_tokens
+    rows = []
+    for B in args.batches:
+        engine = LLMEngine.from_config(EngineConfig(model=model, device="cpu", max_num_seqs=B,
+                                                    max_model_len=L + new + 16, kv_cache_tokens=B * (L + new + 32),
+                                                    num_speculative_tokens=0))
+        prompts = random_prompts(B, L, engine.model_config.vocab_size, seed=B)
+        closed_loop(engine, prompts, 4, B, prefix="w")  # warm-up
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", p, _greedy(new))
+        engine.step()  # the prefill
+        steps: list[dict[str, float]] = []
+        while engine.has_unfinished():
+            acc.clear()
+            engine.step()
+            steps.append(dict(acc))
+        steps = steps[:-1] or steps  # the last step also frees every sequence
+        ms = {k: 1000 * statistics.median(s.get(k, 0.0) for s in steps) for k in steps[0]}
+        row = {"batch": B, "steps": len(steps), "step_ms": ms.pop("LLMEngine.step", 0.0)}
+        row.update({k.split(".")[-1] + "_ms": v for k, v in ms.items()})
+        rows.append(row)
+        print(f"  B={B}: {row['step_ms']:.2f} ms/step", flush=True)
+    for prev, row in zip(rows, rows[1:], strict=False):
+        row["ms_per_extra_seq"] = (row["step_ms"] - prev["step_ms"]) / (row["batch"] - prev["batch"])
+    cols = [("batch", "B", "d"), ("step_ms", "ms/step", ".2f"), ("ms_per_extra_seq", "ms per extra seq", ".3f")]
+    cols += [(k, k[:-3], ".2f") for k in rows[0] if k.endswith("_ms") and k != "step_ms"]
+    print_table(f"per-step wall time of decode steps (median), {L}-token prompts, {new} new tokens, "
+                f"{'hidden-64 random checkpoint' if args.model is None else args.model}", cols, rows)
+    plot = plot_steps(rows, args.out_dir / "profile_steps.png")
+    print(f"plot: {plot}" if plot else "plot: skipped (matplotlib is not installed)", file=sys.stderr)
+    return {"rows": rows, "plot": str(plot) if plot else None}
+
+
+def _greedy(max_tokens: int):
+    from service.engine.sampling_params import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def plot_steps(rows: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["batch"] for r in rows], [r["step_ms"] for r in rows], marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("running sequences (batch)")
+    ax.set_ylabel("ms per decode step (median)")
+    ax.set_title("engine step time vs batch size")
+    ax.grid(True, alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
 
 
 def pyspy() -> str | None:
@@ -196,7 +272,8 @@ def summarize_stacks(raw: Path, result: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["engine", "dsa", "server"])
+    ap.add_argument("what", choices=["engine", "dsa", "server", "steps"])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64], help="batch sizes (steps)")
     ap.add_argument("--model", type=Path)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -205,12 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=16384)
     ap.add_argument("--seconds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     threads = pin_threads(args.threads)
-    res = {"engine": profile_engine, "dsa": profile_dsa, "server": profile_server}[args.what](args)
+    res = {"engine": profile_engine, "dsa": profile_dsa, "server": profile_server,
+           "steps": profile_steps}[args.what](args)
     name = f"profile_{args.what}" + (f"_k{args.k}" if args.what == "engine" and args.k else "")
-    opts = {k: v for k, v in vars(args).items() if k != "threads"} | {"model": str(args.model)}
-    print(f"wrote {write_result(name, [], meta(threads, **opts), res)}", file=sys.stderr)
+    opts = {k: v for k, v in vars(args).items() if k not in ("threads", "out_dir")} | {"model": str(args.model)}
+    print(f"wrote {write_result(name, [], meta(threads, **opts), res, args.out_dir)}", file=sys.stderr)
     return 0
 
 

@@ -1,7 +1,9 @@
-"""Speculative decoding with the MTP layer: tokens/s and acceptance for K = 0..4, batch 1 and 8, code and prose.
+"""Speculative decoding with the MTP layer: tokens/s and acceptance for K = 0..4, batch 1 and 8, code and prose;
+and with `--ab`, the server's default configuration (adaptive depth up to K = 2) against `--num-speculative-tokens 0`.
 
     python bench/speculative.py [--model DIR] [--k 0 1 2 3 4] [--batch 1 8] [--prompt-set code prose]
                                 [--prompts 8] [--prompt-tokens 64] [--max-tokens 128] [--repeats 5] [--threads 2]
+    python bench/speculative.py --ab [--batch 1 8 32] ...        # writes bench/results/speculative_ab.json
 
 The shipped (trained) model by default: a random MTP layer would accept nothing. Two prompt sets, each of
 `--prompts` windows of `--prompt-tokens` tokens (engine_runs.prompt_set, seeded): "code" = held-out Python files
@@ -17,12 +19,22 @@ runs: acceptance rate = accepted / draft tokens; mean acceptance length = 1 + ac
 emitted per verify step (the bonus token plus the accepted drafts; K + 1 at most); acceptance at position i =
 drafts whose i-th token was accepted / drafts. `same` counts prompts whose tokens equal K = 0's (greedy
 speculation must be exact). Summary: the best K at batch 1 per prompt set, its speedup. Target (issue 4): best
-K >= 1.7x K = 0 at batch 1, outputs identical. Writes bench/results/speculative.json.
+K >= 1.7x K = 0 at batch 1, outputs identical. Writes bench/results/speculative.json. The K sweep runs each K
+fixed (`speculative_policy="fixed"`).
+
+`--ab` (issue 18): per prompt set and batch size B (default 1, 8, 32), two engines, EngineConfig's defaults
+(`num_speculative_tokens`, `speculative_policy`) and the same with K = 0, each runs a closed loop of B requests
+over max(prompts, waves x B) prompts (`--waves`, default 4: the tail, where requests that drafted finish at
+different steps and the batch thins out, must stay a small part of the run; K = 0's requests end together),
+repeats interleaved, median tok/s; per row the ratio to K = 0,
+identical tokens, the share of steps that drafted each depth 0..K (what the adaptive policy chose) and the
+acceptance. Targets: >= 1.25x at batch 1, >= 0.98x at 8 and at 32, greedy tokens identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -43,14 +55,19 @@ def stats_tuple(engine) -> tuple[int, int, int, list[int]]:
             getattr(s, "spec_num_accepted_tokens", 0), list(getattr(s, "spec_accepted_per_pos", []) or []))
 
 
-def make_engine(model: Path, k: int, batch: int, prompts: list[list[int]], max_tokens: int):
+def make_engine(model: Path, k: int | None, batch: int, prompts: list[list[int]], max_tokens: int,
+                policy: str | None = "fixed"):
+    """An engine drafting K tokens under `policy`; None for either: EngineConfig's default."""
     from service.engine.config import EngineConfig
     from service.engine.engine import LLMEngine
 
+    spec = {"num_speculative_tokens": k, "speculative_policy": policy}
+    spec = {name: v for name, v in spec.items() if v is not None}
+    k = spec.get("num_speculative_tokens", EngineConfig.num_speculative_tokens)
     max_len = max(len(p) for p in prompts) + max_tokens + k + 8
     engine = LLMEngine.from_config(EngineConfig(model=model, device="cpu", max_num_seqs=max(batch, 1),
                                                 max_model_len=max_len, kv_cache_tokens=batch * (max_len + 32),
-                                                num_speculative_tokens=k))
+                                                **spec))
     if k and getattr(engine, "num_speculative_tokens", k) != k:
         raise RuntimeError(f"engine runs K={getattr(engine, 'num_speculative_tokens', None)}, not {k}")
     closed_loop(engine, prompts[:batch], 8, batch, prefix="warm")
@@ -129,6 +146,80 @@ def best_k(rows: list[dict], batch: int) -> dict[str, dict]:
     return out
 
 
+AB_COLUMNS = [("prompt_set", "prompts", ""), ("batch", "B", "d"), ("config", "config", ""), ("k", "K", "d"),
+              ("tok_s", "tok/s", ".1f"), ("speedup", "vs K=0", ".2fx"), ("target", "target", ".2fx"),
+              ("depths", "steps at depth 0..K", ""), ("accept_rate", "acc rate", ".1%"), ("same", "same", ""),
+              ("error", "error", "")]
+AB_TARGETS = {1: 1.25}  # other batch sizes: 0.98 (never a loss)
+
+
+def depth_steps(engine) -> list[int]:
+    spec = getattr(engine, "spec", None)
+    return list(spec.depth_steps) if spec is not None else []
+
+
+def run_ab(model: Path, batch: int, sets: dict[str, list[list[int]]], max_tokens: int, repeats: int) -> list[dict]:
+    """The default configuration against K = 0 at one batch size, per prompt set."""
+    rows = []
+    for name, prompts in sets.items():
+        engines = {"default": make_engine(model, None, batch, prompts, max_tokens, policy=None),
+                   "K=0": make_engine(model, 0, batch, prompts, max_tokens)}
+        before = {c: (stats_tuple(e), depth_steps(e)) for c, e in engines.items()}
+        speeds: dict[str, list[float]] = {c: [] for c in engines}
+        tokens: dict[str, list] = {}
+        for rep in range(repeats):
+            for config, engine in engines.items():
+                run = closed_loop(engine, prompts, max_tokens, batch, prefix=f"{name}-r{rep}-")
+                speeds[config].append(run.output_tokens / run.seconds)
+                tokens.setdefault(config, run.tokens)
+        base = statistics.median(speeds["K=0"])
+        for config, engine in engines.items():
+            row = finish_row(engine, name, engine.num_speculative_tokens, batch, speeds[config], None,
+                             before[config][0])
+            row.pop("tokens")
+            steps = [a - b for a, b in zip(depth_steps(engine), before[config][1], strict=True)]
+            row.update(config=config, speedup=row["tok_s"] / base, depth_steps=steps,
+                       depths=" ".join(f"{n / max(1, sum(steps)):.2f}" for n in steps) if steps else "-",
+                       same=f"{sum(a == b for a, b in zip(tokens[config], tokens['K=0'], strict=True))}/{len(prompts)}")
+            if config == "default":
+                row["target"] = AB_TARGETS.get(batch, 0.98)
+            rows.append(row)
+            print(f"  {name} B={batch} {config}: {row['tok_s']:.1f} tok/s ({row['speedup']:.2f}x)", flush=True)
+    return rows
+
+
+def main_ab(args: argparse.Namespace, model: Path, threads: int) -> int:
+    batches = args.batch if args.batch != [1, 8] else [1, 8, 32]
+    rows = []
+    for batch in batches:
+        n = max(args.prompts, args.waves * batch)
+        sets = load_sets(args, model, n)
+        rows += run_ab(model, batch, sets, args.max_tokens, args.repeats)
+    misses = [r for r in rows if r["config"] == "default" and (r["speedup"] < r["target"]
+                                                               or r["same"].split("/")[0] != r["same"].split("/")[1])]
+    summary = {"targets": {str(b): AB_TARGETS.get(b, 0.98) for b in batches},
+               "met": not misses, "by_batch": {f"{r['prompt_set']} B={r['batch']}": round(r["speedup"], 3)
+                                               for r in rows if r["config"] == "default"}}
+    m = meta(threads, model=str(model), prompt_sets=list(dict.fromkeys(r["prompt_set"] for r in rows)),
+             prompts=args.prompts, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, repeats=args.repeats)
+    print_table(f"Default configuration (adaptive MTP) vs --num-speculative-tokens 0: greedy, closed loop of B, "
+                f"{args.max_tokens} tokens per request, {threads} threads, medians of {args.repeats}; load "
+                f"{os.getloadavg()[0]:.2f}", AB_COLUMNS, rows)
+    print(f"targets (>= 1.25x at B=1, >= 0.98x elsewhere, tokens identical): {'met' if not misses else 'MISSED'}")
+    name = args.name if args.name != "speculative" else "speculative_ab"
+    print(f"wrote {write_result(name, rows, m, summary, args.out_dir)}", file=sys.stderr)
+    return 0
+
+
+def load_sets(args: argparse.Namespace, model: Path, n: int) -> dict[str, list[list[int]]]:
+    if args.random_prompts or not (model / "tokenizer.json").is_file():
+        from model.config import ModelConfig
+
+        vocab = ModelConfig.from_dir(model).vocab_size
+        return {"random": random_prompts(n, args.prompt_tokens, vocab, low=min(16, vocab - 1))}
+    return {name: prompt_set(name, model, n, args.prompt_tokens) for name in dict.fromkeys(args.prompt_set)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="checkpoint with an MTP layer (default: the shipped model)")
@@ -142,20 +233,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     ap.add_argument("--random-prompts", action="store_true",
                     help="random token ids instead of text (one set, named 'random')")
+    ap.add_argument("--ab", action="store_true", help="the default configuration vs K = 0 at --batch (default "
+                    "1 8 32) instead of the K sweep")
+    ap.add_argument("--waves", type=int, default=4, help="--ab: prompts per closed loop = waves x batch (at least)")
     ap.add_argument("--name", default="speculative")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     warn_if_busy()
     threads = pin_threads(args.threads)
     model = checkpoints.model_or_shipped(args.model)
-    if args.random_prompts or not (model / "tokenizer.json").is_file():
-        from model.config import ModelConfig
-
-        vocab = ModelConfig.from_dir(model).vocab_size
-        sets = {"random": random_prompts(args.prompts, args.prompt_tokens, vocab, low=min(16, vocab - 1))}
-    else:
-        sets = {name: prompt_set(name, model, args.prompts, args.prompt_tokens)
-                for name in dict.fromkeys(args.prompt_set)}
+    if args.ab:
+        return main_ab(args, model, threads)
+    sets = load_sets(args, model, args.prompts)
 
     rows = []
     for batch in args.batch:

@@ -7,7 +7,7 @@ The shipped model by default, in-process (no HTTP), greedy. The schema asks for 
 so a constrained answer runs to ~100+ tokens and the per-token cost of the grammar (filling each row's bitmask,
 masking the logits, advancing the matcher) dominates, not the one-off compile (cached after the first run). The
 unconstrained run uses the same prompts and max_tokens with ignore_eos. tok/s = output tokens / wall time of the
-closed loop; the median over `repeats`, the two kinds interleaved. With `--k 2` the same pair runs with MTP
+closed loop; the median over `repeats`, the two kinds interleaved. With `--k 2` the same pair runs with fixed K MTP
 speculative decoding, where constrained rows draft nothing (so the ratio there also shows what drafting buys the
 free rows). Target (issue 15): constrained >= 0.85x unconstrained at K = 0. Writes bench/results/structured.json.
 """
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in args.k:
         engine = LLMEngine.from_config(EngineConfig(model=model, device="cpu", max_num_seqs=args.concurrency,
                                                     kv_cache_tokens=args.concurrency * 1024, max_model_len=1024,
-                                                    num_speculative_tokens=k))
+                                                    num_speculative_tokens=k, speculative_policy="fixed"))
         tok = engine.tokenizer
         asks = ["Name twelve Python modules.", "List twelve files.", "Twelve colours, please.", "Twelve words."]
         prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": asks[i % len(asks)] + " " * i}]))

@@ -69,16 +69,10 @@ class MLAttention(nn.Module):
         else:
             q_lat, q = None, self.q_proj(x)
         q_nope, q_rope = q.view(N, nh, -1).split([self.nope, self.rope], dim=-1)
-        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)
         q_rope = rope.rotate(q_rope, self.interleave)
-        k_rope = rope.rotate(k_rope, self.interleave)
-        latent = torch.cat([c_kv, k_rope], dim=-1)  # [N, kv_rank + rope]
-        index_k = self.indexer.keys(x, rope) if self.indexer is not None else None
+        latent, index_k = self.cache_entries(x, rope)
         if fb.cache is not None:  # written before any read: a query attends its own token too
-            fb.cache.write(Store.LATENT, self.layer, fb.slot_mapping, latent)
-            if index_k is not None:
-                fb.cache.write(Store.INDEX_KEY, self.layer, fb.slot_mapping, index_k)
+            self._write(fb, latent, index_k)
         index_q = index_w = None
         if self.indexer is not None and self.indexer.needed(fb):
             index_q, index_w = self.indexer.queries(x, q_lat, rope)
@@ -95,6 +89,21 @@ class MLAttention(nn.Module):
                 o[sel] = o_g
                 topk.append(t)
         return self.o_proj(o.reshape(N, nh * self.v_dim)), topk
+
+    def cache_entries(self, x: torch.Tensor, rope: RotaryTable) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What this layer caches for x: the latent [N, kv_rank + rope] and the indexer key (if it has one)."""
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
+        latent = torch.cat([self.kv_a_layernorm(c_kv), rope.rotate(k_rope, self.interleave)], dim=-1)
+        return latent, self.indexer.keys(x, rope) if self.indexer is not None else None
+
+    def write_cache(self, x: torch.Tensor, rope: RotaryTable, fb: ForwardBatch) -> None:
+        """Only the cache entries `forward` would write for x, without attending (the MTP layer's catch-up)."""
+        self._write(fb, *self.cache_entries(x, rope))
+
+    def _write(self, fb: ForwardBatch, latent: torch.Tensor, index_k: torch.Tensor | None) -> None:
+        fb.cache.write(Store.LATENT, self.layer, fb.slot_mapping, latent)
+        if index_k is not None:
+            fb.cache.write(Store.INDEX_KEY, self.layer, fb.slot_mapping, index_k)
 
     def _attend(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, index_k: torch.Tensor | None,
                 index_q: torch.Tensor | None, index_w: torch.Tensor | None, fb: ForwardBatch,

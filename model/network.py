@@ -61,6 +61,12 @@ class MTPLayer(DecoderLayer):
         z, _ = super().forward(z, rope, fb)
         return self.shared_head.norm(z)
 
+    def fill_cache(self, emb: torch.Tensor, hidden: torch.Tensor, rope: RotaryTable, fb: ForwardBatch) -> None:
+        """Write this layer's cache entries for the positions in `fb`, as forward_mtp would, and nothing else:
+        an entry depends only on the layer's input, so the attention and MoE after it can be skipped."""
+        z = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(hidden)], dim=-1))
+        self.self_attn.write_cache(self.input_layernorm(z), rope, fb)
+
 
 class GlmModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -106,6 +112,12 @@ class GlmMoeDsaForCausalLM(nn.Module):
         layer: MTPLayer = self.model.layers[self.config.num_hidden_layers + depth % self.config.num_mtp_layers]
         embed = getattr(layer, "embed_tokens", self.model.embed_tokens)
         return layer.forward_mtp(embed(next_ids), hidden, self.rotary.table(fb.positions), fb)
+
+    def mtp_fill_cache(self, next_ids: torch.Tensor, hidden: torch.Tensor, fb: ForwardBatch, depth: int = 0) -> None:
+        """Like `mtp`, but only writes the MTP layer's cache entries (no output): a catch-up that drafts nothing."""
+        layer: MTPLayer = self.model.layers[self.config.num_hidden_layers + depth % self.config.num_mtp_layers]
+        embed = getattr(layer, "embed_tokens", self.model.embed_tokens)
+        layer.fill_cache(embed(next_ids), hidden, self.rotary.table(fb.positions), fb)
 
     def mtp_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
         layer = self.model.layers[self.config.num_hidden_layers + depth % self.config.num_mtp_layers]

@@ -52,7 +52,11 @@ class Settings(BaseSettings):
                                                 "checkpoint's projections to 128x128 block FP8 at load (FP8 "
                                                 "checkpoints need no flag)")
     num_speculative_tokens: int = Field(_ENGINE["num_speculative_tokens"], ge=0,
-                                        description="MTP draft length; 0 disables speculative decoding")
+                                        description="MTP speculative decoding: most tokens drafted per step "
+                                        "(checkpoints with an MTP layer); 0 disables it")
+    speculative_policy: Literal["adaptive", "fixed"] = Field(
+        _ENGINE["speculative_policy"], description="adaptive: each step drafts 0..K tokens, the depth with the "
+        "most tokens/s by measured acceptance and step time at the running batch size; fixed: always K")
     enable_prefix_caching: bool = Field(_ENGINE["enable_prefix_caching"], description="reuse the cache of prompt "
                                         "prefixes seen before (automatic prefix caching)")
     prefix_caching_hash_algo: Literal["builtin", "sha256"] = Field(
@@ -122,7 +126,7 @@ class Settings(BaseSettings):
         return self
 
     @field_validator("log_level", "log_format", "device", "dtype", "quantization", "prefix_caching_hash_algo",
-                     "tool_call_parser", "reasoning_parser", mode="before")
+                     "tool_call_parser", "reasoning_parser", "speculative_policy", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v

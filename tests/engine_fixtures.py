@@ -113,7 +113,9 @@ def make_engine(path: Path, **overrides):
     from service.engine.config import EngineConfig
     from service.engine.engine import LLMEngine
 
-    settings = dict(device="cpu", dtype="float32", kv_cache_tokens=4096, block_size=4)
+    # Plain decoding and a fixed draft depth unless a test asks otherwise (the server default is adaptive MTP).
+    settings = dict(device="cpu", dtype="float32", kv_cache_tokens=4096, block_size=4, num_speculative_tokens=0,
+                    speculative_policy="fixed")
     return LLMEngine.from_config(EngineConfig(model=path, **{**settings, **overrides}))
 
 

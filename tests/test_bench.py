@@ -145,6 +145,26 @@ def test_in_process_benchmarks_write_tables_and_json(tiny_ckpt, tmp_path, capsys
     assert [r["context"] for r in d["rows"]] == [12, 20] and all(r["sparse_decode_ms"] > 0 for r in d["rows"])
     assert d["rows"][0]["read_share"] == pytest.approx(8 / 12)  # tiny index_topk = 8
 
+    # The issue-18 A/B: the default configuration (adaptive MTP, K = 2) against K = 0.
+    assert speculative.main(["--model", str(tiny_ckpt), "--ab", "--batch", "1", "3", "--prompts", "2", "--waves", "2",
+                             "--prompt-set", "code", "--prompt-tokens", "6", "--max-tokens", "6", "--repeats", "1",
+                             *out]) == 0
+    ab = json.loads((tmp_path / "speculative_ab.json").read_text())
+    assert [(r["batch"], r["config"], r["k"]) for r in ab["rows"]] == [(1, "default", 2), (1, "K=0", 0),
+                                                                        (3, "default", 2), (3, "K=0", 0)]
+    assert all(r["same"] == f"{2 * r['batch']}/{2 * r['batch']}" and r["tok_s"] > 0 for r in ab["rows"])
+    assert len(ab["rows"][0]["depth_steps"]) == 3 and sum(ab["rows"][0]["depth_steps"]) > 0
+    assert ab["summary"]["targets"] == {"1": 1.25, "3": 0.98}
+    assert "Default configuration (adaptive MTP) vs --num-speculative-tokens 0" in capsys.readouterr().out
+
+    import profile_engine
+
+    assert profile_engine.main(["steps", "--model", str(tiny_ckpt), "--batches", "1", "3", "--prompt-tokens", "5",
+                                "--max-tokens", "5", *out]) == 0
+    steps = json.loads((tmp_path / "profile_steps.json").read_text())["summary"]["rows"]
+    assert [r["batch"] for r in steps] == [1, 3] and all(r["step_ms"] > 0 and r["forward_ms"] > 0 for r in steps)
+    assert "ms_per_extra_seq" in steps[1] and "per-step wall time of decode steps" in capsys.readouterr().out
+
     rows = run_all.report(tmp_path, ["cache_bytes", "speculative", "dsa"])
     assert any(r["benchmark"] == "speculative" for r in rows) and (tmp_path / "summary.json").is_file()
     assert "headline figures" in capsys.readouterr().out

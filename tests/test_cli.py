@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE_ENV = {"model": "/tmp/m", "served_model_name": "glm", "host": "0.0.0.0", "port": "9001", "device": "cpu",
               "dtype": "float32", "max_model_len": "4096", "max_num_seqs": "8", "max_num_batched_tokens": "512",
               "kv_cache_tokens": "10000", "kv_cache_memory_fraction": "0.5", "block_size": "32",
-              "num_speculative_tokens": "2", "seed": "5", "engine_process": "false", "torch_threads": "1",
+              "num_speculative_tokens": "2", "speculative_policy": "fixed", "seed": "5", "engine_process": "false",
+              "torch_threads": "1",
               "tensor_parallel_size": "4", "nnodes": "2", "node_rank": "1", "master_addr": "10.0.0.1",
               "master_port": "29500",
               "max_queue_size": "3", "retry_after": "7", "quantization": "fp8",
@@ -42,7 +43,8 @@ def test_defaults():
     s = parse_settings([])
     assert (s.host, s.port, s.device, s.dtype, s.api_key, s.cors_origins) == ("127.0.0.1", 8000, "auto", "auto", [],
                                                                               [])
-    assert s.log_format == "text" and s.log_prompts is False and s.num_speculative_tokens == 0
+    assert s.log_format == "text" and s.log_prompts is False and s.num_speculative_tokens == 2
+    assert s.speculative_policy == "adaptive"  # MTP on by default, its depth chosen per step
 
 
 def test_every_field_reads_its_env_var(monkeypatch):
@@ -85,8 +87,9 @@ def test_bad_values_name_the_flag(argv, flag):
 
 def test_engine_config_mapping(tmp_path):
     s = parse_settings(["--max-num-seqs", "4", "--kv-cache-tokens", "999", "--num-speculative-tokens", "2",
-                        "--dtype", "bfloat16", "--quantization", "FP8"])
+                        "--dtype", "bfloat16", "--quantization", "FP8", "--speculative-policy", "Fixed"])
     cfg = s.engine_config(tmp_path)
+    assert cfg.speculative_policy == "fixed"
     assert (cfg.model, cfg.max_num_seqs, cfg.kv_cache_tokens, cfg.num_speculative_tokens, cfg.dtype) == \
         (tmp_path, 4, 999, 2, "bfloat16")
     assert cfg.quantization == "fp8" and parse_settings([]).engine_config(tmp_path).quantization is None

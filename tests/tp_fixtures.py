@@ -100,7 +100,7 @@ def engine_workload(ckpt: Path, **engine_kw: Any) -> dict[str, Any]:
         "tokens": {rid: {i: c.token_ids for i, c in ch.items()} for rid, ch in results.items()},
         "logprobs": {rid: {i: [(lp.token_id, lp.logprob, lp.top) for lp in c.logprobs] for i, c in ch.items()}
                      for rid, ch in results.items()},
-        "drafts": engine.spec_draft_tokens, "accepted": engine.spec_accepted,
+        "drafts": engine.stats().spec_num_draft_tokens, "accepted": engine.stats().spec_num_accepted_tokens,
     }
 
 

@@ -158,6 +158,17 @@ class BlockManager:
             self.pool.register(seq.block_table[j], hashes[j], mtp_len, nxt)
         seq.num_cached_blocks = full
 
+    def mtp_written(self, seq: Sequence, first: int) -> None:
+        """`seq`'s MTP entries from position `first` on were written late (deferred catch-up): blocks it already
+        offered to the cache gain that coverage."""
+        bs = self.block_size
+        if not self.enable_prefix_caching:
+            return
+        for j in range(first // bs, min(seq.num_cached_blocks, cdiv(seq.num_mtp_tokens, bs))):
+            mtp_len = min(bs, seq.num_mtp_tokens - j * bs)
+            nxt = seq.token_ids((j + 1) * bs, (j + 1) * bs + 1)[0] if mtp_len == bs else None
+            self.pool.extend_mtp(seq.block_table[j], seq.block_hashes[j], mtp_len, nxt)
+
     # -- sharing and freeing -----------------------------------------------------------------------------------
     def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
         """Give `child` the cache of `parent`'s computed tokens: full blocks shared, a partial last block copied.

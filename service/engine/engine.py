@@ -27,6 +27,8 @@ from .outputs import CompletionOutput, EngineStats, RequestOutput
 from .sampling_params import SamplingParams, validate_request
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence, SequenceGroup, SequenceStatus
+from .spec_decode import SpecDecode
+from .spec_policy import make_policy
 from .speculative import MTPProposer
 
 log = logging.getLogger("glm_serve.engine")
@@ -58,8 +60,9 @@ class LLMEngine:
         k = config.num_speculative_tokens
         if k < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {k}")
+        make_policy(config.speculative_policy, 1)  # a bad policy name fails even where nothing drafts
         if k and not model.has_mtp:
-            log.warning("the checkpoint has no MTP layer: speculative decoding is off")
+            log.info("the checkpoint has no MTP layer: speculative decoding is off")
             k = 0
         self.num_speculative_tokens = k
         self.runner = ModelRunner(model, num_blocks, config.block_size, device, dtype, generator, k)
@@ -68,10 +71,11 @@ class LLMEngine:
         runner = self.runner
         self.proposer = MTPProposer(runner.model, runner.cache, runner.sampler, self.block_manager, device, k) \
             if k else None
-        if self.proposer is not None:  # a drafting sequence reuses cached blocks only with their MTP entries
-            self.block_manager.needs_mtp = self.proposer.eligible
-        self.spec_drafts = self.spec_draft_tokens = self.spec_accepted = 0
-        self.spec_accepted_per_pos = [0] * k
+        self.spec = None
+        if self.proposer is not None:
+            self.spec = SpecDecode(self.proposer, make_policy(config.speculative_policy, k), self.block_manager)
+            # A drafting sequence reuses cached blocks only with their MTP entries.
+            self.block_manager.needs_mtp = self.spec.eligible
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, SequenceGroup] = {}
         self.eos_token_ids = set(cfg.eos_token_id) | set(getattr(tokenizer, "eos_token_ids", ()) or ())
@@ -203,6 +207,7 @@ class LLMEngine:
         # Requests with news this step, in order (a dict as an ordered set); first those aborted since the last.
         touched = {g: None for g in self.requests.values() if g.is_finished}
         sched = SchedulerOutput()
+        t0 = time.perf_counter()
         try:
             self._admit_compiled()
             touched.update({g: None for g in self.requests.values() if g.is_finished})
@@ -215,6 +220,8 @@ class LLMEngine:
             if self.fault_injector is not None:
                 self.fault_injector(sched)
             if not sched.is_empty:
+                if self.spec is not None:
+                    self.spec.begin_step(sched, t0)
                 self.runner.copy_blocks(sched.copies)  # partly reused cached blocks, before anything writes
                 self._postprocess(sched, self.runner.execute(sched.scheduled))
         except Exception as e:  # fail this step's requests, keep serving the rest
@@ -239,13 +246,11 @@ class LLMEngine:
         starts = self._advance(sched)
         self._store_prompt_logprobs(result)
         self._fork(result)
-        self._count_verified(result)
+        if self.spec is not None:
+            self.spec.count_verified(result)
         self._append_samples(result)
-        if self.proposer is not None:
-            live = [(s, start, r) for s, start, r in starts if not s.is_finished and self.proposer.eligible(s)]
-            for seq, _, _ in live:  # roll the block table back past rejected drafts
-                self.block_manager.trim(seq, seq.num_tokens)
-            self.proposer.propose(live, result.hidden, self.max_model_len)
+        if self.spec is not None:
+            self.spec.after_step(starts, result, len(self.scheduler.running), self.max_model_len)
 
     def _advance(self, sched: SchedulerOutput) -> list[tuple[Sequence, int, int]]:
         """Count the step's positions as computed (and the sparse attention's reads); returns, per sequence, its
@@ -280,16 +285,6 @@ class LLMEngine:
                 children.setdefault(seq.group, []).append(seq)
         for group, kids in children.items():
             self.runner.copy_blocks(self.scheduler.fork(group.seqs[0], kids))
-
-    def _count_verified(self, result: StepResult) -> None:
-        for v in result.verified:
-            v.seq.num_computed_tokens += v.num_accepted
-            v.seq.clear_drafts()
-            self.spec_drafts += 1
-            self.spec_draft_tokens += v.num_drafts
-            self.spec_accepted += v.num_accepted
-            for pos in range(v.num_accepted):
-                self.spec_accepted_per_pos[pos] += 1
 
     def _append_samples(self, result: StepResult) -> None:
         for seq, tokens, logprobs in result.samples:
@@ -365,5 +360,4 @@ class LLMEngine:
             dsa_tokens_read=self.dsa_tokens_read, dsa_tokens_cached=self.dsa_tokens_cached,
             prefix_cache_queries=self.block_manager.num_queried_tokens,
             prefix_cache_hits=self.block_manager.num_hit_tokens,
-            spec_num_drafts=self.spec_drafts, spec_num_draft_tokens=self.spec_draft_tokens,
-            spec_num_accepted_tokens=self.spec_accepted, spec_accepted_per_pos=list(self.spec_accepted_per_pos))
+            **(self.spec.stats() if self.spec is not None else {}))

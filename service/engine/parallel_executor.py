@@ -114,6 +114,10 @@ class BroadcastModel:
         self.plan.send("mtp", [next_ids, hidden], fb=_batch_meta(fb), depth=depth)
         return self.model.mtp(next_ids, hidden, fb, depth)
 
+    def mtp_fill_cache(self, next_ids: torch.Tensor, hidden: torch.Tensor, fb: ForwardBatch, depth: int = 0) -> None:
+        self.plan.send("mtp_fill", [next_ids, hidden], fb=_batch_meta(fb), depth=depth)
+        self.model.mtp_fill_cache(next_ids, hidden, fb, depth)
+
     def mtp_logits(self, hidden: torch.Tensor, depth: int = 0) -> torch.Tensor:
         self.plan.send("mtp_logits", [hidden], depth=depth)
         return self.model.mtp_logits(hidden, depth)
@@ -256,6 +260,8 @@ def run_worker(rank: int, world: int, init_method: str | None, config: EngineCon
                 model.logits(tensors[0])
             elif op == "mtp":
                 model.mtp(tensors[0], tensors[1], _batch(kw["fb"], runner.cache, device), kw["depth"])
+            elif op == "mtp_fill":
+                model.mtp_fill_cache(tensors[0], tensors[1], _batch(kw["fb"], runner.cache, device), kw["depth"])
             elif op == "mtp_logits":
                 model.mtp_logits(tensors[0], kw["depth"])
             elif op == "copy_blocks":

@@ -154,6 +154,12 @@ class BlockPool:
         self.block_hash[block] = block_hash
         self.mtp_len[block], self.mtp_next[block] = mtp_len, mtp_next
 
+    def extend_mtp(self, block: int, block_hash: BlockHash, mtp_len: int, mtp_next: int | None) -> None:
+        """More of a cached block's MTP entries are valid now (written after the block was registered)."""
+        if self.block_hash[block] == block_hash and self.cached.get(block_hash) == block and \
+                mtp_len > self.mtp_len[block]:
+            self.mtp_len[block], self.mtp_next[block] = mtp_len, mtp_next
+
     def _forget(self, block: int) -> None:
         del self.cached[self.block_hash[block]]
         self.block_hash[block] = None

@@ -58,6 +58,9 @@ class Sequence:
         self.block_hashes: list = []
         self.num_cached_blocks = 0
         self.num_mtp_tokens = 0
+        # Main-model hidden rows of the positions after num_mtp_tokens whose MTP entries are deferred while the
+        # engine drafts nothing (MTPProposer writes them in one batch later).
+        self.mtp_hidden: list[torch.Tensor] = []
         # Structured output: this choice's grammar matcher (service.engine.structured.SequenceGrammar), set once
         # the request's grammar has compiled; None for unconstrained requests.
         self.grammar: Any = None
@@ -117,6 +120,7 @@ class Sequence:
         self.block_table = []
         self.num_cached_blocks = 0
         self.num_mtp_tokens = 0
+        self.mtp_hidden = []
         self.status = SequenceStatus.WAITING
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:

@@ -5,7 +5,10 @@ Conventions (reference §3.8, GLM's NextN):
 - The MTP cache entry at position i is the MTP layer run on (h_i, t_{i+1}): the main model's final-normed
   hidden state at i and the token after it, at position i. Every step, once the step's tokens are known, the
   MTP layer catches up over exactly the positions the main model newly validated, so both caches always
-  cover the same positions; a preempted sequence recomputes both.
+  cover the same positions (while the policy drafts nothing, the catch-up is deferred and batched, see
+  MTPProposer); a preempted sequence recomputes both. An entry depends only on the layer's input, so the
+  catch-up only writes entries (`mtp_fill_cache`: no attention, no MoE), except at the last position of a
+  sequence that drafts, where the layer's output is the first draft's input.
 - Draft step 1 reads the MTP output at the last valid position; step k > 1 feeds the previous step's output
   (already `shared_head.norm`-ed, like the main model's output) and the previous draft, at the next position.
   Those speculative MTP entries lie past the valid length and are overwritten by the next catch-up.
@@ -132,7 +135,15 @@ def verify_drafts(verifying: list[tuple[Sequence, int]], logits: torch.Tensor, s
 
 
 class MTPProposer:
-    """Runs the MTP layer each step: catch-up over newly validated positions, then K recursive drafts."""
+    """Runs the MTP layer each step: catch-up over newly validated positions, then up to K recursive drafts.
+
+    While the policy drafts nothing, the catch-up is deferred: each sequence keeps the main model's hidden rows
+    of the positions whose MTP entries are not yet written (`Sequence.mtp_hidden`), and one MTP forward writes
+    them when the sequence drafts again or has `defer_rows` of them: the same entries, written in fewer and
+    larger batches, so drafting resumes exactly where it would have been.
+    """
+
+    defer_rows = 32  # per sequence; a flush of 32 rows costs about one MTP run of a decode step (CPU, batch 1)
 
     def __init__(self, model: GlmMoeDsaForCausalLM, cache: KVCache, sampler: Sampler, block_manager: BlockManager,
                  device: torch.device, num_speculative_tokens: int) -> None:
@@ -143,6 +154,7 @@ class MTPProposer:
         self.block_size = block_manager.block_size
         self.device = device
         self.k = num_speculative_tokens
+        self.depth = num_speculative_tokens  # this step's draft depth (the policy's choice)
 
     def eligible(self, seq: Sequence) -> bool:
         # Grammar-constrained rows draft nothing: a draft the grammar forbids would always be rejected, and
@@ -152,37 +164,51 @@ class MTPProposer:
     def draft_budget(self, seq: Sequence, max_model_len: int) -> int:
         """Drafts that can still be emitted: never past max_tokens or max_model_len (one slot is the bonus)."""
         left = min(seq.params.max_tokens - len(seq.output_token_ids), max_model_len - seq.num_tokens)
-        return max(0, min(self.k, left - 1))
+        return max(0, min(self.depth, left - 1))
 
     @torch.inference_mode()
-    def propose(self, done: list[tuple[Sequence, int, int]], hidden: torch.Tensor, max_model_len: int) -> None:
+    def propose(self, done: list[tuple[Sequence, int, int]], hidden: torch.Tensor, max_model_len: int,
+                depth: int | None = None) -> None:
         """done: (sequence, computed positions before this step, first hidden row) for every live sequence of
-        the step. Catches the MTP cache up and leaves fresh drafts on sequences now waiting to decode."""
+        the step. Catches the MTP cache up (or defers it when `depth` is 0) and leaves fresh drafts of up to
+        `depth` tokens (default K) on sequences now waiting to decode."""
+        self.depth = self.k if depth is None else min(depth, self.k)
         dev = self.device
-        ids, rows, positions, slots, qlens, seqs = [], [], [], [], [], []
-        for seq, start, row in done:
-            end = seq.num_computed_tokens
-            if end <= start:
-                continue
-            ids += seq.token_ids(start + 1, end + 1)
-            rows += range(row, row + end - start)
-            positions += range(start, end)
-            slots += seq.slots(range(start, end), self.block_size)
-            qlens.append(end - start)
-            seqs.append(seq)
-        if not seqs:
+        new = [(seq, start, row) for seq, start, row in done if seq.num_computed_tokens > start]
+        if not new:
             return
-        fb = self._batch(seqs, positions, qlens, [s.num_computed_tokens for s in seqs], slots)
-        z = self.model.mtp(torch.tensor(ids, device=dev), hidden[torch.tensor(rows, device=dev)], fb)
-        for (seq, start, _) in done:  # valid MTP entries now reach num_computed_tokens (prefix caching reads it)
-            if seq.num_mtp_tokens == start:
-                seq.num_mtp_tokens = seq.num_computed_tokens
-        last = torch.tensor(qlens, device=dev).cumsum(0) - 1
-        drafting = [(s, i) for i, s in enumerate(seqs)
-                    if s.num_computed_tokens == s.num_tokens - 1 and self.draft_budget(s, max_model_len) > 0]
+        # This step's hidden rows of every sequence, gathered once (a copy: deferred rows outlive the step).
+        rows = [r for seq, start, row in new for r in range(row, row + seq.num_computed_tokens - start)]
+        mine = hidden[torch.tensor(rows, device=dev)].split([seq.num_computed_tokens - start for seq, start, _ in new])
+        fill = _Rows()  # positions whose MTP entries are only written
+        last = _Rows()  # the last position of each sequence that drafts: the MTP layer's output is needed there
+        drafting = []
+        for (seq, start, _), h in zip(new, mine, strict=True):
+            end = seq.num_computed_tokens
+            if seq.num_mtp_tokens + sum(len(x) for x in seq.mtp_hidden) != start:
+                seq.mtp_hidden = []  # deferred rows that do not reach this step (not expected): start afresh
+            seq.mtp_hidden.append(h)
+            first = end - sum(len(x) for x in seq.mtp_hidden)
+            if self.depth == 0 and end - first < self.defer_rows:
+                continue  # deferred
+            hs = torch.cat(seq.mtp_hidden) if len(seq.mtp_hidden) > 1 else seq.mtp_hidden[0]
+            seq.mtp_hidden = []
+            drafts = self.depth > 0 and end == seq.num_tokens - 1 and self.draft_budget(seq, max_model_len) > 0
+            split = end - 1 if drafts else end
+            if split > first:
+                fill.add(seq, first, split, hs[: split - first])
+            if drafts:
+                last.add(seq, split, end, hs[split - first :])
+                drafting.append(seq)
+            if seq.num_mtp_tokens == first:  # valid MTP entries reach num_computed_tokens (prefix caching reads it)
+                seq.num_mtp_tokens = end
+                self.block_manager.mtp_written(seq, first)
+        # Entries first: the drafting rows attend to them.
+        if fill.seqs:
+            self.model.mtp_fill_cache(fill.ids(dev), torch.cat(fill.hidden), fill.batch(self))
         if drafting:
-            self._draft([s for s, _ in drafting], z[last[torch.tensor([i for _, i in drafting], device=dev)]],
-                        max_model_len)
+            z = self.model.mtp(last.ids(dev), torch.cat(last.hidden), last.batch(self))
+            self._draft(drafting, z, max_model_len)
 
     def _draft(self, seqs: list[Sequence], z: torch.Tensor, max_model_len: int) -> None:
         dev = self.device
@@ -228,6 +254,32 @@ class MTPProposer:
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
         return ForwardBatch(t(positions), qlens, ctx, t(tables), t(slots), self.cache)
+
+
+class _Rows:
+    """MTP catch-up rows of several sequences: per sequence a run of positions [first, end) and their hidden rows."""
+
+    def __init__(self) -> None:
+        self.seqs: list[Sequence] = []
+        self.spans: list[tuple[int, int]] = []
+        self.hidden: list[torch.Tensor] = []
+
+    def add(self, seq: Sequence, first: int, end: int, hidden: torch.Tensor) -> None:
+        self.seqs.append(seq)
+        self.spans.append((first, end))
+        self.hidden.append(hidden)
+
+    def ids(self, device: torch.device) -> torch.Tensor:
+        """The token after each position (the MTP input at position i is token i + 1)."""
+        return torch.tensor([t for s, (a, b) in zip(self.seqs, self.spans, strict=True)
+                             for t in s.token_ids(a + 1, b + 1)], device=device)
+
+    def batch(self, proposer: MTPProposer) -> ForwardBatch:
+        positions = [p for a, b in self.spans for p in range(a, b)]
+        slots = [x for s, (a, b) in zip(self.seqs, self.spans, strict=True) for x in s.slots(range(a, b),
+                                                                                              proposer.block_size)]
+        return proposer._batch(self.seqs, positions, [b - a for a, b in self.spans], [b for _, b in self.spans],
+                               slots)
 
 
 def draft_tensors(seqs: list[Sequence], vocab: int, device: torch.device) -> tuple[torch.Tensor, ...]:
