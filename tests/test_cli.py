@@ -30,7 +30,8 @@ SAMPLE_ENV = {"model": "/tmp/m", "served_model_name": "glm", "host": "0.0.0.0", 
               "cors_origins": "https://a,https://b", "shutdown_timeout": "12.5", "log_level": "debug",
               "log_format": "json", "log_prompts": "true", "enable_prefix_caching": "false",
               "prefix_caching_hash_algo": "sha256", "enable_auto_tool_choice": "true",
-              "tool_call_parser": "glm45", "reasoning_parser": "glm45"}
+              "tool_call_parser": "glm45", "reasoning_parser": "glm45", "responses_store_size": "16",
+              "responses_store_ttl": "90.5"}
 
 
 @pytest.fixture(autouse=True)
