@@ -1,5 +1,5 @@
 """Speculative decoding with the MTP layer: tokens/s and acceptance for K = 0..4, batch 1 and 8, code and prose;
-and with `--ab`, the server's default configuration (adaptive depth up to K = 2) against `--num-speculative-tokens 0`.
+and with `--ab`, adaptive MTP (`--num-speculative-tokens 2`, depth 0..2 per step) against `--num-speculative-tokens 0`.
 
     python bench/speculative.py [--model DIR] [--k 0 1 2 3 4] [--batch 1 8] [--prompt-set code prose]
                                 [--prompts 8] [--prompt-tokens 64] [--max-tokens 128] [--repeats 5] [--threads 2]
@@ -22,8 +22,8 @@ speculation must be exact). Summary: the best K at batch 1 per prompt set, its s
 K >= 1.7x K = 0 at batch 1, outputs identical. Writes bench/results/speculative.json. The K sweep runs each K
 fixed (`speculative_policy="fixed"`).
 
-`--ab` (issue 18): per prompt set and batch size B (default 1, 8, 32), two engines, EngineConfig's defaults
-(`num_speculative_tokens`, `speculative_policy`) and the same with K = 0, each runs a closed loop of B requests
+`--ab` (issue 18): per prompt set and batch size B (default 1, 8, 32), two engines, adaptive MTP (K = 2,
+`speculative_policy="adaptive"`) and K = 0, each runs a closed loop of B requests
 over max(prompts, waves x B) prompts (`--waves`, default 4: the tail, where requests that drafted finish at
 different steps and the batch thins out, must stay a small part of the run; K = 0's requests end together),
 repeats interleaved, median tok/s; per row the ratio to K = 0,
@@ -150,6 +150,7 @@ AB_COLUMNS = [("prompt_set", "prompts", ""), ("batch", "B", "d"), ("config", "co
               ("tok_s", "tok/s", ".1f"), ("speedup", "vs K=0", ".2fx"), ("target", "target", ".2fx"),
               ("depths", "steps at depth 0..K", ""), ("accept_rate", "acc rate", ".1%"), ("same", "same", ""),
               ("error", "error", "")]
+AB_K = 2  # --ab: adaptive depth up to 2 (`--num-speculative-tokens 2`)
 AB_TARGETS = {1: 1.25}  # other batch sizes: 0.98 (never a loss)
 
 
@@ -159,10 +160,10 @@ def depth_steps(engine) -> list[int]:
 
 
 def run_ab(model: Path, batch: int, sets: dict[str, list[list[int]]], max_tokens: int, repeats: int) -> list[dict]:
-    """The default configuration against K = 0 at one batch size, per prompt set."""
+    """Adaptive MTP (K <= AB_K) against K = 0 at one batch size, per prompt set."""
     rows = []
     for name, prompts in sets.items():
-        engines = {"default": make_engine(model, None, batch, prompts, max_tokens, policy=None),
+        engines = {"adaptive": make_engine(model, AB_K, batch, prompts, max_tokens, policy="adaptive"),
                    "K=0": make_engine(model, 0, batch, prompts, max_tokens)}
         before = {c: (stats_tuple(e), depth_steps(e)) for c, e in engines.items()}
         speeds: dict[str, list[float]] = {c: [] for c in engines}
@@ -181,7 +182,7 @@ def run_ab(model: Path, batch: int, sets: dict[str, list[list[int]]], max_tokens
             row.update(config=config, speedup=row["tok_s"] / base, depth_steps=steps,
                        depths=" ".join(f"{n / max(1, sum(steps)):.2f}" for n in steps) if steps else "-",
                        same=f"{sum(a == b for a, b in zip(tokens[config], tokens['K=0'], strict=True))}/{len(prompts)}")
-            if config == "default":
+            if config == "adaptive":
                 row["target"] = AB_TARGETS.get(batch, 0.98)
             rows.append(row)
             print(f"  {name} B={batch} {config}: {row['tok_s']:.1f} tok/s ({row['speedup']:.2f}x)", flush=True)
@@ -195,14 +196,14 @@ def main_ab(args: argparse.Namespace, model: Path, threads: int) -> int:
         n = max(args.prompts, args.waves * batch)
         sets = load_sets(args, model, n)
         rows += run_ab(model, batch, sets, args.max_tokens, args.repeats)
-    misses = [r for r in rows if r["config"] == "default" and (r["speedup"] < r["target"]
+    misses = [r for r in rows if r["config"] == "adaptive" and (r["speedup"] < r["target"]
                                                                or r["same"].split("/")[0] != r["same"].split("/")[1])]
     summary = {"targets": {str(b): AB_TARGETS.get(b, 0.98) for b in batches},
                "met": not misses, "by_batch": {f"{r['prompt_set']} B={r['batch']}": round(r["speedup"], 3)
-                                               for r in rows if r["config"] == "default"}}
+                                               for r in rows if r["config"] == "adaptive"}}
     m = meta(threads, model=str(model), prompt_sets=list(dict.fromkeys(r["prompt_set"] for r in rows)),
              prompts=args.prompts, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, repeats=args.repeats)
-    print_table(f"Default configuration (adaptive MTP) vs --num-speculative-tokens 0: greedy, closed loop of B, "
+    print_table(f"Adaptive MTP (K <= {AB_K}) vs --num-speculative-tokens 0: greedy, closed loop of B, "
                 f"{args.max_tokens} tokens per request, {threads} threads, medians of {args.repeats}; load "
                 f"{os.getloadavg()[0]:.2f}", AB_COLUMNS, rows)
     print(f"targets (>= 1.25x at B=1, >= 0.98x elsewhere, tokens identical): {'met' if not misses else 'MISSED'}")

@@ -150,12 +150,12 @@ def test_in_process_benchmarks_write_tables_and_json(tiny_ckpt, tmp_path, capsys
                              "--prompt-set", "code", "--prompt-tokens", "6", "--max-tokens", "6", "--repeats", "1",
                              *out]) == 0
     ab = json.loads((tmp_path / "speculative_ab.json").read_text())
-    assert [(r["batch"], r["config"], r["k"]) for r in ab["rows"]] == [(1, "default", 2), (1, "K=0", 0),
-                                                                        (3, "default", 2), (3, "K=0", 0)]
+    assert [(r["batch"], r["config"], r["k"]) for r in ab["rows"]] == [(1, "adaptive", 2), (1, "K=0", 0),
+                                                                        (3, "adaptive", 2), (3, "K=0", 0)]
     assert all(r["same"] == f"{2 * r['batch']}/{2 * r['batch']}" and r["tok_s"] > 0 for r in ab["rows"])
     assert len(ab["rows"][0]["depth_steps"]) == 3 and sum(ab["rows"][0]["depth_steps"]) > 0
     assert ab["summary"]["targets"] == {"1": 1.25, "3": 0.98}
-    assert "Default configuration (adaptive MTP) vs --num-speculative-tokens 0" in capsys.readouterr().out
+    assert "Adaptive MTP (K <= 2) vs --num-speculative-tokens 0" in capsys.readouterr().out
 
     import profile_engine
 

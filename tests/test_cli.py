@@ -44,8 +44,8 @@ def test_defaults():
     s = parse_settings([])
     assert (s.host, s.port, s.device, s.dtype, s.api_key, s.cors_origins) == ("127.0.0.1", 8000, "auto", "auto", [],
                                                                               [])
-    assert s.log_format == "text" and s.log_prompts is False and s.num_speculative_tokens == 2
-    assert s.speculative_policy == "adaptive"  # MTP on by default, its depth chosen per step
+    assert s.log_format == "text" and s.log_prompts is False and s.num_speculative_tokens == 0
+    assert s.speculative_policy == "adaptive"  # with K > 0, the depth is chosen per step
 
 
 def test_every_field_reads_its_env_var(monkeypatch):
