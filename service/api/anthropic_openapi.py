@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from service.api.anthropic_protocol import CountTokensRequest, MessagesRequest
+from service.api.openapi_parts import error_responses, json_body, ref
 
 
 class _Doc(BaseModel):
@@ -145,28 +146,15 @@ _EVENTS: list[type[BaseModel]] = [MessageStartEvent, PingEvent, ContentBlockStar
                                   ContentBlockStopEvent, MessageDeltaEvent, MessageStopEvent]
 MODELS: list[type[BaseModel]] = [MessagesRequest, CountTokensRequest, AnthropicError, AnthropicMessage,
                                  MessageTokensCount, AnthropicModelInfo, AnthropicModelList, *_EVENTS]
-_REF = "#/components/schemas/{model}"
 _WHY = {400: "Invalid request.", 401: "Missing or wrong API key (`x-api-key` or `Authorization: Bearer`).",
         404: "Unknown model.", 413: "Request body over --max-request-body-bytes.",
         415: "Content-Type is not application/json.", 500: "A server bug or an engine failure.",
         503: "Queue full, draining, or the engine stopped; retry after Retry-After seconds (overloaded_error).",
         504: "The request ran past --request-timeout and was aborted."}
-_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
-
-
-def _ref(model: type[BaseModel]) -> dict[str, str]:
-    return {"$ref": _REF.format(model=model.__name__)}
-
-
-def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
-    out = {str(s): _json(AnthropicError, _WHY[s] + " Anthropic's error shape.") for s in statuses}
-    if "503" in out:
-        out["503"]["headers"] = _RETRY_AFTER
-    return out
+    return error_responses(AnthropicError, _WHY, statuses, " Anthropic's error shape.")
 
 
 def _event_stream() -> dict[str, Any]:
@@ -174,7 +162,7 @@ def _event_stream() -> dict[str, Any]:
     with an `error` event."""
     names = [m.model_fields["type"].annotation.__args__[0] for m in _EVENTS] + ["error"]  # type: ignore[union-attr]
     data = {"type": "string", "contentMediaType": "application/json",
-            "contentSchema": {"oneOf": [*(_ref(m) for m in _EVENTS), _ref(AnthropicError)]}}
+            "contentSchema": {"oneOf": [*(ref(m) for m in _EVENTS), ref(AnthropicError)]}}
     last = {"type": "object", "required": ["event"], "properties": {"event": {"enum": ["message_stop", "error"]}}}
     return {"itemSchema": {"type": "object", "required": ["event", "data"],
                            "properties": {"event": {"enum": names}, "data": data}},
@@ -186,13 +174,13 @@ def operations() -> dict[tuple[str, str], dict[str, Any]]:
     ok = {"description": "The message as JSON; with `stream: true` Anthropic's server-sent events (`event: TYPE` + "
                          "`data: {json}`): message_start, ping, content_block_start / _delta / _stop per block, "
                          "message_delta (stop_reason, usage), message_stop; or an `error` event.",
-          "content": {"application/json": {"schema": _ref(AnthropicMessage)}, "text/event-stream": _event_stream()}}
+          "content": {"application/json": {"schema": ref(AnthropicMessage)}, "text/event-stream": _event_stream()}}
     return {
         ("/v1/messages", "post"): {
-            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(MessagesRequest)}}},
+            "requestBody": {"required": True, "content": {"application/json": {"schema": ref(MessagesRequest)}}},
             "responses": {"200": ok, **_errors(400, 401, 404, 413, 415, 500, 503, 504)}},
         ("/v1/messages/count_tokens", "post"): {
-            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(CountTokensRequest)}}},
-            "responses": {"200": _json(MessageTokensCount, "The prompt's tokens."),
+            "requestBody": {"required": True, "content": {"application/json": {"schema": ref(CountTokensRequest)}}},
+            "responses": {"200": json_body(MessageTokensCount, "The prompt's tokens."),
                           **_errors(400, 401, 404, 413, 415)}},
     }

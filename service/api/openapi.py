@@ -21,6 +21,7 @@ from pydantic.json_schema import models_json_schema
 
 from service.api import anthropic_openapi
 from service.api.auth import is_protected
+from service.api.openapi_parts import REF, error_responses, json_body, ref
 from service.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from service.api.responses_openapi import MODELS as RESPONSES_MODELS
 from service.api.responses_openapi import ResponseDeleted, ResponseObject, typed_event_stream
@@ -187,44 +188,28 @@ _MODELS: list[type[BaseModel]] = [ChatCompletionRequest, CompletionRequest, Toke
                                   ErrorResponse, ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk,
                                   ModelList, ModelCard, TokenizeResponse, DetokenizeResponse, ProbeStatus,
                                   ServerInfo, ResponsesRequest, *RESPONSES_MODELS, *anthropic_openapi.MODELS]
-_REF = "#/components/schemas/{model}"
 
 _WHY = {400: "Invalid request (OpenAI error shape).", 401: "Missing or wrong API key.",
         404: "Unknown model.", 413: "Request body over --max-request-body-bytes.",
         415: "Content-Type is not application/json.", 500: "A server bug or an engine failure.",
         503: "Queue full, draining, or the engine stopped; retry after Retry-After seconds.",
         504: "The request ran past --request-timeout and was aborted."}
-_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
-
-
-def _ref(model: type[BaseModel]) -> dict[str, str]:
-    return {"$ref": _REF.format(model=model.__name__)}
-
-
-def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
-
 
 def _models(openai: type[BaseModel], anthropic: type[BaseModel], description: str) -> dict[str, Any]:
     """OpenAI's shape, or Anthropic's for a request with an `anthropic-version` header (the anthropic SDKs')."""
     return {"description": description + " Anthropic's shape when the request has an `anthropic-version` header.",
-            "content": {"application/json": {"schema": {"anyOf": [_ref(openai), _ref(anthropic)]}}}}
+            "content": {"application/json": {"schema": {"anyOf": [ref(openai), ref(anthropic)]}}}}
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
-    out = {}
-    for s in statuses:
-        out[str(s)] = _json(ErrorResponse, _WHY[s])
-        if s == 503:
-            out[str(s)]["headers"] = _RETRY_AFTER
-    return out
+    return error_responses(ErrorResponse, _WHY, statuses)
 
 
 def _event_stream(chunk: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI 3.2's event-stream description: `itemSchema` is one event, `schema` the whole stream."""
     data = {"type": "string", "if": {"const": "[DONE]"},
             "else": {"contentMediaType": "application/json",
-                     "contentSchema": {"oneOf": [_ref(chunk), _ref(ErrorResponse)]}}}
+                     "contentSchema": {"oneOf": [ref(chunk), ref(ErrorResponse)]}}}
     done = {"type": "object", "required": ["data"], "properties": {"data": {"const": "[DONE]"}}}
     return {"itemSchema": {"type": "object", "required": ["data"], "properties": {"data": data}},
             "schema": {"type": "array", "description": "`[DONE]` once, as the last event",
@@ -236,8 +221,8 @@ def _generation(body: type[BaseModel], result: type[BaseModel], chunk: type[Base
                          "chunks (one finish_reason per choice; with stream_options.include_usage a last chunk "
                          "with `choices: []` and usage), an error event if generation failed, and always "
                          "`data: [DONE]` last.",
-          "content": {"application/json": {"schema": _ref(result)}, "text/event-stream": _event_stream(chunk)}}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": _ref(body)}}},
+          "content": {"application/json": {"schema": ref(result)}, "text/event-stream": _event_stream(chunk)}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref(body)}}},
             "responses": {"200": ok, **_errors(400, 401, 404, 413, 415, 500, 503, 504)}}
 
 
@@ -245,48 +230,48 @@ def _responses_create() -> dict[str, Any]:
     ok = {"description": "The Response as JSON; with `stream: true` typed server-sent events `event: <type>\\ndata: "
                          "<JSON>\\n\\n` numbered by sequence_number, the last `response.completed`, "
                          "`response.incomplete` or `response.failed` (or an `error` event); no `[DONE]`.",
-          "content": {"application/json": {"schema": _ref(ResponseObject)},
-                      "text/event-stream": typed_event_stream(_ref)}}
+          "content": {"application/json": {"schema": ref(ResponseObject)},
+                      "text/event-stream": typed_event_stream(ref)}}
     tool = {"type": "function", "name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}}
     examples = {"streamed": {"value": {"input": "Hello", "stream": True, "max_output_tokens": 8}},
                 "function_call": {"value": {"input": "Weather?", "tools": [tool], "tool_choice": "required",
                                             "stream": True, "max_output_tokens": 32}}}
-    body = {"application/json": {"schema": _ref(ResponsesRequest), "examples": examples}}
+    body = {"application/json": {"schema": ref(ResponsesRequest), "examples": examples}}
     return {"requestBody": {"required": True, "content": body},
             "responses": {"200": ok, **_errors(400, 401, 404, 413, 415, 500, 503, 504)}}
 
 
 def _operations() -> dict[tuple[str, str], dict[str, Any]]:
     def body(model: type[BaseModel]) -> dict[str, Any]:
-        return {"required": True, "content": {"application/json": {"schema": _ref(model)}}}
+        return {"required": True, "content": {"application/json": {"schema": ref(model)}}}
 
-    probe = {"200": _json(ProbeStatus, "OK."), "503": _json(ProbeStatus, "Not alive (/health) or not ready.")}
+    probe = {"200": json_body(ProbeStatus, "OK."), "503": json_body(ProbeStatus, "Not alive (/health) or not ready.")}
     return {
         ("/v1/chat/completions", "post"): _generation(ChatCompletionRequest, ChatCompletion, ChatCompletionChunk),
         ("/v1/completions", "post"): _generation(CompletionRequest, Completion, CompletionChunk),
         ("/v1/responses", "post"): _responses_create(),
         ("/v1/responses/{response_id}", "get"): {"responses": {
-            "200": _json(ResponseObject, "The stored response."), **_errors(401),
-            "404": _json(ErrorResponse, "No stored response has this id (never stored, expired or deleted).")}},
+            "200": json_body(ResponseObject, "The stored response."), **_errors(401),
+            "404": json_body(ErrorResponse, "No stored response has this id (never stored, expired or deleted).")}},
         ("/v1/responses/{response_id}", "delete"): {"responses": {
-            "200": _json(ResponseDeleted, "Deleted."), **_errors(401),
-            "404": _json(ErrorResponse, "No stored response has this id.")}},
+            "200": json_body(ResponseDeleted, "Deleted."), **_errors(401),
+            "404": json_body(ErrorResponse, "No stored response has this id.")}},
         ("/v1/models", "get"): {"responses": {"200": _models(ModelList, anthropic_openapi.AnthropicModelList,
                                                              "The served model."), **_errors(401)}},
         ("/v1/models/{model_id}", "get"): {"responses": {"200": _models(ModelCard, anthropic_openapi.AnthropicModelInfo,
                                                                         "The model."), **_errors(401, 404)}},
         ("/tokenize", "post"): {"requestBody": body(TokenizeRequest),
-                                "responses": {"200": _json(TokenizeResponse, "Token ids."),
+                                "responses": {"200": json_body(TokenizeResponse, "Token ids."),
                                               **_errors(400, 401, 404, 413, 415)}},
         ("/detokenize", "post"): {"requestBody": body(DetokenizeRequest),
-                                  "responses": {"200": _json(DetokenizeResponse, "Text."),
+                                  "responses": {"200": json_body(DetokenizeResponse, "Text."),
                                                 **_errors(400, 401, 404, 413, 415)}},
         ("/health", "get"): {"responses": probe},
         ("/ready", "get"): {"responses": probe},
         ("/metrics", "get"): {"responses": {"200": {"description": "Prometheus text format.",
                                                     "content": {"text/plain": {"schema": {"type": "string"}}}}}},
-        ("/", "get"): {"responses": {"200": _json(ServerInfo, "Server name, model and uptime.")}},
+        ("/", "get"): {"responses": {"200": json_body(ServerInfo, "Server name, model and uptime.")}},
         **anthropic_openapi.operations(),
     }
 
@@ -294,7 +279,7 @@ def _operations() -> dict[tuple[str, str], dict[str, Any]]:
 def build_openapi(app: FastAPI, api_keys: bool) -> dict[str, Any]:
     doc = get_openapi(title="glm-serve", version=app.version, routes=app.routes,
                       description="OpenAI-compatible server for GLM-5-class models.")
-    _, defs = models_json_schema([(m, "validation") for m in _MODELS], ref_template=_REF)
+    _, defs = models_json_schema([(m, "validation") for m in _MODELS], ref_template=REF)
     doc["openapi"] = "3.2.0"  # for `itemSchema`: the one way to describe a text/event-stream response
     components = doc.setdefault("components", {})
     components["schemas"] = defs["$defs"]  # FastAPI's own (HTTPValidationError) are never returned here
