@@ -110,7 +110,10 @@ assert choice["finish_reason"] in ("stop", "length"), r
 assert r["usage"]["completion_tokens"] >= 1, r
 print("chat completion:", repr(choice["message"]["content"]), r["usage"])
 EOF
-  http /metrics | grep -q '^glm_serve:num_requests_running' || { echo "/metrics lacks glm_serve:num_requests_running" >&2; exit 1; }
+  # Read the whole body first: `curl | grep -q` fails under pipefail when grep exits before curl has written all.
+  local metrics
+  metrics=$(http /metrics)
+  grep -q '^glm_serve:num_requests_running' <<<"$metrics" || { echo "/metrics lacks glm_serve:num_requests_running" >&2; exit 1; }
   # SIGTERM, then the server drains and must exit 0 (podman stop sends SIGKILL only after -t).
   "${PODMAN[@]}" stop -t 60 "$NAME" >/dev/null
   local code
