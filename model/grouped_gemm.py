@@ -52,12 +52,14 @@ def works(device_type: str, index: int | None, dtype: torch.dtype) -> bool:
     w = torch.randn(3, 16, 32, generator=gen, device=device).to(dtype)
     ends = torch.tensor([2, 2, 6], dtype=torch.int32, device=device)
     try:
-        got = mm(x, w.transpose(1, 2), offs=ends).float()
+        with torch.autocast(device_type, enabled=False):  # the reference matmuls below must stay in fp32
+            got = mm(x, w.transpose(1, 2), offs=ends).float()
     except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
         log.info("moe: grouped_mm unavailable on %s (%s); experts run one product each", where,
                  str(e).splitlines()[0][:200])
         return False
-    want = torch.cat([x[:2].float() @ w[0].float().T, x[2:].float() @ w[2].float().T])
+    with torch.autocast(device_type, enabled=False):
+        want = torch.cat([x[:2].float() @ w[0].float().T, x[2:].float() @ w[2].float().T])
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     if got.shape != want.shape or not torch.allclose(got, want, rtol=tol, atol=tol):
         log.warning("moe: grouped_mm disagrees with per-expert matmuls on %s; experts run one product each", where)

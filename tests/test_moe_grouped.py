@@ -201,3 +201,15 @@ def test_autocast_training_runs_grouped_in_its_dtype():
         res[impl] = (out.detach(), xi.grad, ex.gate_up_proj.grad, ex.down_proj.grad)
     for a, b in zip(res["loop"], res["grouped"], strict=True):
         assert (a - b).abs().max().item() <= 0.02 * a.abs().max().item()
+
+
+def test_first_check_under_autocast():
+    """The one-off check may first run inside a training step's bf16 autocast (a resumed run did): its fp32
+    reference products must not be autocast to bf16, or the comparison fails on mixed dtypes."""
+    grouped_gemm.works.cache_clear()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert grouped_gemm.works("cpu", None, torch.float32)
+            assert grouped_gemm.works("cpu", None, torch.bfloat16)
+    finally:
+        grouped_gemm.works.cache_clear()
