@@ -18,9 +18,12 @@ a GPU, close to proportional on a busy CPU). vLLM lets the operator switch draft
 - choice: the depth with the most tokens per second, E(k) / T(bucket, k). Depths are measured in order from 0
   and the climb stops at the first depth that does not beat the one before by `margin` (tokens per step flatten
   with depth while cost keeps growing, so the score has one peak), or before measuring a depth whose cost,
-  extrapolated linearly from the two below it, predicts no such gain; every `refresh_every` steps a neighbour
-  of the best is measured again for two steps, so the table follows load changes (4% of steps at a neighbouring
-  depth). Without a timed step for 2 x `refresh_every` steps (a prefill in every step), it drafts nothing.
+  extrapolated linearly from the two below it, predicts no such gain; every `refresh_every` steps another depth
+  is measured again for two steps (4% of steps): of depth 0 up to one past the best, the one timed longest ago,
+  so the baseline is re-timed too. A step time older than `max_age` steps no longer counts, so depths are
+  compared on recent times: a depth timed during a load spike (another process on the CPU) cannot keep looking
+  slow, or fast, after it. Without a timed step for 2 x `refresh_every` steps (a prefill in every step), it
+  drafts nothing.
 
 Policies are pure: the engine feeds them batch sizes, verification counts and step times; tests feed
 synthetic ones.
@@ -72,22 +75,19 @@ class FixedPolicy:
 class _Bucket:
     """Step times of one batch-size bucket, per depth."""
 
-    times: list[deque[float]]  # the last steps' seconds, per depth
-    seconds: list[float]  # their medians
-    samples: list[int]
+    times: list[deque[tuple[int, float]]]  # the last steps' (call count when timed, seconds), per depth
     tries: list[int]
     calls: int = 0
     last_sample: int = 0  # `calls` when the last steady step was timed
     probe: int = 0
     probe_left: int = 0
-    up: bool = True
     chosen: list[int] = field(default_factory=list)  # how often each depth was returned (stats, tests)
 
 
 class AdaptivePolicy:
     def __init__(self, max_depth: int, *, prior_acceptance: float = 0.6, memory: float = 20.0,
                  min_samples: int = 2, refresh_every: int = 50, window: int = 7, margin: float = 0.02,
-                 optimism: float = 1.0) -> None:
+                 optimism: float = 1.0, max_age: int | None = None) -> None:
         if max_depth < 1:
             raise ValueError("an adaptive policy needs max_depth >= 1")
         self.max_depth = max_depth
@@ -98,6 +98,8 @@ class AdaptivePolicy:
         self.window = window
         self.margin = margin
         self.optimism = optimism
+        # Long enough for the refresh probes to re-time every depth they visit before its times expire.
+        self.max_age = max_age if max_age is not None else 3 * refresh_every
         self.accepted = [0.0] * max_depth  # per draft position: decayed counts of accepted and tried drafts
         self.tried = [0.0] * max_depth
         self._step_accepted = [0] * max_depth  # this step's, folded in by observe_step
@@ -123,12 +125,20 @@ class AdaptivePolicy:
             total += run
         return total
 
+    def seconds(self, bucket: int, depth: int) -> float | None:
+        """Median of the recent step times of `depth` in `bucket` (None: fewer than `min_samples` of them)."""
+        b = self.buckets.get(bucket)
+        if b is None:
+            return None
+        recent = [t for call, t in b.times[depth] if b.calls - call <= self.max_age]
+        return statistics.median(recent) if len(recent) >= self.min_samples else None
+
     def score(self, bucket: int, depth: int) -> float | None:
         """Estimated tokens per second per sequence at `depth` in `bucket`, once measured."""
-        b = self.buckets.get(bucket)
-        if b is None or b.samples[depth] < self.min_samples or b.seconds[depth] <= 0:
+        t = self.seconds(bucket, depth)
+        if t is None or t <= 0:
             return None
-        return self.expected_tokens(depth, self.optimism) / b.seconds[depth]
+        return self.expected_tokens(depth, self.optimism) / t
 
     @staticmethod
     def bucket_of(batch_size: int) -> int:
@@ -139,8 +149,7 @@ class AdaptivePolicy:
         b = self.buckets.get(key)
         if b is None:
             n = self.max_depth + 1
-            b = self.buckets[key] = _Bucket([deque(maxlen=self.window) for _ in range(n)], [0.0] * n, [0] * n,
-                                            [0] * n, chosen=[0] * n)
+            b = self.buckets[key] = _Bucket([deque(maxlen=self.window) for _ in range(n)], [0] * n, chosen=[0] * n)
         return b
 
     # -- the choice ------------------------------------------------------------------------------------------------
@@ -152,7 +161,8 @@ class AdaptivePolicy:
             s = self.score(key, k)
             if s is None:
                 if k >= 2 and best_score is not None:  # worth measuring? extrapolate the cost of the two below
-                    predicted = 2 * b.seconds[k - 1] - b.seconds[k - 2]
+                    below = self.seconds(key, k - 1), self.seconds(key, k - 2)
+                    predicted = 2 * below[0] - below[1] if None not in below else 0.0
                     gain = self.expected_tokens(k, self.optimism) / predicted if predicted > 0 else 0.0
                     if gain <= best_score * (1 + self.margin):
                         return best, None
@@ -181,10 +191,10 @@ class AdaptivePolicy:
         if explore is not None:
             b.tries[explore] += 1
             return self._chose(b, explore)
-        if b.calls % self.refresh_every == 0:  # re-measure a neighbour: load or the text may have changed
-            up = (b.up or best == 0) and best < self.max_depth
-            b.up = not b.up
-            b.probe, b.probe_left = (best + 1 if up else best - 1), 1
+        if b.calls % self.refresh_every == 0:  # re-time another depth: load or the text may have changed
+            others = [k for k in range(min(best + 1, self.max_depth) + 1) if k != best]
+            b.probe = min(others, key=lambda k: b.times[k][-1][0] if b.times[k] else -1)  # timed longest ago
+            b.probe_left = 1
             return self._chose(b, b.probe)
         return self._chose(b, best)
 
@@ -212,9 +222,8 @@ class AdaptivePolicy:
         b = self._bucket(self.bucket_of(batch_size))
         k = drafted_depth
         b.last_sample = b.calls
-        b.times[k].append(seconds)
-        b.seconds[k] = statistics.median(b.times[k])
-        b.samples[k] += 1
+        b.times[k].append((b.calls, seconds))
+        b.tries[k] = 0
 
 
 def make_policy(kind: str, max_depth: int) -> SpecPolicy:
