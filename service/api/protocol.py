@@ -164,6 +164,24 @@ class _SamplingRequest(_Strict):
         return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
+def check_tool_choice_mode(choice: Any, names: list[str]) -> None:
+    """A tool_choice that is not the named-function object: absent, or 'none' / 'auto' / 'required' ('required'
+    needs a tool). Shared by chat completions and Responses, which spell only the named form differently."""
+    if choice is None:
+        return
+    if not isinstance(choice, str):
+        raise ValueError("tool_choice must be a string or an object")
+    if choice not in ("none", "auto", "required"):
+        raise ValueError(f"tool_choice must be 'none', 'auto', 'required' or a named function, got {choice!r}")
+    if choice == "required" and not names:
+        raise ValueError("tool_choice 'required' needs at least one tool in tools")
+
+
+def check_named_tool(name: str, names: list[str]) -> None:
+    if name not in names:
+        raise ValueError(f"tool_choice names the function {name!r}, which is not in tools")
+
+
 def _check_content(content: Any, role: str) -> Any:
     if content is None:
         if role not in ("assistant",):
@@ -271,20 +289,14 @@ class ChatCompletionRequest(_SamplingRequest):
                 raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
             names.append(fn["name"])
         choice = self.tool_choice
-        if isinstance(choice, str):
-            if choice not in ("none", "auto", "required"):
-                raise ValueError(f"tool_choice must be 'none', 'auto', 'required' or a named function, got {choice!r}")
-            if choice == "required" and not names:
-                raise ValueError("tool_choice 'required' needs at least one tool in tools")
-        elif isinstance(choice, dict):
+        if isinstance(choice, dict):
             fn = choice.get("function")
             name = fn.get("name") if isinstance(fn, dict) else None
             if choice.get("type") != "function" or not isinstance(name, str):
                 raise ValueError("tool_choice must be {'type': 'function', 'function': {'name': ...}}")
-            if name not in names:
-                raise ValueError(f"tool_choice names the function {name!r}, which is not in tools")
-        elif choice is not None:
-            raise ValueError("tool_choice must be a string or an object")
+            check_named_tool(name, names)
+        else:
+            check_tool_choice_mode(choice, names)
         rf = self.response_format
         if rf is not None and rf.get("type") not in ("text", "json_object", "json_schema"):
             raise ValueError("response_format.type must be 'text', 'json_object' or 'json_schema'")

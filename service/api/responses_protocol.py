@@ -16,7 +16,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, WithJsonSchema, field_validator, model_validator
 
-from service.api.protocol import _LOGIT_BIAS, _STOP_SCHEMA, ChatCompletionRequest, _nullable, _Strict
+from service.api.protocol import (
+    _LOGIT_BIAS,
+    _STOP_SCHEMA,
+    ChatCompletionRequest,
+    _nullable,
+    _Strict,
+    check_named_tool,
+    check_tool_choice_mode,
+)
 
 MAX_METADATA_KEYS = 16  # OpenAI's limits
 MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 64, 512
@@ -224,19 +232,13 @@ class ResponsesRequest(_Strict):
     def _tool_choice(self) -> ResponsesRequest:
         names = [t["name"] for t in self.tools or []]
         choice = self.tool_choice
-        if isinstance(choice, str):
-            if choice not in ("none", "auto", "required"):
-                raise ValueError(f"tool_choice must be 'none', 'auto', 'required' or a named function, got {choice!r}")
-            if choice == "required" and not names:
-                raise ValueError("tool_choice 'required' needs at least one tool in tools")
-        elif isinstance(choice, dict):
+        if isinstance(choice, dict):
             if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
                 raise ValueError(f"tool_choice type {choice.get('type')!r} is not supported; use 'none', 'auto', "
                                  "'required' or {'type': 'function', 'name': ...}")
-            if choice["name"] not in names:
-                raise ValueError(f"tool_choice names the function {choice['name']!r}, which is not in tools")
-        elif choice is not None:
-            raise ValueError("tool_choice must be a string or an object")
+            check_named_tool(choice["name"], names)
+        else:
+            check_tool_choice_mode(choice, names)
         return self
 
     # -- translation -------------------------------------------------------------------------------------------
