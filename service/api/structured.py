@@ -26,12 +26,36 @@ def _json(schema: Any) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_WHITESPACE}
 
 
+def _unambiguous_values(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` with each length-bounded string argument rewritten as a pattern that keeps the bounds and has no `<`.
+
+    Each argument's value is raw text up to `</arg_value>`. xgrammar keeps that tag out of an unbounded string,
+    but a string with minLength/maxLength becomes any characters (up to the bound), the tag included: then
+    `<arg_value>10</arg_value><arg_key>b` still matches as one value, while every parser ends the value at the
+    first `</arg_value>` (and with the tag a single token, a small model does write that). xgrammar takes no
+    lookahead and drops the length bounds of a string that has a pattern, so the bounded pattern is `[^<]{m,n}`:
+    such a string cannot hold `<` in a forced call."""
+    props = schema.get("properties")
+    if not isinstance(props, dict):
+        return schema
+    fixed = {}
+    for name, prop in props.items():
+        bounded = isinstance(prop, dict) and prop.get("type") == "string" and (
+            "maxLength" in prop or "minLength" in prop) and not {"pattern", "format", "enum", "const"} & prop.keys()
+        if bounded:
+            lo, hi = prop.get("minLength", 0), prop.get("maxLength", "")
+            prop = {k: v for k, v in prop.items() if k not in ("minLength", "maxLength")}
+            prop["pattern"] = f"^[^<]{{{lo},{hi}}}$"
+        fixed[name] = prop
+    return {**schema, "properties": fixed}
+
+
 def _tool_call(tool: dict[str, Any]) -> dict[str, Any]:
     fn = tool["function"]
     params = fn.get("parameters")
     schema = params if isinstance(params, dict) and params else {"type": "object", "properties": {}}
     return {"type": "tag", "begin": f"{TOOL_OPEN}{fn['name']}",
-            "content": {**_json(schema), "style": "glm_xml"}, "end": TOOL_CLOSE}
+            "content": {**_json(_unambiguous_values(schema)), "style": "glm_xml"}, "end": TOOL_CLOSE}
 
 
 def tool_call_format(tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
