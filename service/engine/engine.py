@@ -340,11 +340,11 @@ class LLMEngine:
     def _output(self, group: SequenceGroup, error: str | None = None) -> RequestOutput | None:
         """The delta since the last output of `group`, or None when nothing changed."""
         outputs = []
+        want_lp = group.params.logprobs is not None
         for seq in group.seqs:
-            ended = seq.is_finished and not seq.finish_reported
+            ended = seq.status is SequenceStatus.FINISHED and not seq.finish_reported
             if not (seq.new_token_ids or seq.new_text or ended):
                 continue
-            want_lp = group.params.logprobs is not None
             outputs.append(CompletionOutput(
                 index=seq.index, text=seq.new_text, token_ids=seq.new_token_ids,
                 logprobs=seq.new_logprobs if want_lp else None,
