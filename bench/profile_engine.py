@@ -4,6 +4,7 @@
     python bench/profile_engine.py dsa [--context 16384]               # one decode step, sparse vs dense, by op
     python bench/profile_engine.py server [--concurrency 16]           # py-spy on a live server under load
     python bench/profile_engine.py steps [--batches 1 4 16 64]         # per-step CPU time vs batch size
+    python bench/profile_engine.py steps --baseline DIR [--repeats 3]  # the same, A/B against DIR's code
 
 engine: LLMEngine in-process on the shipped model, a closed loop of C greedy requests; wall time of each engine
 phase (schedule, prepare, forward, MTP propose, sample, postprocess) from wrappers around those methods, and the
@@ -13,7 +14,9 @@ sampled by py-spy (from .venv-aiperf or PATH) for `--seconds`; shares of samples
 GlmMoeDsa with hidden_size 64 (bench/checkpoints.py; `--model` for another), where a step is nearly all engine
 work; at each batch size B a closed loop of B greedy requests, and per decode-only step (no prefill rode along)
 the median wall time and each phase's share of it; the slope is what one more sequence adds to a step.
-Writes profile_steps.json (a PNG plot too when matplotlib is installed).
+Writes profile_steps.json (a PNG plot too when matplotlib is installed). With `--baseline DIR` (a checkout of
+other code, e.g. `git worktree add /tmp/base main`), each repeat runs DIR's and this tree's `steps` in fresh
+processes, alternating, on the same checkpoint; per batch size the median over repeats of each, side by side.
 """
 
 from __future__ import annotations
@@ -182,9 +185,55 @@ def profile_steps(args) -> dict:
     cols += [(k, k[:-3], ".2f") for k in rows[0] if k.endswith("_ms") and k != "step_ms"]
     print_table(f"per-step wall time of decode steps (median), {L}-token prompts, {new} new tokens, "
                 f"{'hidden-64 random checkpoint' if args.model is None else args.model}", cols, rows)
-    plot = plot_steps(rows, args.out_dir / "profile_steps.png")
+    plot = plot_steps({"step": [(r["batch"], r["step_ms"]) for r in rows]}, args.out_dir / "profile_steps.png")
     print(f"plot: {plot}" if plot else "plot: skipped (matplotlib is not installed)", file=sys.stderr)
     return {"rows": rows, "plot": str(plot) if plot else None}
+
+
+def compare_steps(args) -> dict:
+    """A/B of `steps`: the baseline checkout's code and this tree's, alternating in fresh processes."""
+    import json
+    import os
+    import statistics
+
+    tmp = tempfile.TemporaryDirectory(prefix="prof-ab-")
+    model = args.model or checkpoints.glm_checkpoint(Path(tmp.name) / "h64", hidden_size=64)
+    trees = {"before": Path(args.baseline).resolve(), "after": ROOT}
+    runs: dict[str, list[dict]] = {k: [] for k in trees}
+    for r in range(args.repeats):
+        for name, tree in trees.items():
+            out = Path(tmp.name) / f"{name}{r}"
+            cmd = [sys.executable, str(tree / "bench" / "profile_engine.py"), "steps", "--model", str(model),
+                   "--threads", str(args.threads), "--out-dir", str(out), "--prompt-tokens", str(args.prompt_tokens),
+                   "--max-tokens", str(args.max_tokens), "--batches", *map(str, args.batches)]
+            print(f"repeat {r + 1}/{args.repeats}: {name} ({tree})", file=sys.stderr, flush=True)
+            subprocess.run(cmd, check=True, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
+                           stdout=subprocess.DEVNULL)
+            runs[name].append(json.loads((out / "profile_steps.json").read_text())["summary"])
+    rows = []
+    for i, B in enumerate(args.batches):
+        row: dict = {"batch": B}
+        for name in trees:
+            for key in ("step_ms", "forward_ms"):
+                row[f"{name}_{key}"] = statistics.median(run["rows"][i][key] for run in runs[name])
+            row[f"{name}_rest_ms"] = row[f"{name}_step_ms"] - row[f"{name}_forward_ms"]
+        rows.append(row)
+    for prev, row in zip(rows, rows[1:], strict=False):
+        for name in trees:
+            for key in ("step", "rest"):
+                row[f"{name}_{key}_per_seq"] = (row[f"{name}_{key}_ms"] - prev[f"{name}_{key}_ms"]) / (
+                    row["batch"] - prev["batch"])
+    cols = [("batch", "B", "d")] + [(f"{n}_{k}", f"{n} {label}", ".3f" if "per_seq" in k else ".2f")
+                                    for k, label in (("step_ms", "ms/step"), ("step_per_seq", "ms/extra seq"),
+                                                     ("rest_ms", "non-forward ms"),
+                                                     ("rest_per_seq", "non-fwd ms/extra seq"))
+                                    for n in trees]
+    print_table(f"decode step wall time (median of {args.repeats} alternating runs), before = {trees['before']}",
+                cols, rows)
+    series = {n: [(r["batch"], r[f"{n}_step_ms"]) for r in rows] for n in trees}
+    series |= {f"{n} (outside forward)": [(r["batch"], r[f"{n}_rest_ms"]) for r in rows] for n in trees}
+    plot = plot_steps(series, args.out_dir / "profile_steps.png")
+    return {"rows": rows, "runs": runs, "plot": str(plot) if plot else None}
 
 
 def _greedy(max_tokens: int):
@@ -193,7 +242,7 @@ def _greedy(max_tokens: int):
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
-def plot_steps(rows: list[dict], path: Path) -> Path | None:
+def plot_steps(series: dict[str, list[tuple[int, float]]], path: Path) -> Path | None:
     try:
         import matplotlib
 
@@ -202,7 +251,11 @@ def plot_steps(rows: list[dict], path: Path) -> Path | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["batch"] for r in rows], [r["step_ms"] for r in rows], marker="o")
+    for label, points in series.items():
+        ax.plot([b for b, _ in points], [ms for _, ms in points], marker="o", label=label,
+                linestyle="--" if "outside" in label else "-")
+    if len(series) > 1:
+        ax.legend()
     ax.set_xscale("log", base=2)
     ax.set_xlabel("running sequences (batch)")
     ax.set_ylabel("ms per decode step (median)")
@@ -283,10 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--baseline", type=Path, help="steps: a checkout whose code to compare against (A/B)")
+    ap.add_argument("--repeats", type=int, default=3, help="steps --baseline: alternating runs of each")
     args = ap.parse_args(argv)
     threads = pin_threads(args.threads)
-    res = {"engine": profile_engine, "dsa": profile_dsa, "server": profile_server,
-           "steps": profile_steps}[args.what](args)
+    steps = compare_steps if args.baseline is not None else profile_steps
+    res = {"engine": profile_engine, "dsa": profile_dsa, "server": profile_server, "steps": steps}[args.what](args)
     name = f"profile_{args.what}" + (f"_k{args.k}" if args.what == "engine" and args.k else "")
     opts = {k: v for k, v in vars(args).items() if k not in ("threads", "out_dir")} | {"model": str(args.model)}
     print(f"wrote {write_result(name, [], meta(threads, **opts), res, args.out_dir)}", file=sys.stderr)

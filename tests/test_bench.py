@@ -170,6 +170,24 @@ def test_in_process_benchmarks_write_tables_and_json(tiny_ckpt, tmp_path, capsys
     assert "headline figures" in capsys.readouterr().out
 
 
+def test_profile_steps_ab_against_a_baseline_checkout(tiny_ckpt, tmp_path, capsys):
+    """steps --baseline: both checkouts' own `steps` in fresh processes (here this tree against itself), per batch
+    size before/after step and outside-forward times, per-extra-sequence slopes, one JSON and one plot."""
+    import profile_engine
+
+    root = Path(__file__).resolve().parents[1]
+    assert profile_engine.main(["steps", "--baseline", str(root), "--repeats", "1", "--model", str(tiny_ckpt),
+                                "--batches", "1", "3", "--prompt-tokens", "5", "--max-tokens", "5",
+                                "--out-dir", str(tmp_path), "--threads", "1"]) == 0
+    res = json.loads((tmp_path / "profile_steps.json").read_text())["summary"]
+    assert [r["batch"] for r in res["rows"]] == [1, 3]
+    assert all(r[f"{side}_{key}"] > 0 for r in res["rows"] for side in ("before", "after")
+               for key in ("step_ms", "forward_ms", "rest_ms"))
+    assert {"before_step_per_seq", "after_rest_per_seq"} <= set(res["rows"][1])
+    assert len(res["runs"]["before"]) == len(res["runs"]["after"]) == 1
+    assert "median of 1 alternating runs" in capsys.readouterr().out
+
+
 def test_tp_bench_cpu_smoke(tmp_path):
     """bench/tp_bench.py --cpu-smoke: the engine at tensor_parallel_size 2 (gloo) against 1 on a tiny model, in
     its own process (it spawns the ranks); same logits within fp32 rounding, same greedy tokens, both timed."""

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from service.engine.sampler import Sampler, SamplingState, apply_penalties, compute_logprobs
+from service.engine.sampler import Sampler, SamplingState, apply_penalties, argmax_rows, compute_logprobs
 from service.engine.sampling_params import SamplingParams
 
 # probabilities 0.5, 0.3, 0.15, 0.05 (sorted, so supports are easy to read)
@@ -24,6 +24,21 @@ def state(params: list[SamplingParams], prompts: list[list[int]] | None = None,
 
 def support(probs: torch.Tensor) -> list[int]:
     return torch.nonzero(probs > 0).flatten().tolist()
+
+
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 8192), (4, 256), (64, 8192), (9, 1000)])
+def test_argmax_rows_matches_argmax(rows: int, vocab: int) -> None:
+    """The blockwise argmax picks argmax's index: first of tied maxima, NaN as the largest, all -inf -> 0."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, vocab, generator=g)
+    x[0, 3] = x[0, vocab - 1] = 50.0  # a tie across blocks
+    if rows > 1:
+        x[1, 200 % vocab] = x[1, 7] = float("nan")
+    if rows > 2:
+        x[2] = float("-inf")
+    if rows > 3:
+        x[3, 130 % vocab] = x[3, 129 % vocab] = 50.0  # a tie inside one block
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
 
 
 def test_greedy_is_argmax_and_one_hot() -> None:

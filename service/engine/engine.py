@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import operator
 import time
 from collections.abc import Callable
 
@@ -90,6 +91,9 @@ class LLMEngine:
             self.grammars = GrammarCompilerPool(tokenizer, cfg.vocab_size, self.eos_token_ids)
         # Requests whose grammar is still compiling: not yet given to the scheduler.
         self.pending_grammar: dict[SequenceGroup, concurrent.futures.Future] = {}
+        # Set when a request finishes outside a step (abort, failed grammar): only then does a step scan every
+        # request for finished ones, so a step's bookkeeping grows with its batch, not with all requests.
+        self._finished_elsewhere = False
         log.info("engine: %s %s, %d cache blocks x %d tokens, max_model_len %d", device, dtype, num_blocks,
                  config.block_size, max_len)
 
@@ -181,6 +185,7 @@ class LLMEngine:
                 log.error("grammar compile failed for %s: %s", group.request_id, e)
                 for seq in group.seqs:
                     seq.finish("error")
+                self._finished_elsewhere = True
                 continue
             for seq in group.seqs:
                 seq.grammar = SequenceGrammar(compiled)
@@ -197,6 +202,7 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.remove(seq)
                 seq.finish("abort")
+        self._finished_elsewhere = True
         return True
 
     def has_unfinished(self) -> bool:
@@ -205,18 +211,19 @@ class LLMEngine:
     # -- the step ------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         # Requests with news this step, in order (a dict as an ordered set); first those aborted since the last.
-        touched = {g: None for g in self.requests.values() if g.is_finished}
+        touched = self._take_finished_elsewhere()
         sched = SchedulerOutput()
         t0 = time.perf_counter()
         try:
             self._admit_compiled()
-            touched.update({g: None for g in self.requests.values() if g.is_finished})
+            touched.update(self._take_finished_elsewhere())
             sched = self.scheduler.schedule()
             now = time.monotonic()
             for seq, _ in sched.scheduled:
-                touched[seq.group] = None
-                if seq.group.first_scheduled_time is None:
-                    seq.group.first_scheduled_time = now
+                group = seq.group
+                touched[group] = None
+                if group.first_scheduled_time is None:
+                    group.first_scheduled_time = now
             if self.fault_injector is not None:
                 self.fault_injector(sched)
             if not sched.is_empty:
@@ -239,6 +246,13 @@ class LLMEngine:
             outs = [self._output(g, error=error if g in failed else None) for g in {**touched, **failed}]
             return [out for out in outs if out is not None]
         return [out for g in touched if (out := self._output(g)) is not None]
+
+    def _take_finished_elsewhere(self) -> dict[SequenceGroup, None]:
+        """Requests finished since the last look outside a step (their final output is still due), in order."""
+        if not self._finished_elsewhere:
+            return {}
+        self._finished_elsewhere = False
+        return {g: None for g in self.requests.values() if g.is_finished}
 
     def _postprocess(self, sched: SchedulerOutput, result: StepResult) -> None:
         """Apply a step's results: positions computed, prompt logprobs, forks, speculation counts, new tokens
@@ -287,15 +301,17 @@ class LLMEngine:
             self.runner.copy_blocks(self.scheduler.fork(group.seqs[0], kids))
 
     def _append_samples(self, result: StepResult) -> None:
+        check_stop, remove, finished = self._check_stop, self.scheduler.remove, SequenceStatus.FINISHED
         for seq, tokens, logprobs in result.samples:
+            output_ids, new_ids = seq.output_token_ids, seq.new_token_ids
             for token, logprob in zip(tokens, logprobs, strict=True):
-                seq.output_token_ids.append(token)
-                seq.new_token_ids.append(token)
+                output_ids.append(token)
+                new_ids.append(token)
                 if logprob is not None:
                     seq.new_logprobs.append(logprob)
-                self._check_stop(seq, token)
-                if seq.is_finished:  # a stop among accepted drafts drops the rest
-                    self.scheduler.remove(seq)
+                check_stop(seq, token)
+                if seq.status is finished:  # a stop among accepted drafts drops the rest
+                    remove(seq)
                     break
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
@@ -324,11 +340,11 @@ class LLMEngine:
     def _output(self, group: SequenceGroup, error: str | None = None) -> RequestOutput | None:
         """The delta since the last output of `group`, or None when nothing changed."""
         outputs = []
+        want_lp = group.params.logprobs is not None
         for seq in group.seqs:
-            ended = seq.is_finished and not seq.finish_reported
+            ended = seq.status is SequenceStatus.FINISHED and not seq.finish_reported
             if not (seq.new_token_ids or seq.new_text or ended):
                 continue
-            want_lp = group.params.logprobs is not None
             outputs.append(CompletionOutput(
                 index=seq.index, text=seq.new_text, token_ids=seq.new_token_ids,
                 logprobs=seq.new_logprobs if want_lp else None,
@@ -353,7 +369,8 @@ class LLMEngine:
 
     # -- metrics -------------------------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
-        running = sum(any(s.status is SequenceStatus.RUNNING for s in g.seqs) for g in self.requests.values())
+        # A request runs when one of its choices holds blocks, i.e. is in the scheduler's running list.
+        running = len(set(map(_group_of, self.scheduler.running)))
         return EngineStats(
             num_running=running, num_waiting=len(self.requests) - running,
             kv_cache_usage=self.block_manager.usage, num_preemptions=self.scheduler.num_preemptions,
@@ -361,3 +378,6 @@ class LLMEngine:
             prefix_cache_queries=self.block_manager.num_queried_tokens,
             prefix_cache_hits=self.block_manager.num_hit_tokens,
             **(self.spec.stats() if self.spec is not None else {}))
+
+
+_group_of = operator.attrgetter("group")

@@ -21,7 +21,7 @@ from model.network import GlmMoeDsaForCausalLM
 from .block_manager import cdiv
 from .config import EngineConfig
 from .outputs import TokenLogprob
-from .sampler import Sampler, SamplingState, compute_logprobs
+from .sampler import Sampler, SamplingState, argmax_rows, compute_logprobs
 from .sequence import Sequence, SequenceGroup
 from .speculative import Verified, verify_drafts
 
@@ -90,27 +90,43 @@ class ModelRunner:
         self.sampler = Sampler(generator)  # unseeded rows draw from the engine's seeded generator
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, ForwardBatch]:
-        """Token ids [N] and the ForwardBatch of one step."""
+        """Token ids [N] and the ForwardBatch of one step.
+
+        Python touches each sequence once (its start, length, table and new token ids); positions and slots
+        are expanded per token by tensor ops, so a step's Python does not grow with prefill chunk lengths and a
+        decode row costs a few list appends."""
         ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
+        starts: list[int] = []
+        query_lens: list[int] = []
+        tables: list[list[int]] = []
         for seq, n in scheduled:
             start = seq.num_computed_tokens
-            ids += seq.input_token_ids(start, start + n)
-            positions += range(start, start + n)
-            slots += seq.slots(range(start, start + n), self.block_size)
-        width = max(len(seq.block_table) for seq, _ in scheduled)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in scheduled]
+            if n == 1 and not seq.draft_token_ids:  # a decode: its one input is its last known token
+                ids.append(seq.token_at(start))
+            else:
+                ids += seq.input_token_ids(start, start + n)
+            starts.append(start)
+            query_lens.append(n)
+            tables.append(seq.block_table)
+        width = max(map(len, tables))
+        tables = [tb if len(tb) == width else tb + [0] * (width - len(tb)) for tb in tables]
+        B, N, bs = len(scheduled), len(ids), self.block_size
+        lens = torch.tensor(query_lens)
+        row = torch.repeat_interleave(torch.arange(B), lens, output_size=N)  # each token's sequence
+        first = torch.cumsum(lens, 0) - lens  # each sequence's first flat index
+        positions = torch.tensor(starts)[row] + torch.arange(N) - first[row]
+        block_tables = torch.tensor(tables, dtype=torch.long)
+        slots = block_tables[row, positions // bs] * bs + positions % bs
 
-        def t(x: list) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True)
+        def dev(x: torch.Tensor) -> torch.Tensor:
+            return x.to(self.device, non_blocking=True)
 
         fb = ForwardBatch(
-            positions=t(positions), query_lens=[n for _, n in scheduled],
-            context_lens=[seq.num_computed_tokens + n for seq, n in scheduled],
-            block_tables=t(tables), slot_mapping=t(slots), cache=self.cache,
+            positions=dev(positions), query_lens=query_lens,
+            context_lens=[s + n for s, n in zip(starts, query_lens, strict=True)],
+            block_tables=dev(block_tables), slot_mapping=dev(slots), cache=self.cache,
         )
-        return t(ids), fb
+        return dev(torch.tensor(ids, dtype=torch.long)), fb
 
     def forward(self, input_ids: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         """Normed hidden states [N, H]; writes this step's tokens into every main layer's cache."""
@@ -131,9 +147,19 @@ class ModelRunner:
         verifying: list[tuple[Sequence, int]] = []  # (sequence with drafts, its first row)
         prompt_rows: list[tuple[SequenceGroup, int, list[int], list[int]]] = []
         offset = 0
+        all_decodes = True  # every sequence took the decode path below: `rows` is 0, 1, ... in target order
         for seq, n in scheduled:
             start = seq.num_computed_tokens
             group = seq.group
+            drafts = len(seq.draft_token_ids)
+            if n == 1 and not drafts and group.params.n == 1 and group.params.prompt_logprobs is None:
+                # The common decode row (also a one-token last prefill chunk): samples from its only row.
+                if start + 1 == seq.num_tokens:
+                    targets.append((seq, len(rows)))
+                    rows.append(offset)
+                offset += 1
+                continue
+            all_decodes = False
             if seq.index == 0 and group.wants_prompt_logprobs:
                 # Position p predicts prompt token p + 1; skip what an earlier (preempted) prefill collected.
                 done = len(group.prompt_logprobs or [None])
@@ -142,7 +168,6 @@ class ModelRunner:
                     prompt_rows.append((group, ps[0] + 1, list(range(len(rows), len(rows) + len(ps))),
                                         [seq.prompt_token_ids[p + 1] for p in ps]))
                     rows += [offset + p - start for p in ps]
-            drafts = len(seq.draft_token_ids)
             if drafts and start + n == seq.num_tokens + drafts:
                 rows += range(offset, offset + n)  # verify: every position's distribution
                 verifying.append((seq, len(rows) - n))
@@ -154,26 +179,31 @@ class ModelRunner:
             offset += n
         if not rows:
             return result
-        logits = self.model.logits(hidden[torch.tensor(rows, device=hidden.device)])
+        # Every row samples (all decodes): the hidden states go through the LM head as they are, no gather.
+        every_row = all_decodes and len(rows) == hidden.shape[0]
+        logits = self.model.logits(hidden if every_row else hidden[torch.tensor(rows, device=hidden.device)])
         for group, first, idx, token_ids in prompt_rows:
             k = group.params.prompt_logprobs or 0
             lps = compute_logprobs(logits[torch.tensor(idx, device=logits.device)], token_ids, k)
             result.prompt_logprobs.append((group, first, lps))
         if targets and all(s.params.argmax_only and s.params.logprobs is None for s, _ in targets):
             # The common greedy batch: one argmax, no per-row sampling tensors (grammar rows: of the masked logits).
-            rows_logits = logits[torch.tensor([r for _, r in targets], device=logits.device)]
+            rows_logits = logits if every_row else logits[torch.tensor([r for _, r in targets], device=logits.device)]
             bitmask = self._grammar_bitmask([s for s, _ in targets], logits.shape[-1])
             if bitmask is not None:
                 from .structured import apply_bitmask
 
-                rows_logits = apply_bitmask(rows_logits, *bitmask)  # a copy already (advanced indexing)
-            best = rows_logits.argmax(dim=-1).tolist()
+                # In place: on a copy (advanced indexing makes one; the gather-free batch needs its own).
+                rows_logits = apply_bitmask(rows_logits.clone() if every_row else rows_logits, *bitmask)
+            best = argmax_rows(rows_logits).tolist()
             result.samples = [(s, [t], [None]) for (s, _), t in zip(targets, best, strict=True)]
         elif targets:
             seqs = [s for s, _ in targets]
             state = SamplingState.of(seqs, self.device)
             state.bitmask = self._grammar_bitmask(seqs, logits.shape[-1])
-            out = self.sampler.sample(logits[torch.tensor([r for _, r in targets], device=logits.device)], state)
+            # (the sampler never writes into its input: the gather-free batch passes the logits themselves)
+            picked = logits if every_row else logits[torch.tensor([r for _, r in targets], device=logits.device)]
+            out = self.sampler.sample(picked, state)
             result.samples = [(s, [t], [lp]) for s, t, lp in zip(seqs, out.token_ids, out.logprobs, strict=True)]
         if verifying:
             result.verified = verify_drafts(verifying, logits, self.sampler, self.num_speculative_tokens)

@@ -54,16 +54,21 @@ class Scheduler:
         out = SchedulerOutput()
         bm = self.block_manager
         budget = self.max_num_batched_tokens
-        for seq in self.running:  # what the last step computed becomes reusable
-            bm.cache_computed(seq)
+        if bm.enable_prefix_caching:
+            for seq in self.running:  # what the last step computed becomes reusable
+                bm.cache_computed(seq)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            # A decode with drafts verifies them in the same step, if budget and blocks allow.
-            n = min(seq.num_uncomputed_tokens + len(seq.draft_token_ids), budget)
-            if seq.draft_token_ids and not bm.can_allocate(seq, n):
-                n = seq.num_uncomputed_tokens  # drop the drafts before preempting anyone
-            seq.clear_drafts(keep=max(0, n - seq.num_uncomputed_tokens))
+            uncomputed = seq.num_uncomputed_tokens
+            if seq.draft_token_ids:
+                # A decode with drafts verifies them in the same step, if budget and blocks allow.
+                n = min(uncomputed + len(seq.draft_token_ids), budget)
+                if not bm.can_allocate(seq, n):
+                    n = uncomputed  # drop the drafts before preempting anyone
+                seq.clear_drafts(keep=max(0, n - uncomputed))
+            else:
+                n = min(uncomputed, budget)
             while not bm.can_allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)

@@ -90,6 +90,11 @@ class Sequence:
         table = self.block_table
         return [table[p // block_size] * block_size + p % block_size for p in positions]
 
+    def token_at(self, position: int) -> int:
+        """The known token at `position` of prompt + output."""
+        P = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < P else self.output_token_ids[position - P]
+
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens at positions [start, end) of prompt + output."""
         P = len(self.prompt_token_ids)
