@@ -41,6 +41,24 @@ def hf_oracle(engine_ckpt: Path) -> Any:
     return hf_model(engine_ckpt)
 
 
+@pytest.fixture
+def draft_inputs(monkeypatch: pytest.MonkeyPatch) -> dict[int, dict]:
+    """What the MTP layer hands each drafting sequence (its output at the last valid position), per proposer and
+    (request, computed positions): it reads every MTP entry before it, so a missing or wrong one changes it."""
+    from service.engine.speculative import MTPProposer
+
+    seen: dict[int, dict] = {}
+    original = MTPProposer._draft
+
+    def spy(self, seqs, z, max_model_len):
+        for s, row in zip(seqs, z, strict=True):
+            seen.setdefault(id(self), {})[(s.request_id, s.num_computed_tokens)] = row.clone()
+        return original(self, seqs, z, max_model_len)
+
+    monkeypatch.setattr(MTPProposer, "_draft", spy)
+    return seen
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """Tiny matmuls gain nothing from threads, and on a shared 2-core box OpenMP spin-waits cost 10x.

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from service.engine.speculative import MTPProposer
 from tests import model_fixtures
 
 TINY = dict(
@@ -163,3 +164,24 @@ def greedy(max_tokens: int, **kw):
     from service.engine.sampling_params import SamplingParams
 
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+
+class OracleDrafts(MTPProposer):
+    """Drafts the true greedy continuation (`truth[request_id]`, set by the test) with every fifth position
+    corrupted, so verification accepts and rejects at every draft position (a random tiny MTP layer is almost
+    never right); the MTP catch-up still runs. Draft distributions are one-hot, or None (greedy drafts) in a
+    subclass with `one_hot_q = False`."""
+
+    truth: dict[str, list[int]] = {}
+    one_hot_q = True
+
+    def _draft(self, seqs, z, max_model_len):
+        V = self.model.config.vocab_size
+        for s in seqs:
+            done = len(s.output_token_ids)
+            true = self.truth[s.request_id][done : done + self.draft_budget(s, max_model_len)]
+            s.draft_token_ids = [t if (done + j) % 5 != 4 else (t + 1) % V for j, t in enumerate(true)]
+            ids = torch.tensor(s.draft_token_ids, dtype=torch.long)
+            s.draft_probs = list(torch.nn.functional.one_hot(ids, V).float()) if self.one_hot_q \
+                else [None] * len(s.draft_token_ids)

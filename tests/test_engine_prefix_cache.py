@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from service.engine.sampling_params import SamplingParams
-from service.engine.speculative import MTPProposer
 from tests.engine_fixtures import accumulate, assert_no_leaks, greedy, hf_greedy, make_engine, prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -128,21 +127,6 @@ def test_cache_salt_keeps_tenants_apart(engine_ckpt) -> None:
     assert cached == {"a1": 0, "b1": 0, "none": 0, "a2": len(prompt) - 1, "b2": len(prompt) - 1}
     with pytest.raises(ValueError, match="cache_salt"):
         SamplingParams(cache_salt="")
-
-
-@pytest.fixture
-def draft_inputs(monkeypatch) -> dict:
-    """Every draft run's input state (the MTP output the first draft reads), by (request, position)."""
-    seen: dict = {}
-    original = MTPProposer._draft
-
-    def spy(self, seqs, z, max_model_len):
-        for s, row in zip(seqs, z, strict=True):
-            seen.setdefault(id(self), {})[(s.request_id, s.num_computed_tokens)] = row.clone()
-        return original(self, seqs, z, max_model_len)
-
-    monkeypatch.setattr(MTPProposer, "_draft", spy)
-    return seen
 
 
 def test_speculative_decoding_reuses_only_valid_mtp_entries(engine_ckpt, hf_oracle, draft_inputs) -> None:

@@ -13,6 +13,7 @@ from service.engine.block_manager import BlockManager
 from service.engine.sampling_params import SamplingParams
 from service.engine.spec_policy import AdaptivePolicy
 from service.engine.speculative import MTPProposer
+from tests import engine_fixtures
 from tests.engine_fixtures import assert_no_leaks, greedy, make_engine, prompts, run_engine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -59,19 +60,8 @@ def plain(engine_ckpt) -> list[list[int]]:
     return run(make_engine(engine_ckpt))
 
 
-class OracleDrafts(MTPProposer):
-    """Drafts the true greedy continuation with every fifth position corrupted, so drafts are accepted and
-    rejected at every position (a random tiny MTP layer is almost never right); the catch-up still runs."""
-
-    truth: dict[str, list[int]] = {}
-
-    def _draft(self, seqs, z, max_model_len):
-        V = self.model.config.vocab_size
-        for s in seqs:
-            done = len(s.output_token_ids)
-            true = self.truth[s.request_id][done : done + self.draft_budget(s, max_model_len)]
-            s.draft_token_ids = [t if (done + j) % 5 != 4 else (t + 1) % V for j, t in enumerate(true)]
-            s.draft_probs = [None] * len(s.draft_token_ids)
+class OracleDrafts(engine_fixtures.OracleDrafts):
+    one_hot_q = False  # greedy drafts
 
 
 SCRIPTS = {"mixed": [0, 0, 3, 0, 1, 2, 0, 0, 0, 2], "long-off": [3] * 3 + [0] * 20, "alternate": [1, 0]}
@@ -89,22 +79,6 @@ def test_switching_depth_mid_request_keeps_greedy_tokens(engine_ckpt, plain, mon
     assert engine.spec.depth_steps[0] > 0 and sum(engine.spec.depth_steps[1:]) > 0
     if cache_tokens == 80:
         assert stats.num_preemptions > 0
-
-
-@pytest.fixture
-def draft_inputs(monkeypatch) -> dict[int, dict]:
-    """What the MTP layer hands each drafting sequence (its output at the last valid position), per proposer
-    and (request, computed positions): it reads every MTP entry before it, so a missing one changes it."""
-    seen: dict[int, dict] = {}
-    original = MTPProposer._draft
-
-    def spy(self, seqs, z, max_model_len):
-        for s, row in zip(seqs, z, strict=True):
-            seen.setdefault(id(self), {})[(s.request_id, s.num_computed_tokens)] = row.clone()
-        return original(self, seqs, z, max_model_len)
-
-    monkeypatch.setattr(MTPProposer, "_draft", spy)
-    return seen
 
 
 class DropsDeferred(MTPProposer):

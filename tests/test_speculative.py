@@ -13,7 +13,7 @@ from model.batch import ForwardBatch
 from service.engine import speculative
 from service.engine.sampler import Sampler, SamplingState
 from service.engine.sampling_params import SamplingParams
-from tests.engine_fixtures import assert_no_leaks, greedy, make_engine, prompts, run_engine
+from tests.engine_fixtures import OracleDrafts, assert_no_leaks, greedy, make_engine, prompts, run_engine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -97,21 +97,6 @@ def test_verify_greedy_rows_ignore_q():
                                   torch.ones(1, 2), torch.tensor([True]))
         assert int(with_q.num_accepted) == int(no_q.num_accepted)
         assert torch.equal(with_q.final_probs, no_q.final_probs)
-
-
-class OracleDrafts(speculative.MTPProposer):
-    """Drafts the true greedy continuation with every fifth position corrupted, so verification accepts and
-    rejects at every draft position (a random tiny MTP layer is almost never right)."""
-
-    truth: dict[str, list[int]] = {}
-
-    def _draft(self, seqs, z, max_model_len):
-        V = self.model.config.vocab_size
-        for s in seqs:
-            done = len(s.output_token_ids)
-            true = self.truth[s.request_id][done : done + self.draft_budget(s, max_model_len)]
-            s.draft_token_ids = [t if (done + j) % 5 != 4 else (t + 1) % V for j, t in enumerate(true)]
-            s.draft_probs = list(one_hot(s.draft_token_ids, V)) if s.draft_token_ids else []
 
 
 @pytest.mark.parametrize("cache_tokens", [4096, 96])  # 96 tokens cannot hold 8 sequences: preemption
