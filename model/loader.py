@@ -117,6 +117,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         to_quantize = {n for n in reads if quantization == "fp8" and n not in stored_fp8 and fp8.QUANTIZABLE.match(n)}
         fp8_params = _make_fp8(model, _fp8_params(reads, stored_fp8 | to_quantize) if keep else set())
         model.to_empty(device=device)
+        model.tie_weights()  # to_empty makes new tensors: tie the head to the embedding again
         model.rotary.inv_freq.copy_(1.0 / (cfg.rope_theta ** (
             torch.arange(0, cfg.qk_rope_head_dim, 2, dtype=torch.float32, device=device) / cfg.qk_rope_head_dim)))
         targets = dict(model.state_dict(keep_vars=True))
@@ -167,6 +168,9 @@ def _plan_reads(model: GlmMoeDsaForCausalLM, cfg: ModelConfig, plan: ShardPlan |
     skipped: set[str] = set()
     for name, t in model.state_dict().items():
         if name.endswith(fp8.SCALE_SUFFIX):
+            continue
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:  # the embedding's tensor; a copy is ignored
+            skipped.add(name)
             continue
         spec = spec_for(plan, name)
         kinds = {"experts.gate_up_proj": (("gate_proj", "gate"), ("up_proj", "up")),

@@ -85,9 +85,15 @@ class GlmMoeDsaForCausalLM(nn.Module):
         self.config = cfg
         self.model = GlmModel(cfg)
         self.lm_head = vocab_parallel_head(cfg.hidden_size, cfg.vocab_size)  # this rank's rows of the vocabulary
+        self.tie_weights()
         self.rotary = Rotary(cfg.qk_rope_head_dim, cfg.rope_theta)
         self._head = PrepackedLinear()  # the LM head's product at CPU inference
         self._mtp_head = PrepackedLinear()  # only for an MTP head a checkpoint stores apart from lm_head
+
+    def tie_weights(self) -> None:
+        """tie_word_embeddings: the LM head is the embedding matrix (one parameter; checkpoints omit lm_head)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     @property
     def has_mtp(self) -> bool:

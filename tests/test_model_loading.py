@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from model.batch import ForwardBatch
 from model.config import ConfigError, ModelConfig
 from model.loader import CheckpointError, load_model, save_checkpoint
-from tests.model_fixtures import make_checkpoint
+from tests.model_fixtures import hf_model, make_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +97,25 @@ def test_save_roundtrip_loads_in_transformers_and_here(ckpt, tmp_path):
     written = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert original.keys() == written.keys()
     assert all(torch.equal(original[k], written[k]) for k in original)
+
+
+def test_tied_embeddings_match_transformers_and_roundtrip(tmp_path):
+    """tie_word_embeddings: one matrix is both the embedding and the LM head; transformers saves it once (no
+    lm_head.weight), we load it so, save it so, and a stray lm_head copy in a checkpoint is ignored."""
+    path = make_checkpoint(tmp_path / "tied", tie_word_embeddings=True, seed=5)
+    assert "lm_head.weight" not in load_file(str(path / "model.safetensors"))
+    ours = load_model(path)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    ids = torch.randint(2, 96, (20,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf_model(path)(ids[None]).logits[0]
+        got = ours.logits(ours(ids, ForwardBatch.single(len(ids))))
+    assert (got - ref).abs().max().item() <= 1e-4
+    save_checkpoint(ours, tmp_path / "out")
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert "lm_head.weight" not in written
+    written["lm_head.weight"] = torch.zeros_like(written["model.embed_tokens.weight"])  # ignored when tied
+    save_file(written, str(tmp_path / "out" / "model.safetensors"))
+    again = load_model(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(again.logits(again(ids, ForwardBatch.single(len(ids)))), got)
