@@ -111,33 +111,41 @@ def tail(path: Path, n: int = 25) -> str:
 
 
 def start_glm_serve(model: Path, threads: int, log: Path, *, port: int | None = None, name: str = "glm-serve",
-                    extra_args: list[str] | None = None, python: str | None = None) -> Server:
+                    extra_args: list[str] | None = None, python: str | None = None, cpus: list[int] | None = None
+                    ) -> Server:
+    """`cpus`: pin the server's processes to these cores (its torch then uses one thread per core)."""
     port = port or free_port()
+    torch_threads = len(cpus) if cpus else max(1, threads - 1)
     cmd = [python or sys.executable, "-m", "service", "--model", str(model), "--port", str(port),
-           "--served-model-name", "bench", "--log-level", "warning", "--torch-threads", str(max(1, threads - 1)),
+           "--served-model-name", "bench", "--log-level", "warning", "--torch-threads", str(torch_threads),
            *(extra_args or [])]
-    return _spawn(name, cmd, thread_env(threads), port, log)
+    return _spawn(name, cmd, thread_env(len(cpus) if cpus else threads), port, log, cpus)
 
 
 def start_vllm(model: Path, threads: int, log: Path, *, port: int | None = None, max_model_len: int = 4096,
-               max_num_seqs: int = 64, kv_cache_gib: float = 2, dtype: str = "float32") -> Server:
+               max_num_seqs: int = 64, kv_cache_gib: float = 2, dtype: str = "float32", cpus: list[int] | None = None
+               ) -> Server:
     python = VENV_VLLM / "bin" / "python"
     if not python.exists():
         raise FileNotFoundError(f"{python} missing: run bash bench/setup_peers.sh vllm")
     port = port or free_port()
-    env = thread_env(threads)
-    env.update({"VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gib:g}",
+    env = thread_env(len(cpus) if cpus else threads)
+    bind = ",".join(map(str, cpus)) if cpus else f"0-{threads - 1}"
+    env.update({"VLLM_CPU_OMP_THREADS_BIND": bind, "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gib:g}",
                 "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"})
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
            "--served-model-name", "bench", "--dtype", dtype, "--max-model-len", str(max_model_len),
            "--max-num-seqs", str(max_num_seqs), "--disable-log-stats", "--uvicorn-log-level", "warning"]
-    return _spawn("vllm", cmd, env, port, log)
+    return _spawn("vllm", cmd, env, port, log, cpus)
 
 
-def _spawn(name: str, cmd: list[str], env: dict[str, str], port: int, log: Path) -> Server:
+def _spawn(name: str, cmd: list[str], env: dict[str, str], port: int, log: Path, cpus: list[int] | None = None
+           ) -> Server:
     log.parent.mkdir(parents=True, exist_ok=True)
     fh = log.open("w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # children (engine, workers) inherit it
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=pin)
     fh.close()
     return Server(name, proc, f"http://127.0.0.1:{port}", "bench", log)
 

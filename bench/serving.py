@@ -2,6 +2,7 @@
 
     python bench/serving.py [--model DIR] [--servers glm-serve vllm] [--concurrency 1 4 16 64] [--isl 128]
                             [--osl 64] [--repeats 3] [--threads 2] [--client aiperf|loadgen]
+                            [--dtype float32|bfloat16] [--server-cpus 0 --client-cpus 1]
 
 Without --model, a random DeepSeek-V3-layout checkpoint (MLA + MoE, no indexer: vLLM has no DSA on CPU) sized
 like the default model is written by transformers (bench/checkpoints.py), with our tokenizer. The servers run
@@ -9,7 +10,10 @@ one at a time, each pinned to the same number of threads (glm-serve: OMP_NUM_THR
 VLLM_CPU_OMP_THREADS_BIND=0-(N-1)), with the same KV cache budget in bytes and the same max_num_seqs. Each server
 gets a short warm-up, then every concurrency C runs `--repeats` times with max(8, 2C) requests; the table holds
 medians. Reported per (server, C): output tokens/s, requests/s, TTFT / TPOT / ITL p50 and p99, and the server's
-peak RSS. Ratios glm-serve / vLLM per C are in the summary (target: tokens/s >= 1 and TTFT <= 1 at C = 1, 4, 16).
+peak RSS. Pinned mode (`--server-cpus`, `--client-cpus`): each server's whole process tree runs on the
+same listed cores, one torch thread per core (vLLM binds its OpenMP threads to them), and the load generator (this
+process and aiperf) on the others, so neither server borrows a core from the client. Ratios glm-serve / vLLM per C
+are in the summary (target: tokens/s >= 1 and TTFT <= 1 at C = 1, 4, 16).
 Writes bench/results/serving.json (aiperf's own exports under bench/results/aiperf/).
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -38,24 +43,27 @@ COLUMNS = [("server", "server", ""), ("concurrency", "C", "d"), ("output_tok_s",
            ("itl_ms_p99", "ITL p99", ".1f"), ("failed", "failed", "d"), ("peak_rss_mib", "peak RSS MiB", ".0f")]
 
 
-def cache_tokens_for(model_dir: Path, gib: float) -> int:
-    """Our --kv-cache-tokens for a cache of `gib` GiB (fp32), so both servers get the same bytes."""
+def cache_tokens_for(model_dir: Path, gib: float, dtype: str = "float32") -> int:
+    """Our --kv-cache-tokens for a cache of `gib` GiB in `dtype`, so both servers get the same bytes."""
     import torch
 
     from model.config import ModelConfig
     from model.kv_cache import KVCache
 
-    return int(gib * (1 << 30)) // KVCache.bytes_per_token(ModelConfig.from_dir(model_dir), torch.float32)
+    return int(gib * (1 << 30)) // KVCache.bytes_per_token(ModelConfig.from_dir(model_dir), getattr(torch, dtype))
 
 
 def start(name: str, model: Path, args: argparse.Namespace, log_dir: Path) -> servers.Server:
     if name == "glm-serve":
         extra = ["--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.max_model_len),
-                 "--kv-cache-tokens", str(cache_tokens_for(model, args.kv_cache_gib))]
-        return servers.start_glm_serve(model, args.threads, log_dir / "glm-serve.log", extra_args=extra)
+                 "--kv-cache-tokens", str(cache_tokens_for(model, args.kv_cache_gib, args.dtype))]
+        extra += ["--dtype", args.dtype]
+        return servers.start_glm_serve(model, args.threads, log_dir / "glm-serve.log", extra_args=extra,
+                                       cpus=args.server_cpus)
     if name == "vllm":
         return servers.start_vllm(model, args.threads, log_dir / "vllm.log", max_model_len=args.max_model_len,
-                                  max_num_seqs=args.max_num_seqs, kv_cache_gib=args.kv_cache_gib)
+                                  max_num_seqs=args.max_num_seqs, kv_cache_gib=args.kv_cache_gib, dtype=args.dtype,
+                                  cpus=args.server_cpus)
     raise ValueError(name)
 
 
@@ -92,9 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache budget of each server")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both servers' dtype")
+    ap.add_argument("--server-cpus", type=int, nargs="+", help="pin each server to these cores (see above)")
+    ap.add_argument("--client-cpus", type=int, nargs="+", help="pin the load generator to these cores")
     ap.add_argument("--name", default="serving", help="result file name (bench/results/NAME.json)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    if bool(args.server_cpus) != bool(args.client_cpus) or set(args.server_cpus or ()) & set(args.client_cpus or ()):
+        ap.error("--server-cpus and --client-cpus go together, on disjoint cores")
+    if args.client_cpus:
+        os.sched_setaffinity(0, args.client_cpus)  # this process runs loadgen and starts aiperf (which inherits it)
     warn_if_busy()
     if args.client == "aiperf" and not aiperf_client.available():
         print("aiperf missing (bash bench/setup_peers.sh aiperf); using the in-repo load generator",
@@ -136,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                 "tpot_p50_ratio": ratio(g["tpot_ms_p50"], v["tpot_ms_p50"])})
     m = meta(args.threads, model=str(args.model or "random DeepSeek-V3 layout (bench/checkpoints.py)"),
              client=args.client, isl=args.isl, osl=args.osl, repeats=args.repeats, kv_cache_gib=args.kv_cache_gib,
-             max_num_seqs=args.max_num_seqs)
+             max_num_seqs=args.max_num_seqs, dtype=args.dtype, server_cpus=args.server_cpus,
+             client_cpus=args.client_cpus)
     print_table(f"serving: {args.client}, ISL {args.isl}, OSL {args.osl}, {args.threads} threads, medians of "
                 f"{args.repeats} (ms)", COLUMNS, rows)
     if summary["ratios"]:

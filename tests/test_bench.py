@@ -4,6 +4,7 @@ the in-process benchmarks on a tiny random checkpoint. No vLLM, no aiperf, no ti
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -235,3 +236,23 @@ def test_moe_bench_compares_loop_and_grouped(tmp_path, capsys):
     assert all(r["loop_ms"] > 0 and r["grouped_ms"] > 0 and r["max_abs_diff"] < 1e-4 for r in res["rows"])
     assert res["rows"][0]["experts_used"] == 2 and "loadavg_1m" in res["meta"]
     assert "per-expert loop vs grouped GEMM" in capsys.readouterr().out
+
+
+def test_pinned_servers_keep_their_whole_process_tree_on_the_listed_cores(tmp_path):
+    """bench/serving.py's pinned mode: a server and the processes it starts (engine core, workers) stay on
+    --server-cpus."""
+    import servers
+
+    probe = ("import os, subprocess, sys; print(sorted(os.sched_getaffinity(0)), flush=True); subprocess.run("
+             "[sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'])")
+    srv = servers._spawn("probe", [sys.executable, "-c", probe], dict(os.environ), 0, tmp_path / "log", cpus=[0])
+    assert srv.proc.wait(timeout=60) == 0
+    assert (tmp_path / "log").read_text().split() == ["[0]", "[0]"]
+
+
+def test_serving_pinned_mode_wants_disjoint_server_and_client_cores():
+    import serving
+
+    for argv in (["--server-cpus", "0"], ["--server-cpus", "0", "--client-cpus", "0"]):
+        with pytest.raises(SystemExit):
+            serving.main(argv)
