@@ -66,6 +66,27 @@ def test_prepacked_linear_follows_the_weight():
     torch.testing.assert_close(w.grad, x.sum(0).expand_as(w))
 
 
+@pytest.mark.parametrize("rows", [1, 3, 16, 64])
+def test_bf16_head_takes_the_reordered_product_from_one_row(rows):
+    """bfloat16 on CPU: a large weight (the LM head) goes through its reordered oneDNN copy from one row up where the
+    CPU has bf16 units (else plain `linear`), equals F.linear, and follows an in-place update; small weights and
+    mixed dtypes never do."""
+    from model.layers import _onednn_bf16_available
+
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(PACK_MIN_ELEMENTS // 64, 64, generator=g).bfloat16()
+    x, b = torch.randn(rows, 64, generator=g).bfloat16(), torch.randn(w.shape[0], generator=g).bfloat16()
+    head = PrepackedLinear()
+    with torch.inference_mode():
+        assert head.applies(x, w) == _onednn_bf16_available()
+        for _ in range(2):
+            ref = F.linear(x.float(), w.float(), b.float())
+            torch.testing.assert_close(head(x, w, b).float(), ref, rtol=2e-2, atol=5e-2)
+            w.mul_(-1)
+    assert not head.applies(x, w[:64])  # small weight
+    assert not head.applies(x.float(), w)  # fp32 input, bf16 weight
+
+
 def rotate_reference(x: torch.Tensor, pos: torch.Tensor, dim: int, theta: float, interleave: bool) -> torch.Tensor:
     """Rotate the first `dim` dims by pos * theta^(-2i/dim); outputs de-interleaved; the rest unchanged.
     Angles in float32 as transformers computes them (at position 4095 fp64 angles differ by ~1e-4)."""
