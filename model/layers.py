@@ -103,10 +103,9 @@ class PrepackedLinear:
         return (x.dtype == torch.float32 and x.numel() >= PACK_MIN_ROWS * x.shape[-1]
                 and _onednn_linear_available())
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 pad_single: bool = True) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not self.applies(x, weight):
-            return linear(x, weight, bias, pad_single=pad_single)
+            return linear(x, weight, bias, pad_single=True)
         version = _version(weight)
         if weight is not self._weight or version != self._version:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
