@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
              client=args.client, isl=args.isl, osl=args.osl, repeats=args.repeats, kv_cache_gib=args.kv_cache_gib,
              max_num_seqs=args.max_num_seqs, dtype=args.dtype, server_cpus=args.server_cpus,
              client_cpus=args.client_cpus)
-    print_table(f"serving: {args.client}, ISL {args.isl}, OSL {args.osl}, {args.threads} threads, medians of "
+    where = (f"servers on cores {args.server_cpus}, client on {args.client_cpus}" if args.server_cpus
+             else f"{args.threads} threads")
+    print_table(f"serving: {args.client}, {args.dtype}, ISL {args.isl}, OSL {args.osl}, {where}, medians of "
                 f"{args.repeats} (ms)", COLUMNS, rows)
     if summary["ratios"]:
         cols = [("concurrency", "C", "d"), ("tok_s_ratio", "tok/s", ".2fx"), ("ttft_p50_ratio", "TTFT p50", ".2fx"),
