@@ -9,6 +9,9 @@ Three stages, the DeepSeek-V3.2 recipe adapted to training from scratch:
 2. warm-up: everything frozen but the indexer, which learns KL(attention || softmax(index scores)), dense;
 3. sparse: top-k selection on; the indexer learns its KL on the selected set, the rest the LM + MTP losses.
 The indexer's inputs are detached, so its loss never reaches the main model and the LM loss never reaches it.
+In stages 1 and 3 three heads are also told where to look (`--sup-heads`, model/attn_supervision.py): previous
+token, induction, and a pointer to where the next token already is. Without it a model this small does not learn
+to copy from its context (argument values, tool names) within the CPU budget.
 Experts are balanced without an auxiliary loss (DeepSeek-V3): the selection bias moves against the load.
 Seeded, resumable (`--resume`), a progress line, CUDA when present, bf16 autocast where it is faster.
 """
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .attn_supervision import parse_heads, supervision_losses
 from .batch import ForwardBatch
 from .config import ModelConfig
 from .indexer import Indexer
@@ -43,13 +47,13 @@ def default_config(vocab_size: int, bos: int, eos: list[int], pad: int | None) -
         "architectures": ["GlmMoeDsaForCausalLM"], "model_type": "glm_moe_dsa",
         "vocab_size": vocab_size, "hidden_size": 256, "intermediate_size": 640, "moe_intermediate_size": 160,
         "num_hidden_layers": 8, "first_k_dense_replace": 1, "num_attention_heads": 4, "num_key_value_heads": 4,
-        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
+        "n_routed_experts": 12, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
         "routed_scaling_factor": 2.5, "norm_topk_prob": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
         "kv_lora_rank": 64, "q_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32,
         "index_topk": 128, "index_head_dim": 32, "index_n_heads": 1, "indexer_rope_interleave": True,
         "rope_interleave": True, "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"},
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "hidden_act": "silu", "attention_bias": False,
-        "attention_dropout": 0.0, "tie_word_embeddings": False, "initializer_range": 0.02, "use_cache": True,
+        "attention_dropout": 0.0, "tie_word_embeddings": True, "initializer_range": 0.02, "use_cache": True,
         "num_nextn_predict_layers": 1, "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad,
     }
 
@@ -69,6 +73,9 @@ class TrainArgs:
     dense_frac: float = 0.7  # stage 1 share of steps
     indexer_warmup_frac: float = 0.05  # stage 2 share
     mtp_weight: float = 0.3
+    # Supervised attention heads (model/attn_supervision.py): kind:layer.head, and the weight of their loss.
+    sup_heads: str = "prev:0.0,induction:1.0,pointer:3.0"
+    sup_weight: float = 1.0
     bias_update: float = 1e-3  # aux-loss-free balancing step
     seed: int = 0
     device: str = "auto"
@@ -134,17 +141,20 @@ def mtp_batch(B: int, S: int, device: torch.device) -> ForwardBatch:
     return ForwardBatch(torch.arange(S - 1, device=device).repeat(B), [S - 1] * B, [S - 1] * B)
 
 
-def losses(model: GlmMoeDsaForCausalLM, tokens: torch.Tensor, stage: str, mtp_weight: float
-           ) -> dict[str, torch.Tensor]:
-    """tokens [B, S+1] -> LM, MTP and indexer-KL losses for one batch."""
+def losses(model: GlmMoeDsaForCausalLM, tokens: torch.Tensor, stage: str, mtp_weight: float,
+           heads: dict[str, tuple[int, int]] | None = None, sup_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """tokens [B, S+1] -> LM, MTP, indexer-KL and head-supervision losses for one batch."""
     B, S1 = tokens.shape
     S = S1 - 1
     x, y = tokens[:, :-1], tokens[:, 1:]
     fb = ForwardBatch(torch.arange(S, device=tokens.device).repeat(B), [S] * B, [S] * B)
-    fb.collect = [] if stage != "dense" else None
+    supervise = bool(heads) and sup_weight > 0 and stage != "warmup"
+    fb.collect = [] if stage != "dense" or supervise else None
     h = model(x.reshape(-1), fb)  # [B*S, H]
     lm = F.cross_entropy(model.logits(h), y.reshape(-1))
-    out = {"lm": lm, "kl": indexer_kl(fb.collect or [], stage == "sparse")}
+    out = {"lm": lm, "kl": indexer_kl(fb.collect or [], stage == "sparse") if stage != "dense"
+           else torch.zeros((), device=tokens.device)}
+    sup = supervision_losses(fb.collect, x, y, heads) if supervise else {}
     if model.has_mtp:
         hh = h.view(B, S, -1)[:, :-1].reshape(-1, h.shape[-1])  # h_i for i < S-1
         z = model.mtp(x[:, 1:].reshape(-1), hh, mtp_batch(B, S, tokens.device))
@@ -155,6 +165,9 @@ def losses(model: GlmMoeDsaForCausalLM, tokens: torch.Tensor, stage: str, mtp_we
     out["total"] = (lm + mtp_weight * out["mtp"]) if stage != "warmup" else out["kl"]
     if stage == "sparse":
         out["total"] = out["total"] + out["kl"]
+    for kind, loss in sup.items():
+        out[kind] = loss
+        out["total"] = out["total"] + sup_weight * loss
     return out
 
 
@@ -218,6 +231,7 @@ def train(a: TrainArgs) -> dict:
     train_data = TokenStream.from_jsonl(Path(a.data) / "train.jsonl", tok, out / "train_tokens.pt")
     held = TokenStream.from_jsonl(Path(a.data) / "heldout.jsonl", tok, out / "heldout_tokens.pt")
 
+    heads = parse_heads(a.sup_heads)
     indexer_params = [p for n, p in model.named_parameters() if ".indexer." in n]
     main_params = [p for n, p in model.named_parameters() if ".indexer." not in n]
     opt = torch.optim.AdamW([{"params": main_params, "lr": a.lr, "weight_decay": 0.1},
@@ -261,7 +275,7 @@ def train(a: TrainArgs) -> dict:
         model.train()
         batch = train_data.batch(a.batch, a.seq_len + 1, a.seed, step).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            ls = losses(model, batch, stage, a.mtp_weight)
+            ls = losses(model, batch, stage, a.mtp_weight, heads, a.sup_weight)
         opt.zero_grad(set_to_none=True)
         ls["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -274,8 +288,9 @@ def train(a: TrainArgs) -> dict:
         rate = tokens_seen / (time.perf_counter() - t0)
         eta = (a.steps - step - 1) * a.batch * (a.seq_len + 1) / rate
         if (step + 1) % a.log_every == 0 or step == start or step + 1 == a.steps:
+            sup_text = "".join(f" {k} {row[k]:.2f}" for k in heads if k in row)
             print(f"[{step + 1}/{a.steps}] {stage:6s} lm {row['lm']:.3f} mtp {row['mtp']:.3f} kl {row['kl']:.3f}"
-                  f" | {rate:.0f} tok/s | eta {eta / 60:.1f} min | {time.strftime('%H:%M:%S')}",
+                  f"{sup_text} | {rate:.0f} tok/s | eta {eta / 60:.1f} min | {time.strftime('%H:%M:%S')}",
                   file=sys.stderr, flush=True)
         now = time.perf_counter()
         if (step + 1) % a.save_every == 0 or step + 1 == a.steps or now - last_save >= a.save_minutes * 60:
