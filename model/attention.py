@@ -147,6 +147,8 @@ class MLAttention(nn.Module):
                                    "topk": topk})
         o_lat = fb.to_flat(o_lat.to(work))  # [N, nh, kv_rank]
         o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [N, nh, v_dim]
+        if fb.collect is not None:
+            fb.collect[-1]["out"] = o  # per-head outputs, for the copy-readout loss (model/attn_supervision.py)
         return o.to(dtype), topk
 
     def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

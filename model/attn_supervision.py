@@ -10,9 +10,12 @@ from the tool list, the answer from the observation), so three heads are told wh
 - `pointer`: attend to every earlier position holding the token about to be predicted, x_{q+1}, when that token
   occurs there at most `POINTER_MAX_HITS` times (a rare token: an argument, a name; not a space).
 
-Each loss is -log(attention mass on the target keys), averaged over the queries that have a target. It shapes
-where a head looks, never what the model predicts: the LM loss alone decides whether to use what it reads. The
-heads are ordinary heads at inference; the checkpoint does not change shape.
+Each loss is -log(attention mass on the target keys), averaged over the queries that have a target. Looking is
+not enough: a run where the pointer head attended to the right argument with 0.9 of its mass still predicted
+another token, because the head's output did not yet carry the identity of what it read. So one more loss,
+`copy`, reads a head's own output (through its slice of o_proj, the final norm and the LM head) and asks it to
+predict the token it points at, on the pointer's queries. The heads are ordinary heads at inference; the
+checkpoint does not change shape.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from __future__ import annotations
 import torch
 
 POINTER_MAX_HITS = 4
-KINDS = ("prev", "induction", "pointer")
+KINDS = ("prev", "induction", "pointer", "copy")
 
 
 def parse_heads(spec: str) -> dict[str, tuple[int, int]]:
-    """"prev:0.0,induction:1.0,pointer:3.0" -> {kind: (layer, head)}; "" -> {}."""
+    """"prev:0.0,induction:1.0,pointer:3.0,copy:3.0" -> {kind: (layer, head)}; "" -> {}."""
     heads: dict[str, tuple[int, int]] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         kind, _, where = part.partition(":")
@@ -47,7 +50,7 @@ def targets(x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
         shifted = torch.zeros_like(same)
         shifted[:, :, 1:] = same[:, :, :-1]  # key j + 1 <= q
         return shifted
-    if kind == "pointer":
+    if kind in ("pointer", "copy"):
         hits = (y[:, :, None] == x[:, None, :]) & causal  # j <= q with x_j == y_q
         n = hits.sum(-1, keepdim=True)
         return hits & (n <= POINTER_MAX_HITS)
@@ -65,12 +68,33 @@ def head_loss(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -torch.log(mass[has].clamp_min(1e-6)).mean()
 
 
+def copy_loss(model: torch.nn.Module, out: torch.Tensor, layer: int, head: int, y: torch.Tensor,
+              target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the next token y from one head's output alone, on the queries with a target. out: the
+    layer's per-head attention outputs [B*S, nh, v_dim] (before o_proj)."""
+    o_proj = model.model.layers[layer].self_attn.o_proj.weight  # [hidden, nh * v_dim]
+    v = out.shape[-1]
+    has = target.any(-1).reshape(-1)
+    if not bool(has.any()):
+        return out.sum() * 0.0
+    part = torch.nn.functional.linear(out[has, head], o_proj[:, head * v:(head + 1) * v])  # [n, hidden]
+    logits = model.logits(model.model.norm(part))
+    return torch.nn.functional.cross_entropy(logits, y.reshape(-1)[has])
+
+
 def supervision_losses(collected: list[dict], x: torch.Tensor, y: torch.Tensor,
-                       heads: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
-    """{kind: loss} for each supervised head whose layer's attention was collected (fb.collect entries)."""
-    by_layer = {c["layer"]: c["attn"] for c in collected}  # attn: [B, nh, Q, T]
-    out = {}
+                       heads: dict[str, tuple[int, int]], model: torch.nn.Module | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """{kind: loss} for each supervised head whose layer's attention was collected (fb.collect entries);
+    `copy` needs the model (its o_proj, final norm and LM head)."""
+    by_layer = {c["layer"]: c for c in collected}  # attn: [B, nh, Q, T]; out: [B*Q, nh, v_dim]
+    losses = {}
     for kind, (layer, head) in heads.items():
-        if layer in by_layer:
-            out[kind] = head_loss(by_layer[layer][:, head], targets(x, y, kind))
-    return out
+        if layer not in by_layer:
+            continue
+        if kind == "copy":
+            if model is not None:
+                losses[kind] = copy_loss(model, by_layer[layer]["out"], layer, head, y, targets(x, y, kind))
+        else:
+            losses[kind] = head_loss(by_layer[layer]["attn"][:, head], targets(x, y, kind))
+    return losses

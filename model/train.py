@@ -74,7 +74,7 @@ class TrainArgs:
     indexer_warmup_frac: float = 0.05  # stage 2 share
     mtp_weight: float = 0.3
     # Supervised attention heads (model/attn_supervision.py): kind:layer.head, and the weight of their loss.
-    sup_heads: str = "prev:0.0,induction:1.0,pointer:3.0"
+    sup_heads: str = "prev:0.0,induction:1.0,pointer:3.0,copy:3.0"
     sup_weight: float = 1.0
     bias_update: float = 1e-3  # aux-loss-free balancing step
     seed: int = 0
@@ -154,7 +154,7 @@ def losses(model: GlmMoeDsaForCausalLM, tokens: torch.Tensor, stage: str, mtp_we
     lm = F.cross_entropy(model.logits(h), y.reshape(-1))
     out = {"lm": lm, "kl": indexer_kl(fb.collect or [], stage == "sparse") if stage != "dense"
            else torch.zeros((), device=tokens.device)}
-    sup = supervision_losses(fb.collect, x, y, heads) if supervise else {}
+    sup = supervision_losses(fb.collect, x, y, heads, model) if supervise else {}
     if model.has_mtp:
         hh = h.view(B, S, -1)[:, :-1].reshape(-1, h.shape[-1])  # h_i for i < S-1
         z = model.mtp(x[:, 1:].reshape(-1), hh, mtp_batch(B, S, tokens.device))

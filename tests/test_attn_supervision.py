@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.attn_supervision import head_loss, parse_heads, supervision_losses, targets
 from model.batch import ForwardBatch
@@ -48,9 +49,31 @@ def test_head_loss_is_minus_log_mass_on_the_targets():
 def test_parse_heads():
     assert parse_heads("prev:0.0, pointer:3.1") == {"prev": (0, 0), "pointer": (3, 1)}
     assert parse_heads("") == {}
-    for bad in ("copy:0.0", "prev:0", "prev:a.b"):
+    for bad in ("copying:0.0", "prev:0", "prev:a.b"):
         with pytest.raises(ValueError):
             parse_heads(bad)
+
+
+def test_copy_loss_is_the_lm_loss_of_one_heads_output_on_pointer_queries():
+    model = tiny_model()
+    set_sparse(model, False)
+    tokens = torch.randint(0, 8, (2, 13), generator=torch.Generator().manual_seed(0))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    B, S = x.shape
+    fb = ForwardBatch(torch.arange(S).repeat(B), [S] * B, [S] * B)
+    fb.collect = []
+    model(x.reshape(-1), fb)
+    got = supervision_losses(fb.collect, x, y, {"copy": (1, 1)}, model)["copy"]
+    out = fb.collect[1]["out"]  # [B*S, nh, v]
+    v = out.shape[-1]
+    has = targets(x, y, "pointer").any(-1).reshape(-1)
+    w = model.model.layers[1].self_attn.o_proj.weight[:, v:2 * v]
+    logits = model.model.norm(out[:, 1] @ w.T) @ model.lm_head.weight.T
+    want = F.cross_entropy(logits[has], y.reshape(-1)[has])
+    assert 0 < has.sum() < has.numel() and got.item() == pytest.approx(want.item(), rel=1e-5)
+    got.backward()
+    assert model.model.layers[1].self_attn.o_proj.weight.grad[:, :v].abs().sum() == 0  # only that head's slice
+    assert model.model.layers[1].self_attn.o_proj.weight.grad[:, v:].abs().sum() > 0
 
 
 def test_losses_add_the_supervision_in_the_lm_stages_only():
