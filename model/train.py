@@ -76,6 +76,7 @@ class TrainArgs:
     # Supervised attention heads (model/attn_supervision.py): kind:layer.head, and the weight of their loss.
     sup_heads: str = "prev:0.0,induction:1.0,pointer:3.0,copy:3.0"
     sup_weight: float = 1.0
+    call_weight: float = 1.0  # LM-loss weight of the tokens of tool calls (their names and arguments)
     bias_update: float = 1e-3  # aux-loss-free balancing step
     seed: int = 0
     device: str = "auto"
@@ -141,8 +142,18 @@ def mtp_batch(B: int, S: int, device: torch.device) -> ForwardBatch:
     return ForwardBatch(torch.arange(S - 1, device=device).repeat(B), [S - 1] * B, [S - 1] * B)
 
 
+def call_weights(tokens: torch.Tensor, open_id: int, close_id: int, weight: float) -> torch.Tensor:
+    """[B, S] LM-loss weights of the targets tokens[:, 1:]: `weight` for a token inside a tool call, from its
+    `<tool_call>` to its `</tool_call>` (both included), 1 elsewhere."""
+    opened = (tokens == open_id).long().cumsum(1)
+    closed_before = (tokens == close_id).long().cumsum(1) - (tokens == close_id).long()
+    inside = (opened - closed_before) > 0
+    return torch.where(inside[:, 1:], weight, 1.0)
+
+
 def losses(model: GlmMoeDsaForCausalLM, tokens: torch.Tensor, stage: str, mtp_weight: float,
-           heads: dict[str, tuple[int, int]] | None = None, sup_weight: float = 0.0) -> dict[str, torch.Tensor]:
+           heads: dict[str, tuple[int, int]] | None = None, sup_weight: float = 0.0,
+           weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """tokens [B, S+1] -> LM, MTP, indexer-KL and head-supervision losses for one batch."""
     B, S1 = tokens.shape
     S = S1 - 1
@@ -151,7 +162,11 @@ def losses(model: GlmMoeDsaForCausalLM, tokens: torch.Tensor, stage: str, mtp_we
     supervise = bool(heads) and sup_weight > 0 and stage != "warmup"
     fb.collect = [] if stage != "dense" or supervise else None
     h = model(x.reshape(-1), fb)  # [B*S, H]
-    lm = F.cross_entropy(model.logits(h), y.reshape(-1))
+    if weights is None:
+        lm = F.cross_entropy(model.logits(h), y.reshape(-1))
+    else:  # a weighted mean: tokens inside tool calls count more (`call_weights`)
+        per_token = F.cross_entropy(model.logits(h), y.reshape(-1), reduction="none")
+        lm = (per_token * weights.reshape(-1)).sum() / weights.sum()
     out = {"lm": lm, "kl": indexer_kl(fb.collect or [], stage == "sparse") if stage != "dense"
            else torch.zeros((), device=tokens.device)}
     sup = supervision_losses(fb.collect, x, y, heads, model) if supervise else {}
@@ -275,7 +290,9 @@ def train(a: TrainArgs) -> dict:
         model.train()
         batch = train_data.batch(a.batch, a.seq_len + 1, a.seed, step).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            ls = losses(model, batch, stage, a.mtp_weight, heads, a.sup_weight)
+            weights = (call_weights(batch, tok.token_to_id("<tool_call>"), tok.token_to_id("</tool_call>"),
+                                    a.call_weight) if a.call_weight != 1.0 else None)
+            ls = losses(model, batch, stage, a.mtp_weight, heads, a.sup_weight, weights)
         opt.zero_grad(set_to_none=True)
         ls["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

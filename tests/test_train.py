@@ -12,7 +12,17 @@ from model.batch import ForwardBatch
 from model.config import ModelConfig
 from model.indexer import Indexer
 from model.network import GlmMoeDsaForCausalLM
-from model.train import TrainArgs, default_config, indexer_kl, init_weights, losses, set_sparse, stage_of, train
+from model.train import (
+    TrainArgs,
+    call_weights,
+    default_config,
+    indexer_kl,
+    init_weights,
+    losses,
+    set_sparse,
+    stage_of,
+    train,
+)
 
 TINY = {**default_config(64, 1, [0], 0), "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
         "num_hidden_layers": 2, "kv_lora_rank": 16, "q_lora_rank": 24, "qk_nope_head_dim": 8,
@@ -139,3 +149,14 @@ def test_windows_start_at_conversation_starts_or_code_strides(tmp_path):
             # a conversation window starts at its first character; the last one is clamped into the stream
             assert first in "cThn" and (first != "T" or row.count(ord("T")) == 16)
     assert stream.batch(64, 16, 0, 0).shape == (64, 16)
+
+
+def test_call_weights_cover_each_call_from_its_open_to_its_close_tag():
+    OPEN, CLOSE = 1, 2
+    tokens = torch.tensor([[5, OPEN, 7, 8, CLOSE, 5, OPEN, 9, CLOSE, 4]])
+    w = call_weights(tokens, OPEN, CLOSE, 3.0)  # weights of the targets tokens[:, 1:]
+    assert w.tolist() == [[3.0, 3.0, 3.0, 3.0, 1.0, 3.0, 3.0, 3.0, 1.0]]
+    model = tiny_model()
+    x = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    ones = losses(model, x, "dense", 0.3, weights=torch.ones(2, 9))["lm"]
+    assert ones.item() == pytest.approx(losses(model, x, "dense", 0.3)["lm"].item(), rel=1e-5)
