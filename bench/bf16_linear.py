@@ -7,11 +7,8 @@ products: each dense weight shape of the shipped model and its LM head at 1, 4, 
 the weight each time) and bf16 through a reordered copy (what the wrapper would do for any weight; it serves only
 weights of PACK_MIN_ELEMENTS and more, i.e. the head); hot medians. engine: LLMEngine in bf16 on the shipped
 model, closed loops of 32 greedy tokens at C = 1 and 16, the head's reordered path on and off in one process,
-alternating `--repeats` times; median tokens/s of each. absorbed: the same loops with the absorbed attention's
-W_UK / W_UV products in fp32 through a copy of the weight (what the model does on CPU in bf16) vs straight bf16
-`bmm` (before), and the engine in fp32 beside them for reference. Writes bench/results/bf16_linear.json
-(`--only absorbed`: bench/results/bf16_absorbed.json). Needs a CPU with bf16 units (AVX512-BF16 or AMX);
-elsewhere the bf16 path is plain F.linear and there is nothing to compare.
+alternating `--repeats` times; median tokens/s of each. Writes bench/results/bf16_linear.json. Needs a CPU with
+bf16 units (AVX512-BF16 or AMX); elsewhere the bf16 path is plain F.linear and there is nothing to compare.
 """
 
 from __future__ import annotations
@@ -100,71 +97,24 @@ def engine_ab(model: Path, repeats: int) -> list[dict]:
              "runs_packed": tok_s[(True, C)], "runs_f_linear": tok_s[(False, C)]} for C in (1, 16)]
 
 
-def absorbed_ab(model: Path, repeats: int) -> list[dict]:
-    from model.attention import MLAttention
-    from service.engine.config import EngineConfig
-    from service.engine.engine import LLMEngine
-
-    def bf16_views(self: MLAttention) -> tuple[torch.Tensor, torch.Tensor]:  # the products before the fp32 copy
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
-        return w[:, : self.nope], w[:, self.nope :]
-
-    engines = {dtype: LLMEngine.from_config(EngineConfig(model=model, device="cpu", dtype=dtype, max_num_seqs=64,
-                                                         kv_cache_tokens=65536, num_speculative_tokens=0))
-               for dtype in ("bfloat16", "float32")}
-    real = MLAttention._absorbed_weights
-    tok_s: dict[tuple[str, int], list[float]] = {}
-    try:
-        for _ in range(repeats):
-            for arm in ("fp32 copy", "bf16 bmm", "engine fp32"):
-                MLAttention._absorbed_weights = bf16_views if arm == "bf16 bmm" else real
-                engine = engines["float32" if arm == "engine fp32" else "bfloat16"]
-                for C in (1, 16):
-                    prompts = random_prompts(C, 64, engine.model_config.vocab_size, seed=C)
-                    closed_loop(engine, prompts, 2, C, prefix="w")
-                    t = time.perf_counter()
-                    closed_loop(engine, prompts, 32, C)
-                    tok_s.setdefault((arm, C), []).append(C * 32 / (time.perf_counter() - t))
-    finally:
-        MLAttention._absorbed_weights = real
-    med = {k: statistics.median(v) for k, v in tok_s.items()}
-    return [{"concurrency": C, "fp32_copy_tok_s": med[("fp32 copy", C)], "bf16_bmm_tok_s": med[("bf16 bmm", C)],
-             "ratio": med[("fp32 copy", C)] / med[("bf16 bmm", C)], "engine_fp32_tok_s": med[("engine fp32", C)],
-             "bf16_vs_fp32": med[("fp32 copy", C)] / med[("engine fp32", C)],
-             "runs": {arm: tok_s[(arm, C)] for arm in ("fp32 copy", "bf16 bmm", "engine fp32")}} for C in (1, 16)]
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--model", type=Path, help="checkpoint for the engine A/B (default: the shipped model)")
     ap.add_argument("--skip-engine", action="store_true")
-    ap.add_argument("--only", choices=["absorbed"], help="run only the absorbed-products engine A/B")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     pin_threads(args.threads)
     if not layers._onednn_bf16_available():
         print("this CPU has no oneDNN bf16 path: bf16 products are plain F.linear here", file=sys.stderr)
         return 1
-    model = args.model or checkpoints.model_or_shipped(None)
-    if args.only == "absorbed":
-        rows = absorbed_ab(model, args.repeats)
-        print_table(f"engine bf16, absorbed W_UK/W_UV through an fp32 copy vs bf16 bmm, {args.threads} thread(s), "
-                    f"medians of {args.repeats} alternations",
-                    [("concurrency", "C", "d"), ("fp32_copy_tok_s", "fp32 copy tok/s", ".1f"),
-                     ("bf16_bmm_tok_s", "bf16 bmm tok/s", ".1f"), ("ratio", "ratio", ".2fx"),
-                     ("engine_fp32_tok_s", "engine fp32 tok/s", ".1f"), ("bf16_vs_fp32", "bf16 / fp32", ".2fx")],
-                    rows)
-        path = write_result("bf16_absorbed", rows, meta(args.threads, repeats=args.repeats), {}, args.out_dir)
-        print(f"wrote {path}")
-        return 0
     prod = products()
     print_table(f"bf16 products, {args.threads} thread(s), hot medians (us)",
                 [("shape", "in x out", ""), ("rows", "rows", "d"), ("fp32_us", "fp32", ".1f"),
                  ("bf16_f_linear_us", "bf16 F.linear", ".1f"), ("bf16_packed_us", "bf16 reordered", ".1f"),
                  ("packed_vs_f_linear", "vs F.linear", ".2fx"), ("packed_vs_fp32", "vs fp32", ".2fx")], prod)
-    eng = [] if args.skip_engine else engine_ab(model, args.repeats)
+    eng = [] if args.skip_engine else engine_ab(args.model or checkpoints.model_or_shipped(None), args.repeats)
     if eng:
         print_table(f"engine bf16, reordered weights on / off, medians of {args.repeats} alternations",
                     [("concurrency", "C", "d"), ("packed_tok_s", "reordered tok/s", ".1f"),

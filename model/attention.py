@@ -18,7 +18,7 @@ from .batch import ForwardBatch
 from .config import ModelConfig
 from .indexer import Indexer
 from .kv_cache import Store
-from .layers import ColumnParallelLinear, ReplicatedLinear, RMSNorm, RotaryTable, RowParallelLinear, tensor_version
+from .layers import ColumnParallelLinear, ReplicatedLinear, RMSNorm, RotaryTable, RowParallelLinear
 
 # Sparse attention gathers each query's top-k latents ([B, Q, k, C] floats) when that fits this many elements
 # (decode, verify and prefill chunks of small models); otherwise it masks the dense scores, which costs
@@ -57,9 +57,6 @@ class MLAttention(nn.Module):
         self.kv_b_proj = ColumnParallelLinear(cfg.kv_lora_rank, nh * (self.nope + self.v_dim))
         self.o_proj = RowParallelLinear(nh * self.v_dim, H, bias=bias)
         self.indexer = Indexer(cfg, layer) if cfg.use_indexer and cfg.has_own_indexer(layer) else None
-        self._w32: torch.Tensor | None = None  # fp32 copy of a bf16 kv_b_proj on CPU (_absorbed_weights)
-        self._w32_of: torch.Tensor | None = None
-        self._w32_version = -1
 
     def forward(self, x: torch.Tensor, rope: RotaryTable, fb: ForwardBatch,
                 prev_topk: TopK = None) -> tuple[torch.Tensor, TopK]:
@@ -121,12 +118,12 @@ class MLAttention(nn.Module):
         if topk is None and fb.collect is None and Q >= EXPAND_MIN_QUERIES:
             return self._attend_expanded(q_nope, q_rope, latent, fb), None
         nh, dtype = self.n_heads, q_nope.dtype
-        w_uk, w_uv = self._absorbed_weights()
-        work = w_uk.dtype
+        w_kv = self.kv_b_proj.weight.view(nh, self.nope + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope :]
         # Absorbed: W_UK folded into the query, W_UV applied after the weighted sum of latents. Plain (batched)
         # matmuls rather than einsum: on CPU einsum's own dispatch costs more than these tiny products.
-        q_abs = torch.bmm(q_nope.transpose(0, 1).to(work), w_uk).transpose(0, 1)  # [N, nh, kv_rank]
-        qp = fb.to_padded(torch.cat([q_abs, q_rope.to(work)], dim=-1)).float()  # [B, Q, nh, C]
+        q_abs = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, nh, kv_rank]
+        qp = fb.to_padded(torch.cat([q_abs, q_rope], dim=-1)).float()  # [B, Q, nh, C]
         if topk is not None and self._gather(topk, fb, latent.shape[-1]):
             # Read only the selected latents from the cache: O(k) per query instead of O(T).
             keys = fb.context(Store.LATENT, self.layer, latent, topk).float()  # [B, Q, k, C]
@@ -145,24 +142,11 @@ class MLAttention(nn.Module):
             if fb.collect is not None:
                 fb.collect.append({"layer": self.layer, "attn": probs.transpose(1, 2), "index": index_scores,
                                    "topk": topk})
-        o_lat = fb.to_flat(o_lat.to(work))  # [N, nh, kv_rank]
+        o_lat = fb.to_flat(o_lat.to(dtype))  # [N, nh, kv_rank]
         o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [N, nh, v_dim]
         if fb.collect is not None:
             fb.collect[-1]["out"] = o  # per-head outputs, for the copy-readout loss (model/attn_supervision.py)
-        return o.to(dtype), topk
-
-    def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [nh, nope, kv_rank] and W_UV [nh, v_dim, kv_rank]. On CPU a bf16 weight is used through an fp32
-        copy (made again when the weight changes): there torch's bf16 `bmm` costs ~4x fp32's at these small
-        shapes (18 vs 5 µs with the casts, bench/bf16_linear.py), and the scores are computed in fp32 anyway."""
-        w = self.kv_b_proj.weight
-        if w.device.type == "cpu" and w.dtype == torch.bfloat16:
-            version = tensor_version(w)
-            if self._w32_of is not w or self._w32_version != version:
-                self._w32, self._w32_of, self._w32_version = w.detach().float(), w, version
-            w = self._w32
-        w_kv = w.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
-        return w_kv[:, : self.nope], w_kv[:, self.nope :]
+        return o, topk
 
     @staticmethod
     def _gather(topk: torch.Tensor, fb: ForwardBatch, width: int) -> bool:

@@ -106,14 +106,14 @@ class PrepackedLinear:
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not self.applies(x, weight):
             return linear(x, weight, bias, pad_single=True)
-        version = tensor_version(weight)
+        version = _version(weight)
         if weight is not self._weight or version != self._version:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
             self._weight, self._version = weight, version
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
 
 
-def tensor_version(t: torch.Tensor) -> int:
+def _version(t: torch.Tensor) -> int:
     try:
         return t._version
     except RuntimeError:  # an inference-mode tensor tracks no version; it cannot be modified outside that mode

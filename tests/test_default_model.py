@@ -13,13 +13,11 @@ import pytest
 import torch
 
 from model.batch import ForwardBatch
-from model.build_tokenizer import GLM_CHAT_TEMPLATE
 from model.generate import generate
 from model.loader import load_model
 from model.tokenizer import Tokenizer
 from tests.model_fixtures import hf_model
 from tests.service_fixtures import ServerProcess
-from tests.test_tokenizer import TOOL_CONVERSATION, TOOLS
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "model" / "weights"
 DEFAULT = WEIGHTS / "glm-5-tiny-py"
@@ -34,27 +32,6 @@ def test_exactly_one_default_model_is_shipped():
     size = sum(f.stat().st_size for f in DEFAULT.iterdir())
     assert size <= 60 * 2**20  # issue 19: one directory, <= 60 MB
     assert (DEFAULT / "MODEL_CARD.md").is_file()
-
-
-GLM5_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
-               "</arg_value>", "<tool_response>", "</tool_response>", "<|observation|>")
-
-
-def test_it_speaks_glm5_tokens_and_template():
-    """GLM-5's reasoning and tool tags are single tokens, and the template renders tools, calls and results in
-    GLM-5's format (issue 15, item 6)."""
-    tok = Tokenizer.from_dir(DEFAULT)
-    assert all(len(tok.encode(t)) == 1 for t in GLM5_TOKENS)
-    assert (DEFAULT / "chat_template.jinja").read_text() == GLM_CHAT_TEMPLATE
-    text = tok.apply_chat_template(TOOL_CONVERSATION, tools=TOOLS, add_generation_prompt=False)
-    assert '<tools>\n{"type": "function", "function": {"name": "gcd"' in text
-    assert ("<|assistant|><think>Two calls.</think><tool_call>gcd<arg_key>a</arg_key><arg_value>12</arg_value>"
-            "<arg_key>b</arg_key><arg_value>18</arg_value></tool_call><tool_call>upper<arg_key>text</arg_key>"
-            "<arg_value>hi</arg_value></tool_call><|observation|><tool_response>6</tool_response>"
-            "<tool_response>HI</tool_response><|assistant|><think>Both returned.</think>6 and HI.") in text
-    ask = TOOL_CONVERSATION[:1]
-    assert tok.apply_chat_template(ask, tools=TOOLS).endswith("<|assistant|><think>")
-    assert tok.apply_chat_template(ask, tools=TOOLS, enable_thinking=False).endswith("<|assistant|><think></think>")
 
 
 def test_transformers_loads_it_and_agrees(tmp_path):

@@ -151,11 +151,11 @@ def test_bfloat16_close_to_float32(ckpt):
     scale = f32.abs().max().item()
     # bf16 keeps 8 mantissa bits. Most rows stay within 5% of the logit range; a few rows differ more where an
     # expert choice or a DSA top-k choice flips (transformers in bf16 does the same: measured mean error 0.026
-    # vs our 0.008 on this checkpoint). Which rows flip is chance: over 4 seeds x 2 paths, 1-10 of 40 rows did.
+    # vs our 0.008 on this checkpoint).
     for got in (bf16, cached):
         err = (got - f32).abs()
         assert err.mean().item() <= 0.01 * scale
-        assert (err.max(-1).values <= 0.05 * scale).float().mean().item() >= 0.85
+        assert (err.max(-1).values <= 0.05 * scale).float().mean().item() >= 0.9
         assert (got.argmax(-1) == f32.argmax(-1)).float().mean().item() >= 0.9
 
 
