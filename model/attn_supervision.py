@@ -11,8 +11,8 @@ from the tool list, the answer from the observation), so three heads are told wh
   occurs there at most `POINTER_MAX_HITS` times (a rare token: an argument, a name; not a space).
 
 Each loss is -log(attention mass on the target keys), averaged over the queries that have a target. Looking is
-not enough: a run where the pointer head attended to the right argument with 0.9 of its mass still predicted
-another token, because the head's output did not yet carry the identity of what it read. So one more loss,
+not enough. In one run the pointer head put 0.6 of its attention on the right argument, and its output, read
+through the LM head, never named that token. So one more loss,
 `copy`, reads a head's own output (through its slice of o_proj, the final norm and the LM head) and asks it to
 predict the token it points at, on the pointer's queries. The heads are ordinary heads at inference; the
 checkpoint does not change shape.

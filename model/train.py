@@ -9,9 +9,10 @@ Three stages, the DeepSeek-V3.2 recipe adapted to training from scratch:
 2. warm-up: everything frozen but the indexer, which learns KL(attention || softmax(index scores)), dense;
 3. sparse: top-k selection on; the indexer learns its KL on the selected set, the rest the LM + MTP losses.
 The indexer's inputs are detached, so its loss never reaches the main model and the LM loss never reaches it.
-In stages 1 and 3 three heads are also told where to look (`--sup-heads`, model/attn_supervision.py): previous
-token, induction, and a pointer to where the next token already is. Without it a model this small does not learn
-to copy from its context (argument values, tool names) within the CPU budget.
+In stages 1 and 3 some heads are also supervised (`--sup-heads`, model/attn_supervision.py): a previous-token head,
+an induction head, and a pointer to where the next token already is, whose own output must name that token. A
+model this small does not learn to copy from its context (argument values, tool names) on its own within the CPU
+budget.
 Experts are balanced without an auxiliary loss (DeepSeek-V3): the selection bias moves against the load.
 Seeded, resumable (`--resume`), a progress line, CUDA when present, bf16 autocast where it is faster.
 """
