@@ -88,13 +88,21 @@ def supervision_losses(collected: list[dict], x: torch.Tensor, y: torch.Tensor,
     """{kind: loss} for each supervised head whose layer's attention was collected (fb.collect entries);
     `copy` needs the model (its o_proj, final norm and LM head)."""
     by_layer = {c["layer"]: c for c in collected}  # attn: [B, nh, Q, T]; out: [B*Q, nh, v_dim]
+    masks: dict[str, torch.Tensor] = {}  # pointer and copy share one target mask: build it once
+
+    def target(kind: str) -> torch.Tensor:
+        key = "pointer" if kind == "copy" else kind
+        if key not in masks:
+            masks[key] = targets(x, y, key)
+        return masks[key]
+
     losses = {}
     for kind, (layer, head) in heads.items():
         if layer not in by_layer:
             continue
         if kind == "copy":
             if model is not None:
-                losses[kind] = copy_loss(model, by_layer[layer]["out"], layer, head, y, targets(x, y, kind))
+                losses[kind] = copy_loss(model, by_layer[layer]["out"], layer, head, y, target(kind))
         else:
-            losses[kind] = head_loss(by_layer[layer]["attn"][:, head], targets(x, y, kind))
+            losses[kind] = head_loss(by_layer[layer]["attn"][:, head], target(kind))
     return losses
