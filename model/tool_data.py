@@ -9,6 +9,11 @@ signature and docstring; with it off, the turn starts `<think></think>`, as the 
 
 Held out for evaluation: the whole tools in `HELDOUT_TOOLS`, and for each training tool one phrasing (chosen
 by hash). Everything is seeded: the same seed gives the same documents on every machine.
+
+In `ALIAS_RATE` of the training documents every offered tool goes by an alias (`alias_names`), mostly two
+unrelated words. A model that only ever saw the real names learns each name as a word to recall (every run
+called a held-out tool by a training tool's name: 0% right); under an alias the only way to the right name is
+to read the tool list and copy the name of the tool whose description matches the request.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from random import Random
 from typing import Any
 
@@ -25,6 +31,11 @@ from .tool_catalog import HELDOUT_TOOLS, TOOLS, Tool
 TRAIN_TOOLS = [t for t in TOOLS if t.name not in HELDOUT_TOOLS]
 EVAL_TOOLS = [t for t in TOOLS if t.name in HELDOUT_TOOLS]
 MAX_DISTRACTORS = 3
+ALIAS_RATE = 0.4
+ALIAS_WORDS = ["alpha", "beta", "gamma", "delta", "kappa", "sigma", "omega", "zeta", "amber", "cobalt", "cedar",
+               "ember", "falcon", "harbor", "lotus", "maple", "meadow", "onyx", "prism", "quartz", "raven", "topaz",
+               "willow", "zephyr", "orbit", "pixel", "vector", "nova", "comet", "lark", "birch", "coral"]
+ALIAS_AFFIXES = ["do", "get", "calc", "run", "tool", "py", "std", "fn", "op", "v2"]
 
 
 def heldout_phrasing(tool: Tool) -> int:
@@ -38,14 +49,45 @@ def train_phrasings(tool: Tool) -> list[int]:
     return [i for i in range(len(tool.asks)) if i != held]
 
 
-def offered_tools(rng: Random, tool: Tool | None, pool: list[Tool], n_max: int = MAX_DISTRACTORS) -> list[dict]:
-    """`tool` (when given) and up to n_max others from `pool`, shuffled, as OpenAI `tools` entries."""
+def pick_offered(rng: Random, tool: Tool | None, pool: list[Tool], n_max: int = MAX_DISTRACTORS) -> list[Tool]:
+    """`tool` (when given) and up to n_max others from `pool`, shuffled."""
     others = [t for t in pool if t is not tool]
     chosen = rng.sample(others, rng.randint(0 if tool else 1, n_max))
     if tool is not None:
         chosen.append(tool)
     rng.shuffle(chosen)
-    return [t.schema() for t in chosen]
+    return chosen
+
+
+def offered_tools(rng: Random, tool: Tool | None, pool: list[Tool], n_max: int = MAX_DISTRACTORS) -> list[dict]:
+    """`pick_offered` as OpenAI `tools` entries."""
+    return [t.schema() for t in pick_offered(rng, tool, pool, n_max)]
+
+
+def alias_names(rng: Random, tools: list[Tool]) -> dict[str, str]:
+    """A distinct alias for each tool's name: most often two unrelated words (`cedar_orbit`), else the real name
+    with a prefix or suffix (`calc_gcd`, `gcd_v2`). Never a real tool's name."""
+    taken = {t.name for t in TOOLS}
+    names: dict[str, str] = {}
+    for t in tools:
+        while True:
+            style = rng.random()
+            if style < 0.6:
+                alias = f"{rng.choice(ALIAS_WORDS)}_{rng.choice(ALIAS_WORDS)}"
+            elif style < 0.8:
+                alias = f"{rng.choice(ALIAS_AFFIXES)}_{t.name}"
+            else:
+                alias = f"{t.name}_{rng.choice(ALIAS_AFFIXES)}"
+            if alias not in taken:
+                break
+        taken.add(alias)
+        names[t.name] = alias
+    return names
+
+
+def renamed(rng: Random, tools: list[Tool]) -> list[Tool]:
+    names = alias_names(rng, tools)
+    return [replace(t, name=names[t.name]) for t in tools]
 
 
 def _show(v: Any) -> str:
@@ -63,11 +105,17 @@ def answer_plan(tool: Tool, result: str) -> str:
     return f"{tool.name} returned {result}. I answer with it."
 
 
-def tool_conversation(rng: Random, tool: Tool, phrasing: int, thinking: bool, pool: list[Tool]
-                      ) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """(messages, tools, arguments) of one tool-use conversation, the result computed by the real function."""
+def tool_conversation(rng: Random, tool: Tool, phrasing: int, thinking: bool, pool: list[Tool],
+                      alias: bool = False) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """(messages, tools, arguments) of one tool-use conversation, the result computed by the real function;
+    with `alias`, every offered tool goes by an alias (`renamed`) in the tool list, the call and the plan."""
     args = tool.sample_args(rng)
     result = tool.run(args)
+    offered = pick_offered(rng, tool, pool)
+    if alias:
+        at = offered.index(tool)
+        offered = renamed(rng, offered)
+        tool = offered[at]
     call = {"type": "function", "function": {"name": tool.name, "arguments": args}}
     first = {"role": "assistant", "content": "", "tool_calls": [call]}
     final = {"role": "assistant", "content": tool.answer.format(**args, result=result)}
@@ -76,7 +124,7 @@ def tool_conversation(rng: Random, tool: Tool, phrasing: int, thinking: bool, po
         final["reasoning_content"] = answer_plan(tool, result)
     messages = [{"role": "user", "content": tool.asks[phrasing].format(**args)}, first,
                 {"role": "tool", "content": result}, final]
-    return messages, offered_tools(rng, tool, pool), args
+    return messages, [t.schema() for t in offered], args
 
 
 def code_plan(signature: str, doc: str) -> str:
@@ -105,19 +153,26 @@ class ToolDocs:
 
     def tool_docs(self, n: int, heldout: bool = False) -> Iterator[dict]:
         """n tool-use conversations over the training tools and their training phrasings, or (`heldout`) over
-        the held-out tools and every phrasing (for held-out loss and MTP acceptance, never trained on)."""
+        the held-out tools and every phrasing (for held-out loss and MTP acceptance, never trained on). Each
+        record's `called` is the name the call uses (an alias in `ALIAS_RATE` of the training ones)."""
         rng = Random(f"tool-docs:{self.seed}:{heldout}")
         catalog = EVAL_TOOLS if heldout else TRAIN_TOOLS
         for i in range(n):
             tool = catalog[i % len(catalog)]
             phrasing = rng.randrange(len(tool.asks)) if heldout else rng.choice(train_phrasings(tool))
             thinking = rng.random() < 0.5
-            messages, tools, _ = tool_conversation(rng, tool, phrasing, thinking, TRAIN_TOOLS)
-            yield self._doc(messages, tools, "tool", f"tool:{tool.name}:{phrasing}", thinking)
+            alias = not heldout and rng.random() < ALIAS_RATE
+            messages, tools, _ = tool_conversation(rng, tool, phrasing, thinking, TRAIN_TOOLS, alias)
+            doc = self._doc(messages, tools, "tool", f"tool:{tool.name}:{phrasing}", thinking)
+            yield {**doc, "called": messages[1]["tool_calls"][0]["function"]["name"]}
 
     def with_tools_offered(self, messages: list[dict], rng: Random, source: str, thinking: bool) -> dict:
-        """A conversation that needs no tool, with 1-3 tools offered anyway: the assistant answers directly."""
-        return self._doc(messages, offered_tools(rng, None, TRAIN_TOOLS), "no_tool", source, thinking)
+        """A conversation that needs no tool, with 1-3 tools offered anyway (under aliases as often as in the
+        tool conversations, so an odd name is no sign that a call is due): the assistant answers directly."""
+        offered = pick_offered(rng, None, TRAIN_TOOLS)
+        if rng.random() < ALIAS_RATE:
+            offered = renamed(rng, offered)
+        return self._doc(messages, [t.schema() for t in offered], "no_tool", source, thinking)
 
 
 def eval_prompts(no_tool_requests: list[str], seed: int = 1, per_phrasing: int = 3) -> Iterator[dict]:

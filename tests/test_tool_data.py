@@ -6,13 +6,22 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 
 import pytest
 
 from model.build_tokenizer import ENDOFTEXT, GLM_CHAT_TEMPLATE
 from model.tokenizer import ChatTemplate
 from model.tool_catalog import BY_NAME, HELDOUT_TOOLS, TOOLS, describe
-from model.tool_data import TRAIN_TOOLS, ToolDocs, eval_prompts, heldout_phrasing, parse_tool_calls, schema_valid
+from model.tool_data import (
+    ALIAS_RATE,
+    TRAIN_TOOLS,
+    ToolDocs,
+    eval_prompts,
+    heldout_phrasing,
+    parse_tool_calls,
+    schema_valid,
+)
 
 TEMPLATE = ChatTemplate(GLM_CHAT_TEMPLATE)
 TURN = re.compile(r"<\|(user|assistant|observation)\|>(.*?)(?=<\|(?:user|assistant|observation)\|>|$)", re.S)
@@ -23,6 +32,15 @@ def docs() -> list[dict]:
     return list(ToolDocs(TEMPLATE, ENDOFTEXT, seed=0).tool_docs(400))
 
 
+def shown(d: dict):
+    """The document's tool under the name the document shows it by (its alias, when it has one)."""
+    return replace(BY_NAME[d["source"].split(":")[1]], name=d["called"])
+
+
+def offered_in(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.split("<tools>\n")[1].split("\n</tools>")[0].split("\n")]
+
+
 def turns(text: str) -> list[tuple[str, str]]:
     """The turns after the system turn (whose instructions show a sample call)."""
     return TURN.findall("<|user|>" + text.removesuffix(ENDOFTEXT).split("</tool_call><|user|>", 1)[-1])
@@ -31,13 +49,12 @@ def turns(text: str) -> list[tuple[str, str]]:
 def test_calls_are_glm5_format_and_observations_are_the_real_results(docs: list[dict]) -> None:
     assert len({d["source"].split(":")[1] for d in docs}) == len(TRAIN_TOOLS)  # every training tool appears
     for d in docs:
-        name = d["source"].split(":")[1]
-        tool = BY_NAME[name]
+        name, tool = d["called"], shown(d)
         (u, ask), (a1, first), (o, obs), (a2, final) = turns(d["text"])
         assert (u, a1, o, a2) == ("user", "assistant", "observation", "assistant")
-        offered = [json.loads(line) for line in d["text"].split("<tools>\n")[1].split("\n</tools>")[0].split("\n")]
+        offered = offered_in(d["text"])
         assert tool.schema() in offered and 1 <= len(offered) <= 4
-        assert re.fullmatch(r"<think>.*</think><tool_call>[a-z_]+(<arg_key>[a-z0-9_]+</arg_key>"
+        assert re.fullmatch(r"<think>.*</think><tool_call>[a-z_0-9]+(<arg_key>[a-z0-9_]+</arg_key>"
                             r"<arg_value>.*?</arg_value>)+</tool_call>", first, re.S), first
         [call] = parse_tool_calls(first, offered)
         assert call["name"] == name and schema_valid(call["arguments"], tool.schema())
@@ -45,6 +62,21 @@ def test_calls_are_glm5_format_and_observations_are_the_real_results(docs: list[
         assert obs == f"<tool_response>{result}</tool_response>"
         assert str(next(iter(call["arguments"].values()))) in ask or name in ("html_escape",)
         assert result in final.split("</think>")[1]
+
+
+def test_some_documents_call_their_tools_by_an_alias(docs: list[dict]) -> None:
+    """Under an alias the right name is in the tool list only: every offered tool is renamed, to a name no real
+    tool has, and the call uses the alias of the tool the request is about."""
+    real = {t.name for t in TOOLS}
+    aliased = [d for d in docs if d["called"] not in real]
+    assert abs(len(aliased) / len(docs) - ALIAS_RATE) < 0.1
+    for d in docs:
+        names = [t["function"]["name"] for t in offered_in(d["text"])]
+        assert len(set(names)) == len(names) and d["called"] in names
+        assert all(n not in real for n in names) if d in aliased else set(names) <= real
+    assert any("_" + d["source"].split(":")[1] in d["called"] or d["source"].split(":")[1] + "_" in d["called"]
+               for d in aliased)  # some keep the real name inside, most are two unrelated words
+    assert sum(d["source"].split(":")[1] not in d["called"] for d in aliased) > len(aliased) / 2
 
 
 def test_real_function_results() -> None:
@@ -69,7 +101,7 @@ def test_thinking_on_and_off(docs: list[dict]) -> None:
     off = [d for d in docs if d["text"][: d["prompt_chars"]].endswith("<think></think>")]
     assert len(on) + len(off) == len(docs) and 0.3 < len(on) / len(docs) < 0.7
     for d in on:
-        tool = BY_NAME[d["source"].split(":")[1]]
+        tool = shown(d)
         plan = d["text"][d["prompt_chars"]:].split("</think>")[0]
         assert tool.signature() in plan and tool.description in plan  # derived from signature and docstring
     for d in off:
