@@ -6,6 +6,8 @@ a model whose tags are single tokens wrote exactly that, and the parsed call the
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from model.tokenizer import Tokenizer
@@ -56,3 +58,29 @@ def test_unbounded_and_patterned_strings_keep_their_text(accepts):
     assert accepts(CALL.format(city="Oslo", rest="<arg_key>note</arg_key><arg_value>a <b> tag</arg_value>"))
     assert accepts(CALL.format(city="Oslo", rest="<arg_key>label</arg_key><arg_value>a<b</arg_value>"))
     assert not accepts(CALL.format(city="Oslo", rest="<arg_key>note</arg_key><arg_value>x</arg_value>y</arg_value>"))
+
+
+def _call_with(s: str) -> str:
+    return f"<tool_call>f<arg_key>s</arg_key><arg_value>{s}</arg_value></tool_call>"
+
+
+@pytest.mark.parametrize("lo,hi", [(0, None), (1, None), (2, None), (0, 1), (1, 1), (0, 2), (1, 3), (2, 2), (3, 4)])
+def test_a_bounded_value_reads_back_within_its_bounds(lo: int, hi: int | None) -> None:
+    """Every string over {a, space, tab, <} up to 5 characters: the grammar takes it exactly when what the parser
+    reads back (layout whitespace around the value dropped) has no `<` and a length within the bounds. Before,
+    `"  x  "` passed minLength 2 as `x` plus layout, and came back one character long."""
+    xgr = structured._xgr()
+    prop = {"type": "string", "minLength": lo, **({} if hi is None else {"maxLength": hi})}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"s": prop}, "required": ["s"]}}}
+    grammar = xgr.Grammar.from_structural_tag(build_spec(tool_call_format([tool], False), False))
+    for n in range(6):
+        for chars in itertools.product("a <\t", repeat=n):
+            s = "".join(chars)
+            value = s.strip(" \t")
+            lead, trail = len(s) - len(s.lstrip(" \t")), len(s) - len(s.rstrip(" \t"))
+            if not value:  # all layout: an empty value, with at most 2 + 2 whitespace characters around it
+                want = lo == 0 and len(s) <= 4
+            else:
+                want = "<" not in s and lo <= len(value) <= (hi or 99) and lead <= 2 and trail <= 2
+            assert xgr.testing._is_grammar_accept_string(grammar, _call_with(s)) == want, (lo, hi, s)

@@ -34,7 +34,9 @@ def _unambiguous_values(schema: dict[str, Any]) -> dict[str, Any]:
     `<arg_value>10</arg_value><arg_key>b` still matches as one value, while every parser ends the value at the
     first `</arg_value>` (and with the tag a single token, a small model does write that). xgrammar takes no
     lookahead and drops the length bounds of a string that has a pattern, so the bounded pattern is `[^<]{m,n}`:
-    such a string cannot hold `<` in a forced call."""
+    such a string cannot hold `<` in a forced call. Its first and last characters are not whitespace either:
+    the grammar lets layout whitespace stand around a value and the parser drops it, so a value that began or
+    ended with whitespace would come back shorter than the grammar counted it (below its minLength)."""
     props = schema.get("properties")
     if not isinstance(props, dict):
         return schema
@@ -43,11 +45,25 @@ def _unambiguous_values(schema: dict[str, Any]) -> dict[str, Any]:
         bounded = isinstance(prop, dict) and prop.get("type") == "string" and (
             "maxLength" in prop or "minLength" in prop) and not {"pattern", "format", "enum", "const"} & prop.keys()
         if bounded:
-            lo, hi = prop.get("minLength", 0), prop.get("maxLength", "")
+            lo, hi = prop.get("minLength", 0), prop.get("maxLength")
             prop = {k: v for k, v in prop.items() if k not in ("minLength", "maxLength")}
-            prop["pattern"] = f"^[^<]{{{lo},{hi}}}$"
+            prop["pattern"] = _trimmed_pattern(lo, hi)
         fixed[name] = prop
     return {**schema, "properties": fixed}
+
+
+def _trimmed_pattern(lo: int, hi: int | None) -> str:
+    """Strings of lo..hi characters (hi None: no bound), none of them `<`, neither end whitespace."""
+    edge, inner = "[^<\\s]", "[^<]"
+    if hi == 0:
+        return "^$"
+    if hi == 1:
+        return f"^{edge}{'' if lo else '?'}$"
+    upper = "" if hi is None else hi - 2
+    two_or_more = f"{edge}{inner}{{{max(lo - 2, 0)},{upper}}}{edge}"
+    if lo >= 2:
+        return f"^{two_or_more}$"
+    return f"^({edge}|{two_or_more}){'' if lo else '?'}$"
 
 
 def _tool_call(tool: dict[str, Any]) -> dict[str, Any]:
