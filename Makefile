@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CONSTRAINTS ?= constraints-cpu.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: setup setup-test serve test test-fast lint clean
+.PHONY: setup setup-test serve test test-fast lint train clean
 
 $(VENV)/.runtime: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,18 @@ test: lint
 # The inner loop: everything but the tests that start a server subprocess (marker `server`, tests/conftest.py).
 test-fast: lint
 	$(PY) -m pytest -q -m "not server" $(PYTEST_ARGS)
+
+# Retrain the default model from the stdlib (model/train.py): corpus, tokenizer, then the run, exported to
+# $(RUNS)/export. Resumable: run it again after an interruption and it continues from the last checkpoint.
+RUNS ?= runs
+$(RUNS)/data/train.jsonl:
+	$(PY) -m model.corpus --out $(RUNS)/data
+$(RUNS)/tokenizer/tokenizer.json: $(RUNS)/data/train.jsonl
+	$(PY) -m model.build_tokenizer --corpus $(RUNS)/data --out $(RUNS)/tokenizer
+
+train: setup $(RUNS)/tokenizer/tokenizer.json
+	$(PY) -m model.train --data $(RUNS)/data --tokenizer $(RUNS)/tokenizer --out $(RUNS)/train \
+		--export $(RUNS)/export --resume $(ARGS)
 
 clean:
 	rm -rf $(VENV)
