@@ -80,6 +80,7 @@ class TrainArgs:
     sup_heads: str = "prev:0.0,induction:1.0,pointer:7.0,copy:7.0"
     sup_weight: float = 1.0
     call_weight: float = 4.0  # LM-loss weight of the tokens of tool calls (their names and arguments)
+    system_weight: float = 0.0  # LM-loss weight of system-turn tokens (tool lists): 0 skips their heads
     bias_update: float = 1e-3  # aux-loss-free balancing step
     seed: int = 0
     device: str = "auto"
@@ -154,6 +155,46 @@ def call_weights(tokens: torch.Tensor, open_id: int, close_id: int, weight: floa
     return torch.where(inside[:, 1:], weight, 1.0)
 
 
+def system_turn_weights(tokens: torch.Tensor, system_id: int, turn_ids: list[int], weight: float) -> torch.Tensor:
+    """[B, S] LM-loss weights of the targets tokens[:, 1:]: `weight` for a token inside a system turn (from
+    `<|system|>` up to the next turn's marker, any of `turn_ids`), 1 elsewhere. Half the corpus's characters
+    are the tool lists of system turns, the same 44 schemas over and over: at weight 0 their rows skip the LM
+    and MTP heads, a fifth of a step's work, and the loss is spent on what the model has to write."""
+    S = tokens.shape[1]
+    marker = tokens == system_id
+    for t in turn_ids:
+        marker |= tokens == t
+    pos = torch.arange(S, device=tokens.device).expand_as(tokens)
+    last = torch.where(marker, pos, -1).cummax(1).values  # the latest turn marker at or before each position
+    in_system = (last >= 0) & (tokens.gather(1, last.clamp(min=0)) == system_id)
+    return torch.where(in_system[:, 1:], weight, 1.0)
+
+
+def loss_weights(tokens: torch.Tensor, tok, a: TrainArgs) -> torch.Tensor | None:
+    """The LM-loss weights of a batch's targets from `call_weight` and `system_weight` (None: all 1); a
+    tokenizer without the tags they need (a test's) gets neither."""
+    weights = None
+    call_tags = tok.token_to_id("<tool_call>"), tok.token_to_id("</tool_call>")
+    if a.call_weight != 1.0 and None not in call_tags:
+        weights = call_weights(tokens, *call_tags, a.call_weight)
+    system = tok.token_to_id("<|system|>")
+    turns = [i for i in map(tok.token_to_id, ("<|user|>", "<|assistant|>", "<|observation|>")) if i is not None]
+    if a.system_weight != 1.0 and system is not None and turns:
+        sw = system_turn_weights(tokens, system, turns, a.system_weight)
+        weights = sw if weights is None else weights * sw
+    return weights
+
+
+def _weighted_ce(logits_of, h: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum(w * CE) / sum(w) over rows, the head (`logits_of`) applied only to rows of nonzero weight."""
+    keep = w > 0
+    if bool(keep.all()):
+        per_row = F.cross_entropy(logits_of(h), y, reduction="none")
+        return (per_row * w).sum() / w.sum()
+    per_row = F.cross_entropy(logits_of(h[keep]), y[keep], reduction="none")
+    return (per_row * w[keep]).sum() / w.sum().clamp(min=1e-6)
+
+
 def losses(model: GlmMoeDsaForCausalLM, tokens: torch.Tensor, stage: str, mtp_weight: float,
            heads: dict[str, tuple[int, int]] | None = None, sup_weight: float = 0.0,
            weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -167,17 +208,20 @@ def losses(model: GlmMoeDsaForCausalLM, tokens: torch.Tensor, stage: str, mtp_we
     h = model(x.reshape(-1), fb)  # [B*S, H]
     if weights is None:
         lm = F.cross_entropy(model.logits(h), y.reshape(-1))
-    else:  # a weighted mean: tokens inside tool calls count more (`call_weights`)
-        per_token = F.cross_entropy(model.logits(h), y.reshape(-1), reduction="none")
-        lm = (per_token * weights.reshape(-1)).sum() / weights.sum()
+    else:  # a weighted mean: tool calls count more, system turns less or not at (`call_weights`, ...)
+        lm = _weighted_ce(model.logits, h, y.reshape(-1), weights.reshape(-1))
     out = {"lm": lm, "kl": indexer_kl(fb.collect or [], stage == "sparse") if stage != "dense"
            else torch.zeros((), device=tokens.device)}
     sup = supervision_losses(fb.collect, x, y, heads, model) if supervise else {}
     if model.has_mtp:
         hh = h.view(B, S, -1)[:, :-1].reshape(-1, h.shape[-1])  # h_i for i < S-1
         z = model.mtp(x[:, 1:].reshape(-1), hh, mtp_batch(B, S, tokens.device))
-        logits = model.mtp_logits(z).view(B, S - 1, -1)[:, :-1]  # predicts t_{i+2}; needs i+2 <= S
-        out["mtp"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 2:S].reshape(-1))
+        z = z.view(B, S - 1, -1)[:, :-1].reshape(-1, z.shape[-1])  # predicts t_{i+2}; needs i+2 <= S
+        target = tokens[:, 2:S].reshape(-1)
+        if weights is None:
+            out["mtp"] = F.cross_entropy(model.mtp_logits(z), target)
+        else:  # the weight of target t_{i+2} is weights[:, i+1]; only whether a row counts is taken from it
+            out["mtp"] = _weighted_ce(model.mtp_logits, z, target, (weights[:, 1:-1] > 0).float().reshape(-1))
     else:
         out["mtp"] = torch.zeros((), device=tokens.device)
     out["total"] = (lm + mtp_weight * out["mtp"]) if stage != "warmup" else out["kl"]
@@ -313,8 +357,7 @@ def train(a: TrainArgs) -> dict:
         model.train()
         batch = train_data.batch(a.batch, a.seq_len + 1, a.seed, step).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            weights = (call_weights(batch, tok.token_to_id("<tool_call>"), tok.token_to_id("</tool_call>"),
-                                    a.call_weight) if a.call_weight != 1.0 else None)
+            weights = loss_weights(batch, tok, a)
             ls = losses(model, batch, stage, a.mtp_weight, heads, a.sup_weight, weights)
         opt.zero_grad(set_to_none=True)
         ls["total"].backward()

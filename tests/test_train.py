@@ -21,6 +21,7 @@ from model.train import (
     losses,
     set_sparse,
     stage_of,
+    system_turn_weights,
     train,
 )
 
@@ -160,3 +161,26 @@ def test_call_weights_cover_each_call_from_its_open_to_its_close_tag():
     x = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
     ones = losses(model, x, "dense", 0.3, weights=torch.ones(2, 9))["lm"]
     assert ones.item() == pytest.approx(losses(model, x, "dense", 0.3)["lm"].item(), rel=1e-5)
+
+
+def test_system_turns_can_leave_the_loss_and_their_rows_the_heads():
+    SYS, USER, ASSIST = 1, 2, 3
+    tokens = torch.tensor([[9, SYS, 5, 6, USER, 7, ASSIST, 8, SYS, 5, ASSIST, 4]])
+    w = system_turn_weights(tokens, SYS, [USER, ASSIST], 0.0)  # weights of the targets tokens[:, 1:]
+    assert w.tolist() == [[0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]]
+    # Zero-weight rows leave the loss exactly as if they had been computed and multiplied by 0, for the LM and
+    # the MTP losses both (the MTP target t_{i+2} counts when the LM target t_{i+1}... is weighted: w[:, i+1]).
+    model = tiny_model()
+    x = torch.randint(5, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    x[:, 1], x[:, 6] = SYS, USER
+    w = system_turn_weights(x, SYS, [USER], 0.0)
+    got = losses(model, x, "dense", 0.3, weights=w)
+    per_token = F.cross_entropy(model.logits(model(x[:, :-1].reshape(-1), ForwardBatch(
+        torch.arange(11).repeat(2), [11] * 2, [11] * 2))), x[:, 1:].reshape(-1), reduction="none")
+    want = (per_token * w.reshape(-1)).sum() / w.sum()
+    assert got["lm"].item() == pytest.approx(want.item(), rel=1e-5)
+    everything = losses(model, x, "dense", 0.3)
+    assert got["lm"].item() != pytest.approx(everything["lm"].item(), rel=1e-3)
+    assert got["mtp"].item() != pytest.approx(everything["mtp"].item(), rel=1e-3)
+    ones = losses(model, x, "dense", 0.3, weights=torch.ones(2, 11))
+    assert ones["mtp"].item() == pytest.approx(everything["mtp"].item(), rel=1e-5)
