@@ -115,7 +115,7 @@ class MLAttention(nn.Module):
             if index_q is not None:
                 topk, index_scores = self.indexer.select(index_q, index_w, index_k, fb)
         B, Q = fb.num_seqs, max(fb.query_lens)
-        if topk is None and fb.collect is None and Q >= EXPAND_MIN_QUERIES:
+        if topk is None and not fb.collecting(self.layer) and Q >= EXPAND_MIN_QUERIES:
             return self._attend_expanded(q_nope, q_rope, latent, fb), None
         nh, dtype = self.n_heads, q_nope.dtype
         w_kv = self.kv_b_proj.weight.view(nh, self.nope + self.v_dim, self.kv_rank)
@@ -139,20 +139,19 @@ class MLAttention(nn.Module):
             scores = torch.bmm(qp.flatten(1, 2), ctx32.transpose(1, 2)).view(B, Q, nh, -1) * self.scale
             probs = torch.softmax(scores.masked_fill(masked_out[:, :, None], float("-inf")), dim=-1)
             o_lat = torch.bmm(probs.flatten(1, 2), ctx32[..., : self.kv_rank]).view(B, Q, nh, -1)
-            if fb.collect is not None:
+            if fb.collecting(self.layer):
                 fb.collect.append({"layer": self.layer, "attn": probs.transpose(1, 2), "index": index_scores,
                                    "topk": topk})
         o_lat = fb.to_flat(o_lat.to(dtype))  # [N, nh, kv_rank]
         o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [N, nh, v_dim]
-        if fb.collect is not None:
+        if fb.collecting(self.layer):
             fb.collect[-1]["out"] = o  # per-head outputs, for the copy-readout loss (model/attn_supervision.py)
         return o, topk
 
-    @staticmethod
-    def _gather(topk: torch.Tensor, fb: ForwardBatch, width: int) -> bool:
+    def _gather(self, topk: torch.Tensor, fb: ForwardBatch, width: int) -> bool:
         """Whether top-k attention reads the selected latents (else it masks the dense scores); see above."""
         _, Q, k = topk.shape
-        return (fb.collect is None and topk.numel() * width <= SPARSE_GATHER_MAX_ELEMENTS
+        return (not fb.collecting(self.layer) and topk.numel() * width <= SPARSE_GATHER_MAX_ELEMENTS
                 and (Q < EXPAND_MIN_QUERIES or fb.num_keys >= GATHER_MIN_CONTEXT_RATIO * k))
 
     def _attend_expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, fb: ForwardBatch

@@ -50,8 +50,10 @@ class ForwardBatch:
     k_valid: torch.Tensor = field(init=False)  # [B, T] key lies in its sequence's context
     # Every sequence has Q new tokens (decode, uniform verify, one prompt): padded <-> flat is a plain view.
     uniform: bool = field(init=False)
-    # Set by training to collect attention / indexer distributions for the indexer's KL loss.
+    # Set by training to collect attention / indexer distributions for the indexer's KL loss and the supervised
+    # heads; `collect_layers` limits it to some layers (the others keep the fused attention path).
     collect: list | None = None
+    collect_layers: frozenset[int] | None = None
     # A mixed batch (one long prefill chunk next to many decodes) would pad every sequence to the longest query
     # block: 16 decodes beside a 128-token prompt would attend 2048 padded queries instead of 144. Such a batch is
     # attended in groups of similar query length instead (`groups`, each a ForwardBatch over some of the
@@ -59,6 +61,10 @@ class ForwardBatch:
     allow_groups: bool = True
     groups: list[ForwardBatch] | None = field(init=False, default=None)
     token_index: torch.Tensor | None = field(init=False, default=None)
+
+    def collecting(self, layer: int) -> bool:
+        """Whether layer `layer` records its attention into `collect` (training only)."""
+        return self.collect is not None and (self.collect_layers is None or layer in self.collect_layers)
 
     def __post_init__(self) -> None:
         device = self.positions.device

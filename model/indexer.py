@@ -89,7 +89,7 @@ class Indexer(nn.Module):
     def needed(self, fb: ForwardBatch) -> bool:
         """Whether any query of the batch has more than index_topk keys (else attention is dense by definition)."""
         longest = max(fb.context_lens) if fb.cache is not None else max(fb.query_lens)
-        return longest > self.topk or fb.collect is not None
+        return longest > self.topk or fb.collecting(self.layer)
 
     def select(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, fb: ForwardBatch
                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -105,7 +105,7 @@ class Indexer(nn.Module):
         if B * Q * self.n_heads * T <= ALL_HEADS_MAX_ELEMENTS:  # decode / verify: all heads in one matmul
             s = F.relu(torch.bmm(qp.flatten(1, 2), keys_t)).view(B * Q, self.n_heads, T)
             scores = torch.bmm(wp.reshape(B * Q, 1, self.n_heads), s).view(B, Q, T)
-        elif fb.collect is None and T > self.topk:  # long query blocks at inference: only the top-k is kept
+        elif not fb.collecting(self.layer) and T > self.topk:  # long query blocks at inference: only the top-k is kept
             return self._topk_tiled(qp, wp, keys_t, fb), None
         else:  # long query blocks whose scores training wants (the indexer's KL loss)
             scores = torch.empty(B, Q, T, device=qp.device)

@@ -205,6 +205,8 @@ def losses(model: GlmMoeDsaForCausalLM, tokens: torch.Tensor, stage: str, mtp_we
     fb = ForwardBatch(torch.arange(S, device=tokens.device).repeat(B), [S] * B, [S] * B)
     supervise = bool(heads) and sup_weight > 0 and stage != "warmup"
     fb.collect = [] if stage != "dense" or supervise else None
+    if stage == "dense" and supervise:  # only the supervised heads' layers: the rest keep fused attention
+        fb.collect_layers = frozenset(layer for layer, _ in heads.values())
     h = model(x.reshape(-1), fb)  # [B*S, H]
     if weights is None:
         lm = F.cross_entropy(model.logits(h), y.reshape(-1))

@@ -113,3 +113,39 @@ def test_supervision_trains_the_head_to_look_back_one_token():
         opt.step()
     after = prev_loss(probe).item()
     assert before > 1.5 and after < 0.1, (before, after)  # ~log(12) -> near 0
+
+
+def test_only_the_supervised_layers_collect_and_the_others_agree_through_fused_attention(monkeypatch):
+    """In the dense stage only the layers of supervised heads record attention; the others take the fused
+    (expanded, SDPA) path. The outputs, the collected attention and the gradients match collecting everywhere."""
+    from model.attention import MLAttention
+    from model.config import ModelConfig
+    from model.network import GlmMoeDsaForCausalLM
+    from model.train import init_weights
+
+    expanded = MLAttention._attend_expanded
+    from tests.test_train import TINY
+
+    model = GlmMoeDsaForCausalLM(ModelConfig.from_dict({**TINY, "num_hidden_layers": 3}))
+    init_weights(model, 0.1, 0)
+    set_sparse(model, False)  # the dense stage
+    x = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))  # >= EXPAND_MIN_QUERIES
+    fused = []
+    monkeypatch.setattr(MLAttention, "_attend_expanded", lambda self, *a: fused.append(self.layer) or expanded(
+        self, *a))
+    runs = {}
+    for layers in (None, frozenset({1})):
+        fb = ForwardBatch(torch.arange(24).repeat(2), [24] * 2, [24] * 2)
+        fb.collect, fb.collect_layers = [], layers
+        model.zero_grad()
+        h = model(x.reshape(-1), fb)
+        h.square().mean().backward()
+        runs[layers] = h.detach(), fb.collect, model.model.layers[0].self_attn.q_a_proj.weight.grad.clone()
+    (h_all, c_all, g_all), (h_one, c_one, g_one) = runs.values()
+    assert [c["layer"] for c in c_all] == [0, 1, 2] and [c["layer"] for c in c_one] == [1]
+    assert fused == [0, 2]  # only the second run, only its non-collecting layers
+    assert torch.allclose(h_all, h_one, atol=1e-5) and torch.allclose(g_all, g_one, atol=1e-5)
+    assert torch.allclose(c_all[1]["attn"], c_one[0]["attn"], atol=1e-6)
+    heads = parse_heads("prev:0.0,induction:1.1")
+    dense = losses(model, x, "dense", 0.3, heads, 0.5)  # the trainer's own choice: layers 0 and 1 of 3
+    assert {"prev", "induction"} <= set(dense) and torch.isfinite(dense["total"])
