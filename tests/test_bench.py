@@ -256,3 +256,37 @@ def test_serving_pinned_mode_wants_disjoint_server_and_client_cores():
     for argv in (["--server-cpus", "0"], ["--server-cpus", "0", "--client-cpus", "0"]):
         with pytest.raises(SystemExit):
             serving.main(argv)
+
+
+def test_tool_probe_reads_the_call_name_and_each_argument_value_position(tmp_path):
+    """tool_probe scores the top token after `<tool_call>` (the name) and after each `<arg_value>`, in the
+    assistant's call (not the system turn's sample call). A stand-in model that predicts the rendered text's own
+    next token is right everywhere; one that is right everywhere but at argument values scores 0 there."""
+    import tool_probe
+    import torch
+
+    from model.build_tokenizer import ENDOFTEXT, GLM_CHAT_TEMPLATE, train_tokenizer, write_tokenizer_dir
+    from model.tokenizer import ChatTemplate, Tokenizer
+    from model.tool_data import ToolDocs, eval_prompts
+
+    docs = [d["text"] for d in ToolDocs(ChatTemplate(GLM_CHAT_TEMPLATE), ENDOFTEXT).tool_docs(40)]
+    write_tokenizer_dir(train_tokenizer(docs, vocab_size=600), tmp_path)
+    tok = Tokenizer.from_dir(tmp_path)
+    record = next(r for r in eval_prompts([]) if r["tool"] == "gcd")
+    value_open = tok.token_to_id("<arg_value>")
+
+    class Oracle:  # "hidden" = the ids; logits: one-hot of the next id in the text (optionally wrong at values)
+        def __init__(self, wrong_values: bool) -> None:
+            self.wrong_values = wrong_values
+
+        def __call__(self, x, fb):
+            return x
+
+        def logits(self, ids):
+            nxt = torch.cat([ids[1:], ids[-1:]])
+            nxt = torch.where((ids == value_open) & self.wrong_values, (nxt + 1) % tok.vocab_size, nxt)
+            return torch.nn.functional.one_hot(nxt, tok.vocab_size).float()
+
+    right = tool_probe.probe(Oracle(False), tok, record)
+    assert right == [("name", True), ("argument", True), ("argument", True)]  # gcd(a, b)
+    assert tool_probe.probe(Oracle(True), tok, record) == [("name", True), ("argument", False), ("argument", False)]

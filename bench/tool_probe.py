@@ -1,0 +1,103 @@
+"""Does the model copy what a tool call needs? A teacher-forced probe, cheap enough to run mid-training.
+
+    python bench/tool_probe.py --state runs/train/train_state.pt     # a training checkpoint (model + optimizer)
+    python bench/tool_probe.py --model DIR                           # an exported checkpoint
+    [--data runs/data] [--tokenizer runs/tokenizer] [--limit N] [--dense]
+
+For each held-out tool prompt of `tool_eval.jsonl` (model/tool_data.py: held-out tools and held-out phrasings),
+the GLM-5 rendering of the request and the right call, thinking off, goes through the model once; at the
+position after `<tool_call>` and after each `<arg_value>`, is the model's top token the right one (the first
+token of the tool's name, of each argument's value)? Greedy generation (bench/model_card.py) needs every token
+right; this shows where copying stands long before it does, and which part (names or arguments) lags.
+`--dense` evaluates with dense attention (before the sparse stage the indexer is untrained). Writes
+bench/results/tool_probe.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from common import ROOT, meta, pin_threads, print_table, write_result
+
+from model.batch import ForwardBatch
+from model.config import ModelConfig
+from model.network import GlmMoeDsaForCausalLM
+from model.tokenizer import Tokenizer
+
+
+def load(state: Path | None, model_dir: Path | None, tok: Tokenizer) -> GlmMoeDsaForCausalLM:
+    if model_dir is not None:
+        from model.loader import load_model
+
+        return load_model(model_dir, torch.float32)
+    from model.train import default_config
+
+    cfg = default_config(tok.vocab_size, tok.token_to_id("[gMASK]"), sorted(tok.eos_token_ids),
+                         tok.token_to_id("<|endoftext|>"))
+    model = GlmMoeDsaForCausalLM(ModelConfig.from_dict(cfg, "default_config"))
+    model.load_state_dict(torch.load(state, weights_only=False, map_location="cpu")["model"])
+    return model
+
+
+def probe(model: GlmMoeDsaForCausalLM, tok: Tokenizer, record: dict) -> list[tuple[str, bool]]:
+    """(kind, right) for the name position and each argument's first value token of one record."""
+    call = {"type": "function", "function": {"name": record["tool"], "arguments": record["arguments"]}}
+    messages = [*record["messages"], {"role": "assistant", "content": "", "tool_calls": [call]}]
+    ids = tok.encode(tok.apply_chat_template(messages, tools=record["tools"], add_generation_prompt=False,
+                                             enable_thinking=False))
+    x = torch.tensor(ids)
+    with torch.inference_mode():
+        top = model.logits(model(x, ForwardBatch.single(len(x)))).argmax(-1)
+    open_call, open_value = tok.token_to_id("<tool_call>"), tok.token_to_id("<arg_value>")
+    turn = len(ids) - 1 - ids[::-1].index(tok.token_to_id("<|assistant|>"))
+    first = ids.index(open_call, turn)  # the assistant's call (the system turn's instructions show a sample one)
+    out = [("name", bool(top[first] == ids[first + 1]))]
+    out += [("argument", bool(top[i] == ids[i + 1])) for i in range(first, len(ids) - 1) if ids[i] == open_value]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--state", type=Path, help="a training state (model/train.py's train_state.pt)")
+    src.add_argument("--model", type=Path, help="an exported checkpoint directory")
+    ap.add_argument("--data", type=Path, default=ROOT / "runs" / "data")
+    ap.add_argument("--tokenizer", type=Path, default=ROOT / "runs" / "tokenizer")
+    ap.add_argument("--limit", type=int, default=0, help="at most this many records per split (0: all)")
+    ap.add_argument("--dense", action="store_true", help="dense attention (the indexer not trained yet)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    pin_threads(args.threads)
+    tok = Tokenizer.from_dir(args.model or args.tokenizer)
+    model = load(args.state, args.model, tok).eval()
+    if args.dense:
+        from model.train import set_sparse
+
+        set_sparse(model, False)
+    counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    seen: dict[str, int] = defaultdict(int)
+    for line in (args.data / "tool_eval.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        split = record["split"]
+        if record["tool"] is None or (args.limit and seen[split] >= args.limit):
+            continue
+        seen[split] += 1
+        for kind, right in probe(model, tok, record):
+            counts[split, kind][0] += right
+            counts[split, kind][1] += 1
+    rows = [{"split": split, "position": kind, "right": r, "of": n, "accuracy": r / n}
+            for (split, kind), (r, n) in sorted(counts.items())]
+    step = torch.load(args.state, weights_only=False, map_location="cpu")["step"] if args.state else None
+    print_table(f"Teacher-forced first token of the call's name and of each argument (step {step})",
+                [("split", "split", ""), ("position", "position", ""), ("right", "right", ""), ("of", "of", ""),
+                 ("accuracy", "accuracy", ".3f")], rows)
+    write_result("tool_probe", rows, meta(args.threads, step=step, dense=args.dense,
+                                          source=str(args.state or args.model)))
+
+
+if __name__ == "__main__":
+    main()
