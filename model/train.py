@@ -13,8 +13,11 @@ In stages 1 and 3 some heads are also supervised (`--sup-heads`, model/attn_supe
 an induction head, and a pointer to where the next token already is, whose own output must name that token. A
 model this small does not learn to copy from its context (argument values, tool names) on its own within the CPU
 budget.
+The LM loss weighs the tokens of tool calls x4 (`--call-weight`) and leaves out system turns (`--system-weight`
+0: the tool lists, half the corpus, are context to read, not text to write; their rows skip the heads).
 Experts are balanced without an auxiliary loss (DeepSeek-V3): the selection bias moves against the load.
-Seeded, resumable (`--resume`), a progress line, CUDA when present, bf16 autocast where it is faster.
+Seeded, resumable (`--resume`), a progress line, CUDA when present, bf16 autocast where a timed product says
+it is faster (CPUs with AMX or AVX512-BF16; on AVX2 alone bf16 is emulated and fp32 wins by ~40x).
 """
 
 from __future__ import annotations
