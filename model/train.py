@@ -28,8 +28,10 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,9 @@ from .indexer import Indexer
 from .loader import save_checkpoint
 from .moe import MoE
 from .network import GlmMoeDsaForCausalLM
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 from .train_data import TokenStream
 
 
@@ -173,7 +178,7 @@ def system_turn_weights(tokens: torch.Tensor, system_id: int, turn_ids: list[int
     return torch.where(in_system[:, 1:], weight, 1.0)
 
 
-def loss_weights(tokens: torch.Tensor, tok, a: TrainArgs) -> torch.Tensor | None:
+def loss_weights(tokens: torch.Tensor, tok: Tokenizer, a: TrainArgs) -> torch.Tensor | None:
     """The LM-loss weights of a batch's targets from `call_weight` and `system_weight` (None: all 1); a
     tokenizer without the tags they need (a test's) gets neither."""
     weights = None
@@ -188,7 +193,8 @@ def loss_weights(tokens: torch.Tensor, tok, a: TrainArgs) -> torch.Tensor | None
     return weights
 
 
-def _weighted_ce(logits_of, h: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _weighted_ce(logits_of: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, y: torch.Tensor,
+                 w: torch.Tensor) -> torch.Tensor:
     """sum(w * CE) / sum(w) over rows, the head (`logits_of`) applied only to rows of nonzero weight."""
     keep = w > 0
     if bool(keep.all()):
@@ -213,7 +219,7 @@ def losses(model: GlmMoeDsaForCausalLM, tokens: torch.Tensor, stage: str, mtp_we
     h = model(x.reshape(-1), fb)  # [B*S, H]
     if weights is None:
         lm = F.cross_entropy(model.logits(h), y.reshape(-1))
-    else:  # a weighted mean: tool calls count more, system turns less or not at (`call_weights`, ...)
+    else:  # a weighted mean: tool calls count more, system turns not at all (`loss_weights`)
         lm = _weighted_ce(model.logits, h, y.reshape(-1), weights.reshape(-1))
     out = {"lm": lm, "kl": indexer_kl(fb.collect or [], stage == "sparse") if stage != "dense"
            else torch.zeros((), device=tokens.device)}
