@@ -36,7 +36,7 @@ test-fast: lint
 # Retrain the default model from the stdlib (model/train.py): corpus, tokenizer, then the run, exported to
 # $(RUNS)/export. Resumable: run it again after an interruption and it continues from the last checkpoint.
 RUNS ?= runs
-$(RUNS)/data/train.jsonl:
+$(RUNS)/data/train.jsonl: | $(VENV)/.runtime
 	$(PY) -m model.corpus --out $(RUNS)/data
 $(RUNS)/tokenizer/tokenizer.json: $(RUNS)/data/train.jsonl
 	$(PY) -m model.build_tokenizer --corpus $(RUNS)/data --out $(RUNS)/tokenizer
