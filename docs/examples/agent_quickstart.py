@@ -48,15 +48,15 @@ def as_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def run(client: OpenAI, model: str, question: str, max_turns: int = 3) -> str | None:
+def run(client: OpenAI, model: str, question: str, max_turns: int = 3) -> str:
     """Ask `question` with the tools offered; run every call the model makes until it answers in words."""
     messages: list[dict[str, Any]] = [{"role": "user", "content": question}]
     for _ in range(max_turns):
         reply = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, temperature=0,
                                                max_tokens=256)
         message = reply.choices[0].message
-        if not message.tool_calls:
-            return message.content
+        if not message.tool_calls:  # an answer in words, or none (say why: e.g. reasoning used up max_tokens)
+            return message.content or f"(no answer: finish_reason {reply.choices[0].finish_reason})"
         messages.append(message.model_dump(exclude_none=True))
         for call in message.tool_calls:
             fn = FUNCTIONS.get(call.function.name)
@@ -66,7 +66,7 @@ def run(client: OpenAI, model: str, question: str, max_turns: int = 3) -> str | 
                 result = f"error: {e}"
             print(f"  tool call: {call.function.name}({call.function.arguments}) -> {result}")
             messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
-    return None
+    return f"(no answer after {max_turns} turns of tool calls)"
 
 
 def main(argv: list[str] | None = None) -> None:
