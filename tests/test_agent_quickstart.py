@@ -1,6 +1,7 @@
-"""The README's agent quick start (docs/examples/agent_quickstart.py), run as written against the default
-server: a plain openai tool loop whose tools are real Python functions. It needs a default model trained on
-tool calls (issue 19), so it runs once the shipped checkpoint speaks GLM-5 (its tags are single tokens)."""
+"""The agent quick start (docs/examples/agent_quickstart.py): a plain openai tool loop whose tools are real Python
+functions. Its tools are checked against the training catalog here; run as written against the default server,
+it needs a default model trained on tool calls, so that test runs once the shipped checkpoint speaks GLM-5 (its
+tags are single tokens)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,36 @@ import pytest
 from tests.service_fixtures import ServerProcess
 from tests.test_default_model import DEFAULT, speaks_glm5
 
-pytestmark = [pytest.mark.slow, pytest.mark.server,
-              pytest.mark.skipif(not speaks_glm5(DEFAULT), reason="the shipped checkpoint predates tool calls")]
 EXAMPLE = DEFAULT.parents[2] / "docs" / "examples" / "agent_quickstart.py"
 
 
-def test_the_quickstart_agent_calls_each_tool_and_answers(tmp_path, capsys):
+def load_example():
     spec = importlib.util.spec_from_file_location("agent_quickstart", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+def test_the_example_offers_the_training_tools_and_runs_them_as_a_model_calls_them():
+    """Its tools are the training catalog's own (same names, docstring descriptions and schemas), and its
+    functions take the call's arguments as keywords (math.gcd and str.upper themselves take none)."""
+    from model.tool_catalog import BY_NAME
+
+    example = load_example()
+    for tool in example.TOOLS:
+        name = tool["function"]["name"]
+        catalog = BY_NAME[name].schema()
+        assert tool["function"]["description"] == catalog["function"]["description"]
+        assert tool["function"]["parameters"] == catalog["function"]["parameters"]
+        args = {"gcd": {"a": 84, "b": 36}, "is_leap_year": {"year": 1900}, "upper": {"text": "silver river"}}[name]
+        assert example.as_text(example.FUNCTIONS[name](**args)) == BY_NAME[name].run(args)
+
+
+@pytest.mark.slow
+@pytest.mark.server
+@pytest.mark.skipif(not speaks_glm5(DEFAULT), reason="the shipped checkpoint predates tool calls")
+def test_the_quickstart_agent_calls_each_tool_and_answers(tmp_path, capsys):
+    example = load_example()
     with ServerProcess([], tmp_path / "server.log") as server:
         example.main(["--base-url", server.base_url + "/v1"])
     out = capsys.readouterr().out

@@ -34,10 +34,10 @@ TOOLS = [
     _tool("upper", "Return a copy of the string converted to uppercase.",
           text={"type": "string", "description": "the text to work on"}),
 ]
-FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "gcd": math.gcd,
+FUNCTIONS: dict[str, Callable[..., Any]] = {  # called with the model's arguments as keywords
+    "gcd": lambda a, b: math.gcd(a, b),
     "is_leap_year": lambda year: year % 4 == 0 and (year % 100 != 0 or year % 400 == 0),
-    "upper": str.upper,
+    "upper": lambda text: text.upper(),
 }
 QUESTIONS = ["What is the greatest common divisor of 84 and 36?", "Is 1900 a leap year?",
              'Convert "silver river" to upper case.']
