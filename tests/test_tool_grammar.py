@@ -84,3 +84,18 @@ def test_a_bounded_value_reads_back_within_its_bounds(lo: int, hi: int | None) -
             else:
                 want = "<" not in s and lo <= len(value) <= (hi or 99) and lead <= 2 and trail <= 2
             assert xgr.testing._is_grammar_accept_string(grammar, _call_with(s)) == want, (lo, hi, s)
+
+
+@pytest.mark.parametrize("bounds", [{"minLength": "3"}, {"maxLength": "x"}, {"maxLength": 2.5}, {"minLength": True},
+                                    {"minLength": 5, "maxLength": 2}])
+def test_bad_length_bounds_are_the_clients_400_quoting_the_compiler(bounds: dict) -> None:
+    """Only well-formed bounds are rewritten into a pattern; the rest reach xgrammar as written, whose error is
+    the 400 (a string bound once raised TypeError here: a 500)."""
+    from service.api.errors import APIError
+    from service.api.structured import check
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"s": {"type": "string", **bounds}}}}}
+    with pytest.raises(APIError) as e:
+        check(build_spec(tool_call_format([tool], False), False), "tools")
+    assert e.value.status == 400 and "Length" in e.value.message

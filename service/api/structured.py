@@ -44,12 +44,16 @@ def _unambiguous_values(schema: dict[str, Any]) -> dict[str, Any]:
     for name, prop in props.items():
         bounded = isinstance(prop, dict) and prop.get("type") == "string" and (
             "maxLength" in prop or "minLength" in prop) and not {"pattern", "format", "enum", "const"} & prop.keys()
-        if bounded:
-            lo, hi = prop.get("minLength", 0), prop.get("maxLength")
+        lo, hi = (prop.get("minLength", 0), prop.get("maxLength")) if bounded else (0, None)
+        if bounded and _count(lo) and (hi is None or _count(hi) and lo <= hi):  # else xgrammar judges the schema
             prop = {k: v for k, v in prop.items() if k not in ("minLength", "maxLength")}
             prop["pattern"] = _trimmed_pattern(lo, hi)
         fixed[name] = prop
     return {**schema, "properties": fixed}
+
+
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _trimmed_pattern(lo: int, hi: int | None) -> str:
