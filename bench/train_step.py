@@ -1,0 +1,105 @@
+"""What a training step of the default model costs, and what each saving in model/train.py buys (side by side).
+
+    python bench/train_step.py [--steps 5] [--threads 2] [--autocast off|bf16]
+    [--data runs/data --tokenizer runs/tokenizer --cache runs/train/train_tokens.pt]   # `make train` builds them
+
+One forward + backward of the dense stage (the recipe's first 70% of steps) on real batches of the corpus
+(8 x 513 tokens, TrainArgs' defaults), a freshly initialised model, three ways, alternating step by step so a
+drift of the machine's speed hits each alike:
+- `before`: every row through the LM and MTP heads, every layer recording attention (this stop's start);
+- `system turns out`: rows of system turns (the tool lists) out of the loss, so they skip the heads;
+- `after`: that, and only the supervised heads' layers record attention (the rest take fused SDPA): the default.
+The first step of each is a warm-up and is dropped; the median of the rest. Writes bench/results/train_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from common import ROOT, meta, pin_threads, print_table, write_result
+
+from model.batch import ForwardBatch
+from model.config import ModelConfig
+from model.network import GlmMoeDsaForCausalLM
+from model.tokenizer import Tokenizer
+from model.train import TrainArgs, default_config, init_weights, loss_weights, losses, parse_heads, set_sparse
+from model.train_data import TokenStream
+
+
+@contextlib.contextmanager
+def every_layer_collects(on: bool) -> Iterator[None]:
+    """While on, `collect_layers` is ignored: every layer records its attention, as before that saving."""
+    own = ForwardBatch.collecting
+    if on:
+        ForwardBatch.collecting = lambda self, layer: self.collect is not None
+    try:
+        yield
+    finally:
+        ForwardBatch.collecting = own
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=ROOT / "runs" / "data")
+    ap.add_argument("--tokenizer", type=Path, default=ROOT / "runs" / "tokenizer")
+    ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "train" / "train_tokens.pt",
+                    help="the tokenized corpus (written here first if missing: a few minutes)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per variant, after one warm-up")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--autocast", choices=["off", "bf16"], default="off")
+    args = ap.parse_args()
+    threads = pin_threads(args.threads)
+    tok = Tokenizer.from_dir(args.tokenizer)
+    base = TrainArgs()
+    cfg = default_config(tok.vocab_size, tok.token_to_id("[gMASK]"), sorted(tok.eos_token_ids),
+                         tok.token_to_id("<|endoftext|>"))
+    model = GlmMoeDsaForCausalLM(ModelConfig.from_dict(cfg, "default_config"))
+    init_weights(model, model.config.initializer_range, base.seed)
+    set_sparse(model, False)  # the dense stage
+    stream = TokenStream.from_jsonl(args.data / "train.jsonl", tok, args.cache)
+    heads = parse_heads(base.sup_heads)
+    variants = {"before": (replace(base, system_weight=1.0), True),
+                "system turns out": (base, True),
+                "after": (base, False)}
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    kept: list[float] = []
+    names = list(variants)
+    for step in range(args.steps + 1):
+        batch = stream.batch(base.batch, base.seq_len + 1, base.seed, step)
+        for name in names[step % len(names):] + names[: step % len(names)]:  # rotate who goes first
+            a, all_layers = variants[name]
+            weights = loss_weights(batch, tok, a)
+            with every_layer_collects(all_layers), torch.autocast("cpu", torch.bfloat16,
+                                                                  enabled=args.autocast == "bf16"):
+                t = time.perf_counter()
+                loss = losses(model, batch, "dense", a.mtp_weight, heads, a.sup_weight, weights)["total"]
+                loss.backward()
+                seconds[name].append(time.perf_counter() - t)
+            model.zero_grad(set_to_none=True)
+            if name == "after" and weights is not None:
+                kept.append(float((weights > 0).float().mean()))
+    first = statistics.median(seconds["before"][1:])
+    tokens = base.batch * (base.seq_len + 1)
+    rows = []
+    for name, s in seconds.items():
+        med = statistics.median(s[1:])
+        rows.append({"variant": name, "s_per_step": med, "tok_s": tokens / med, "speedup": first / med,
+                     "runs": [round(x, 3) for x in s[1:]]})
+    print_table(f"Dense-stage training step, {base.batch} x {base.seq_len + 1} tokens, {threads} threads, "
+                f"autocast {args.autocast}, median of {args.steps} (rows kept in the loss: "
+                f"{statistics.mean(kept):.0%})",
+                [("variant", "variant", ""), ("s_per_step", "s/step", ".2f"), ("tok_s", "tok/s", ".0f"),
+                 ("speedup", "vs before", ".2fx")], rows)
+    write_result("train_step", rows, meta(threads, autocast=args.autocast, steps=args.steps,
+                                          rows_kept=statistics.mean(kept)))
+
+
+if __name__ == "__main__":
+    main()
