@@ -167,7 +167,7 @@ def system_turn_weights(tokens: torch.Tensor, system_id: int, turn_ids: list[int
     """[B, S] LM-loss weights of the targets tokens[:, 1:]: `weight` for a token inside a system turn (from
     `<|system|>` up to the next turn's marker, any of `turn_ids`), 1 elsewhere. Half the corpus's characters
     are the tool lists of system turns, the same 44 schemas over and over: at weight 0 their rows skip the LM
-    and MTP heads, a fifth of a step's work, and the loss is spent on what the model has to write."""
+    and MTP heads (1.13x per step, bench/train_step.py), and the loss is spent on what the model has to write."""
     S = tokens.shape[1]
     marker = tokens == system_id
     for t in turn_ids:
