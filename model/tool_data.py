@@ -11,9 +11,10 @@ Held out for evaluation: the whole tools in `HELDOUT_TOOLS`, and for each traini
 by hash). Everything is seeded: the same seed gives the same documents on every machine.
 
 In `ALIAS_RATE` of the training documents every offered tool goes by an alias (`alias_names`), mostly two
-unrelated words. A model that only ever saw the real names learns each name as a word to recall (every run
-called a held-out tool by a training tool's name: 0% right); under an alias the only way to the right name is
-to read the tool list and copy the name of the tool whose description matches the request.
+unrelated words, and half of those tools have their parameters renamed too. A model that only ever saw the
+real names learns each name as a word to recall (every run called a held-out tool by a training tool's name:
+0% right); under an alias the only way to the right name, and key, is to read the tool list and copy it from
+the tool whose description matches the request.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ ALIAS_WORDS = ["alpha", "beta", "gamma", "delta", "kappa", "sigma", "omega", "ze
                "ember", "falcon", "harbor", "lotus", "maple", "meadow", "onyx", "prism", "quartz", "raven", "topaz",
                "willow", "zephyr", "orbit", "pixel", "vector", "nova", "comet", "lark", "birch", "coral"]
 ALIAS_AFFIXES = ["do", "get", "calc", "run", "tool", "py", "std", "fn", "op", "v2"]
+# Parameter aliases: held-out tools have keys no training tool has (`suffix`, `y1`), so keys must be copied too.
+PARAM_ALIASES = ["value", "item", "arg", "data", "num", "first", "second", "input", "source", "target", "left",
+                 "right", "start", "end", "size", "count", "key", "word", "amount", "limit"]
+REAL_KEYS = frozenset(p.name for t in TOOLS for p in t.params)
 
 
 def heldout_phrasing(tool: Tool) -> int:
@@ -86,8 +91,19 @@ def alias_names(rng: Random, tools: list[Tool]) -> dict[str, str]:
 
 
 def renamed(rng: Random, tools: list[Tool]) -> list[Tool]:
+    """`tools` under their aliases; half of them also with their parameters renamed (`PARAM_ALIASES`, or the
+    real name with a digit), in the same order."""
     names = alias_names(rng, tools)
-    return [replace(t, name=names[t.name]) for t in tools]
+    out = []
+    for t in tools:
+        params = t.params
+        if rng.random() < 0.5:
+            keys = [f"{p.name}{rng.randint(1, 9)}" for p in params]
+            if rng.random() < 0.5 or set(keys) & REAL_KEYS:  # never a real key (`y1` is a held-out tool's)
+                keys = rng.sample(PARAM_ALIASES, len(params))
+            params = tuple(replace(p, name=k) for p, k in zip(params, keys, strict=True))
+        out.append(replace(t, name=names[t.name], params=params))
+    return out
 
 
 def _show(v: Any) -> str:
@@ -108,20 +124,25 @@ def answer_plan(tool: Tool, result: str) -> str:
 def tool_conversation(rng: Random, tool: Tool, phrasing: int, thinking: bool, pool: list[Tool],
                       alias: bool = False) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """(messages, tools, arguments) of one tool-use conversation, the result computed by the real function;
-    with `alias`, every offered tool goes by an alias (`renamed`) in the tool list, the call and the plan."""
+    with `alias`, every offered tool goes by an alias (`renamed`, parameters too for some) in the tool list, the
+    call and the plan."""
     args = tool.sample_args(rng)
     result = tool.run(args)
     offered = pick_offered(rng, tool, pool)
+    shown = tool
     if alias:
         at = offered.index(tool)
         offered = renamed(rng, offered)
-        tool = offered[at]
-    call = {"type": "function", "function": {"name": tool.name, "arguments": args}}
+        shown = offered[at]
+    # The call and the plan use the names shown in the tool list; the request and the answer are worded with
+    # the arguments' values, whatever their keys.
+    shown_args = {s.name: args[p.name] for p, s in zip(tool.params, shown.params, strict=True)}
+    call = {"type": "function", "function": {"name": shown.name, "arguments": shown_args}}
     first = {"role": "assistant", "content": "", "tool_calls": [call]}
     final = {"role": "assistant", "content": tool.answer.format(**args, result=result)}
     if thinking:
-        first["reasoning_content"] = call_plan(tool, args)
-        final["reasoning_content"] = answer_plan(tool, result)
+        first["reasoning_content"] = call_plan(shown, shown_args)
+        final["reasoning_content"] = answer_plan(shown, result)
     messages = [{"role": "user", "content": tool.asks[phrasing].format(**args)}, first,
                 {"role": "tool", "content": result}, final]
     return messages, [t.schema() for t in offered], args
