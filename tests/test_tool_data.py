@@ -87,6 +87,8 @@ def test_some_documents_call_their_tools_by_an_alias(docs: list[dict]) -> None:
     renamed_keys = [d for d in aliased if not set(shown(d).schema()["function"]["parameters"]["properties"])
                     <= real_keys]
     assert 0.2 < len(renamed_keys) / len(aliased) < 0.8  # about half of the aliased tools rename their keys
+    for d in renamed_keys:  # and then to names no real tool has (a held-out tool's `y1` included)
+        assert not set(shown(d).schema()["function"]["parameters"]["properties"]) & real_keys
 
 
 def test_real_function_results() -> None:
