@@ -8,7 +8,9 @@ For each held-out tool prompt of `tool_eval.jsonl` (model/tool_data.py: held-out
 the GLM-5 rendering of the request and the right call, thinking off, goes through the model once; at the
 position after `<tool_call>` and after each `<arg_value>`, is the model's top token the right one (the first
 token of the tool's name, of each argument's value)? Greedy generation (bench/model_card.py) needs every token
-right; this shows where copying stands long before it does, and which part (names or arguments) lags.
+right; this shows where copying stands long before it does, and which part (names or arguments) lags. Each
+prompt is also probed with its tools under fresh aliases (split `..._aliased`): there a right name is a name
+copied from the tool list.
 `--dense` evaluates with dense attention (before the sparse stage the indexer is untrained). Writes
 bench/results/tool_probe.json.
 """
@@ -19,6 +21,7 @@ import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
+from random import Random
 
 import torch
 from common import ROOT, meta, pin_threads, print_table, write_result
@@ -27,6 +30,7 @@ from model.batch import ForwardBatch
 from model.config import ModelConfig
 from model.network import GlmMoeDsaForCausalLM
 from model.tokenizer import Tokenizer
+from model.tool_data import ALIAS_WORDS
 
 
 def load(state: Path | None, model_dir: Path | None, tok: Tokenizer) -> GlmMoeDsaForCausalLM:
@@ -41,6 +45,18 @@ def load(state: Path | None, model_dir: Path | None, tok: Tokenizer) -> GlmMoeDs
     model = GlmMoeDsaForCausalLM(ModelConfig.from_dict(cfg, "default_config"))
     model.load_state_dict(torch.load(state, weights_only=False, map_location="cpu")["model"])
     return model
+
+
+def aliased(record: dict, rng: Random) -> dict:
+    """The record with every offered tool under a fresh two-word alias (`tool_data.ALIAS_WORDS`): the name
+    can then only be copied from the tool list, whatever the model remembers of the real names."""
+    names: dict[str, str] = {}
+    for t in record["tools"]:
+        while (alias := f"{rng.choice(ALIAS_WORDS)}_{rng.choice(ALIAS_WORDS)}") in names.values():
+            pass
+        names[t["function"]["name"]] = alias
+    tools = [{**t, "function": {**t["function"], "name": names[t["function"]["name"]]}} for t in record["tools"]]
+    return {**record, "tools": tools, "tool": names[record["tool"]], "split": record["split"] + "_aliased"}
 
 
 def probe(model: GlmMoeDsaForCausalLM, tok: Tokenizer, record: dict) -> list[tuple[str, bool]]:
@@ -80,15 +96,16 @@ def main() -> None:
         set_sparse(model, False)
     counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     seen: dict[str, int] = defaultdict(int)
+    rng = Random(0)
     for line in (args.data / "tool_eval.jsonl").read_text().splitlines():
         record = json.loads(line)
-        split = record["split"]
-        if record["tool"] is None or (args.limit and seen[split] >= args.limit):
+        if record["tool"] is None or (args.limit and seen[record["split"]] >= args.limit):
             continue
-        seen[split] += 1
-        for kind, right in probe(model, tok, record):
-            counts[split, kind][0] += right
-            counts[split, kind][1] += 1
+        seen[record["split"]] += 1
+        for r in (record, aliased(record, rng)):
+            for kind, right in probe(model, tok, r):
+                counts[r["split"], kind][0] += right
+                counts[r["split"], kind][1] += 1
     rows = [{"split": split, "position": kind, "right": r, "of": n, "accuracy": r / n}
             for (split, kind), (r, n) in sorted(counts.items())]
     step = torch.load(args.state, weights_only=False, map_location="cpu")["step"] if args.state else None

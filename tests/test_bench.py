@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -290,3 +291,8 @@ def test_tool_probe_reads_the_call_name_and_each_argument_value_position(tmp_pat
     right = tool_probe.probe(Oracle(False), tok, record)
     assert right == [("name", True), ("argument", True), ("argument", True)]  # gcd(a, b)
     assert tool_probe.probe(Oracle(True), tok, record) == [("name", True), ("argument", False), ("argument", False)]
+    renamed = tool_probe.aliased(record, random.Random(0))  # every offered tool under a fresh alias
+    names = [t["function"]["name"] for t in renamed["tools"]]
+    assert renamed["tool"] in names and len(set(names)) == len(names) and "gcd" not in names
+    assert renamed["split"] == record["split"] + "_aliased"
+    assert tool_probe.probe(Oracle(False), tok, renamed) == right
