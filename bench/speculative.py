@@ -28,7 +28,11 @@ over max(prompts, waves x B) prompts (`--waves`, default 4: the tail, where requ
 different steps and the batch thins out, must stay a small part of the run; K = 0's requests end together),
 repeats interleaved, median tok/s; per row the ratio to K = 0,
 identical tokens, the share of steps that drafted each depth 0..K (what the adaptive policy chose) and the
-acceptance. Targets: >= 1.25x at batch 1, >= 0.98x at 8 and at 32, greedy tokens identical.
+acceptance. Targets: >= 1.25x at batch 1, >= 0.98x at 8 and at 32, greedy tokens identical. The adaptive
+engine records every step (`SpecDecode.trace`): its row also has the median milliseconds of its steady steps
+(depth verified = depth drafted, decode only) per depth over the whole run, the policy's own per-depth times
+(its recent medians) at the end, and K = 0's mean milliseconds per step (prefills included), to tell a wrong
+choice from a wrong measurement.
 """
 
 from __future__ import annotations
@@ -149,7 +153,8 @@ def best_k(rows: list[dict], batch: int) -> dict[str, dict]:
 AB_COLUMNS = [("prompt_set", "prompts", ""), ("batch", "B", "d"), ("config", "config", ""), ("k", "K", "d"),
               ("tok_s", "tok/s", ".1f"), ("speedup", "vs K=0", ".2fx"), ("target", "target", ".2fx"),
               ("depths", "steps at depth 0..K", ""), ("accept_rate", "acc rate", ".1%"), ("same", "same", ""),
-              ("error", "error", "")]
+              ("steady_ms", "steady ms/step by depth", ""), ("policy_ms", "policy's ms", ""),
+              ("k0_ms_per_step", "K=0 ms/step", ".1f"), ("error", "error", "")]
 AB_K = 2  # --ab: adaptive depth up to 2 (`--num-speculative-tokens 2`)
 AB_TARGETS = {1: 1.25}  # other batch sizes: 0.98 (never a loss)
 
@@ -159,13 +164,34 @@ def depth_steps(engine) -> list[int]:
     return list(spec.depth_steps) if spec is not None else []
 
 
+def step_costs(engine, batch: int) -> dict:
+    """From the adaptive engine's step trace: per depth, the median milliseconds of its steady decode-only steps
+    (depth verified = depth drafted, the steps the policy times) and their count, beside the policy's own table
+    for this batch's bucket at the end (`policy_ms`). Where the two disagree, the policy compared stale times."""
+    trace, policy = engine.spec.trace, engine.spec.policy
+    steady: dict[int, list[float]] = {}
+    for _, verified, drafted, seconds, decode_only in trace:
+        if decode_only and verified == drafted:
+            steady.setdefault(drafted, []).append(seconds)
+    depths = range(engine.num_speculative_tokens + 1)
+    ms = [1000 * statistics.median(steady[k]) if k in steady else None for k in depths]
+    bucket = policy.bucket_of(batch) if hasattr(policy, "bucket_of") else None
+    seen = [policy.seconds(bucket, k) for k in depths] if bucket is not None and bucket in policy.buckets else []
+    return {"steady_ms": " ".join("-" if m is None else f"{m:.1f}" for m in ms),
+            "steady_steps": [len(steady.get(k, [])) for k in depths],
+            "policy_ms": " ".join("-" if t is None else f"{1000 * t:.1f}" for t in seen) or "-",
+            "trace_steps": len(trace)}
+
+
 def run_ab(model: Path, batch: int, sets: dict[str, list[list[int]]], max_tokens: int, repeats: int) -> list[dict]:
     """Adaptive MTP (K <= AB_K) against K = 0 at one batch size, per prompt set."""
     rows = []
     for name, prompts in sets.items():
         engines = {"adaptive": make_engine(model, AB_K, batch, prompts, max_tokens, policy="adaptive"),
                    "K=0": make_engine(model, 0, batch, prompts, max_tokens)}
+        engines["adaptive"].spec.trace = []  # every step's (batch, depths, seconds): what the policy saw
         before = {c: (stats_tuple(e), depth_steps(e)) for c, e in engines.items()}
+        k0_steps: list[float] = []
         speeds: dict[str, list[float]] = {c: [] for c in engines}
         tokens: dict[str, list] = {}
         for rep in range(repeats):
@@ -173,6 +199,8 @@ def run_ab(model: Path, batch: int, sets: dict[str, list[list[int]]], max_tokens
                 run = closed_loop(engine, prompts, max_tokens, batch, prefix=f"{name}-r{rep}-")
                 speeds[config].append(run.output_tokens / run.seconds)
                 tokens.setdefault(config, run.tokens)
+                if config == "K=0":
+                    k0_steps.append(run.seconds / run.steps)
         base = statistics.median(speeds["K=0"])
         for config, engine in engines.items():
             row = finish_row(engine, name, engine.num_speculative_tokens, batch, speeds[config], None,
@@ -184,6 +212,8 @@ def run_ab(model: Path, batch: int, sets: dict[str, list[list[int]]], max_tokens
                        same=f"{sum(a == b for a, b in zip(tokens[config], tokens['K=0'], strict=True))}/{len(prompts)}")
             if config == "adaptive":
                 row["target"] = AB_TARGETS.get(batch, 0.98)
+                row.update(step_costs(engine, batch))
+                row["k0_ms_per_step"] = 1000 * statistics.median(k0_steps)
             rows.append(row)
             print(f"  {name} B={batch} {config}: {row['tok_s']:.1f} tok/s ({row['speedup']:.2f}x)", flush=True)
     return rows

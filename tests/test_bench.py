@@ -156,6 +156,10 @@ def test_in_process_benchmarks_write_tables_and_json(tiny_ckpt, tmp_path, capsys
                                                                         (3, "adaptive", 2), (3, "K=0", 0)]
     assert all(r["same"] == f"{2 * r['batch']}/{2 * r['batch']}" and r["tok_s"] > 0 for r in ab["rows"])
     assert len(ab["rows"][0]["depth_steps"]) == 3 and sum(ab["rows"][0]["depth_steps"]) > 0
+    adaptive = ab["rows"][0]  # its step trace: every step recorded, steady ones timed per depth
+    assert adaptive["trace_steps"] == sum(adaptive["depth_steps"])  # every step after the warm-up
+    assert len(adaptive["steady_steps"]) == 3 and 0 < sum(adaptive["steady_steps"]) <= adaptive["trace_steps"]
+    assert adaptive["steady_ms"].count(" ") == 2 and adaptive["k0_ms_per_step"] > 0
     assert ab["summary"]["targets"] == {"1": 1.25, "3": 0.98}
     assert "Adaptive MTP (K <= 2) vs --num-speculative-tokens 0" in capsys.readouterr().out
 

@@ -27,6 +27,9 @@ class SpecDecode:
         self._t0 = 0.0
         self._decode_only = False
         self._batch = 0
+        # Set to a list by a benchmark to record every step: (batch, verified depth, drafted depth, seconds,
+        # steady decode-only step), the policy's inputs, to set against its choices.
+        self.trace: list[tuple[int, int, int, float, bool]] | None = None
 
     def eligible(self, seq: Sequence) -> bool:
         """Whether `seq` drafts. Under the adaptive policy a seeded sampled request does not: its tokens must
@@ -63,7 +66,10 @@ class SpecDecode:
             for seq, _, _ in live:
                 self.block_manager.trim(seq, seq.num_tokens)
         self.proposer.propose(live, result.hidden, max_model_len, depth)
-        self.policy.observe_step(self._batch, self.depth, depth, time.perf_counter() - self._t0, self._decode_only)
+        seconds = time.perf_counter() - self._t0
+        self.policy.observe_step(self._batch, self.depth, depth, seconds, self._decode_only)
+        if self.trace is not None:
+            self.trace.append((self._batch, self.depth, depth, seconds, self._decode_only))
         self.depth_steps[depth] += 1
         self.depth = depth
 
