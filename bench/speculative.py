@@ -170,9 +170,12 @@ def step_costs(engine, batch: int) -> dict:
     for this batch's bucket at the end (`policy_ms`). Where the two disagree, the policy compared stale times."""
     trace, policy = engine.spec.trace, engine.spec.policy
     steady: dict[int, list[float]] = {}
+    other: list[float] = []  # switches of depth and steps with a prefill: not timed by the policy, still paid
     for _, verified, drafted, seconds, decode_only in trace:
         if decode_only and verified == drafted:
             steady.setdefault(drafted, []).append(seconds)
+        else:
+            other.append(seconds)
     depths = range(engine.num_speculative_tokens + 1)
     ms = [1000 * statistics.median(steady[k]) if k in steady else None for k in depths]
     bucket = policy.bucket_of(batch) if hasattr(policy, "bucket_of") else None
@@ -180,7 +183,8 @@ def step_costs(engine, batch: int) -> dict:
     return {"steady_ms": " ".join("-" if m is None else f"{m:.1f}" for m in ms),
             "steady_steps": [len(steady.get(k, [])) for k in depths],
             "policy_ms": " ".join("-" if t is None else f"{1000 * t:.1f}" for t in seen) or "-",
-            "trace_steps": len(trace)}
+            "trace_steps": len(trace), "trace_s": sum(t[3] for t in trace),
+            "other_steps": len(other), "other_ms": 1000 * statistics.median(other) if other else None}
 
 
 def run_ab(model: Path, batch: int, sets: dict[str, list[list[int]]], max_tokens: int, repeats: int) -> list[dict]:
