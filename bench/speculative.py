@@ -31,8 +31,8 @@ identical tokens, the share of steps that drafted each depth 0..K (what the adap
 acceptance. Targets: >= 1.25x at batch 1, >= 0.98x at 8 and at 32, greedy tokens identical. The adaptive
 engine records every step (`SpecDecode.trace`): its row also has the median milliseconds of its steady steps
 (depth verified = depth drafted, decode only) per depth over the whole run, the policy's own per-depth times
-(its recent medians) at the end, and K = 0's mean milliseconds per step (prefills included), to tell a wrong
-choice from a wrong measurement.
+(its recent medians) at the end, the steps it never times (prefills, depth switches: count and median) and
+K = 0's mean milliseconds per step (prefills included), to tell a wrong choice from a wrong measurement.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ class SpecDecode:
         self._decode_only = False
         self._batch = 0
         # Set to a list by a benchmark to record every step: (batch, verified depth, drafted depth, seconds,
-        # steady decode-only step), the policy's inputs, to set against its choices.
+        # decode only), the policy's inputs, to set against its choices.
         self.trace: list[tuple[int, int, int, float, bool]] | None = None
 
     def eligible(self, seq: Sequence) -> bool:
