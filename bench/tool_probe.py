@@ -27,24 +27,23 @@ import torch
 from common import ROOT, meta, pin_threads, print_table, write_result
 
 from model.batch import ForwardBatch
-from model.config import ModelConfig
 from model.network import GlmMoeDsaForCausalLM
 from model.tokenizer import Tokenizer
 from model.tool_data import ALIAS_WORDS
 
 
-def load(state: Path | None, model_dir: Path | None, tok: Tokenizer) -> GlmMoeDsaForCausalLM:
+def load(state: Path | None, model_dir: Path | None, tok: Tokenizer) -> tuple[GlmMoeDsaForCausalLM, int | None]:
+    """The model, and the training step of a training state (None for an exported checkpoint)."""
     if model_dir is not None:
         from model.loader import load_model
 
-        return load_model(model_dir, torch.float32)
-    from model.train import default_config
+        return load_model(model_dir, torch.float32), None
+    from model.train import default_model_config
 
-    cfg = default_config(tok.vocab_size, tok.token_to_id("[gMASK]"), sorted(tok.eos_token_ids),
-                         tok.token_to_id("<|endoftext|>"))
-    model = GlmMoeDsaForCausalLM(ModelConfig.from_dict(cfg, "default_config"))
-    model.load_state_dict(torch.load(state, weights_only=False, map_location="cpu")["model"])
-    return model
+    saved = torch.load(state, weights_only=False, map_location="cpu")
+    model = GlmMoeDsaForCausalLM(default_model_config(tok))
+    model.load_state_dict(saved["model"])
+    return model, saved["step"]
 
 
 def aliased(record: dict, rng: Random) -> dict:
@@ -89,7 +88,8 @@ def main() -> None:
     args = ap.parse_args()
     pin_threads(args.threads)
     tok = Tokenizer.from_dir(args.model or args.tokenizer)
-    model = load(args.state, args.model, tok).eval()
+    model, step = load(args.state, args.model, tok)
+    model.eval()
     if args.dense:
         from model.train import set_sparse
 
@@ -108,7 +108,6 @@ def main() -> None:
                 counts[r["split"], kind][1] += 1
     rows = [{"split": split, "position": kind, "right": r, "of": n, "accuracy": r / n}
             for (split, kind), (r, n) in sorted(counts.items())]
-    step = torch.load(args.state, weights_only=False, map_location="cpu")["step"] if args.state else None
     print_table(f"Teacher-forced first token of the call's name and of each argument (step {step})",
                 [("split", "split", ""), ("position", "position", ""), ("right", "right", ""), ("of", "of", ""),
                  ("accuracy", "accuracy", ".3f")], rows)

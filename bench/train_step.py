@@ -26,10 +26,9 @@ import torch
 from common import ROOT, meta, pin_threads, print_table, write_result
 
 from model.batch import ForwardBatch
-from model.config import ModelConfig
 from model.network import GlmMoeDsaForCausalLM
 from model.tokenizer import Tokenizer
-from model.train import TrainArgs, default_config, init_weights, loss_weights, losses, parse_heads, set_sparse
+from model.train import TrainArgs, default_model_config, init_weights, loss_weights, losses, parse_heads, set_sparse
 from model.train_data import TokenStream
 
 
@@ -58,9 +57,7 @@ def main() -> None:
     threads = pin_threads(args.threads)
     tok = Tokenizer.from_dir(args.tokenizer)
     base = TrainArgs()
-    cfg = default_config(tok.vocab_size, tok.token_to_id("[gMASK]"), sorted(tok.eos_token_ids),
-                         tok.token_to_id("<|endoftext|>"))
-    model = GlmMoeDsaForCausalLM(ModelConfig.from_dict(cfg, "default_config"))
+    model = GlmMoeDsaForCausalLM(default_model_config(tok))
     init_weights(model, model.config.initializer_range, base.seed)
     set_sparse(model, False)  # the dense stage
     stream = TokenStream.from_jsonl(args.data / "train.jsonl", tok, args.cache)

@@ -49,6 +49,12 @@ if TYPE_CHECKING:
 from .train_data import TokenStream
 
 
+def default_model_config(tok: Tokenizer) -> ModelConfig:
+    """`default_config` for this tokenizer's vocabulary and special tokens."""
+    return ModelConfig.from_dict(default_config(tok.vocab_size, tok.token_to_id("[gMASK]"), sorted(tok.eos_token_ids),
+                                                tok.token_to_id("<|endoftext|>")), "default_config")
+
+
 def default_config(vocab_size: int, bos: int, eos: list[int], pad: int | None) -> dict:
     """config.json of the shipped model: ~16M parameters, 8 layers (1 dense + 7 MoE) per MTP layer, so a draft
     costs about an eighth of a step; a one-head indexer, about 1/18 of MLA's per-key cost as in GLM-5."""
@@ -314,10 +320,8 @@ def train(a: TrainArgs) -> dict:
     from .tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(a.tokenizer)
-    eos = sorted(tok.eos_token_ids)
-    cfg_dict = (json.loads(Path(a.config_json).read_text()) if a.config_json
-                else default_config(tok.vocab_size, tok.token_to_id("[gMASK]"), eos, tok.token_to_id("<|endoftext|>")))
-    cfg = ModelConfig.from_dict(cfg_dict, "default_config")
+    cfg = (ModelConfig.from_dict(json.loads(Path(a.config_json).read_text()), "default_config") if a.config_json
+           else default_model_config(tok))
     model = GlmMoeDsaForCausalLM(cfg).to(device)
     init_weights(model, cfg.initializer_range, a.seed)
     train_data = TokenStream.from_jsonl(Path(a.data) / "train.jsonl", tok, out / "train_tokens.pt")
