@@ -28,7 +28,6 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -88,6 +87,7 @@ class TrainArgs:
     dense_frac: float = 0.7  # stage 1 share of steps
     indexer_warmup_frac: float = 0.05  # stage 2 share
     mtp_weight: float = 0.3
+    mtp_distill: float = 0.5  # share of the MTP loss that is a KL to the main model's prediction (losses())
     # Supervised attention heads (model/attn_supervision.py): kind:layer.head, and the weight of their loss.
     # Pointer and copy on the last layer, with call tokens x4, was the one recipe whose predictions began to copy
     # (first argument token right 33% at step 884 of 2,000 and rising; the pointer on layer 3: 9% at 648).
@@ -199,21 +199,12 @@ def loss_weights(tokens: torch.Tensor, tok: Tokenizer, a: TrainArgs) -> torch.Te
     return weights
 
 
-def _weighted_ce(logits_of: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, y: torch.Tensor,
-                 w: torch.Tensor) -> torch.Tensor:
-    """sum(w * CE) / sum(w) over rows, the head (`logits_of`) applied only to rows of nonzero weight."""
-    keep = w > 0
-    if bool(keep.all()):
-        per_row = F.cross_entropy(logits_of(h), y, reduction="none")
-        return (per_row * w).sum() / w.sum()
-    per_row = F.cross_entropy(logits_of(h[keep]), y[keep], reduction="none")
-    return (per_row * w[keep]).sum() / w.sum().clamp(min=1e-6)
-
-
 def losses(model: GlmMoeDsaForCausalLM, tokens: torch.Tensor, stage: str, mtp_weight: float,
            heads: dict[str, tuple[int, int]] | None = None, sup_weight: float = 0.0,
-           weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """tokens [B, S+1] -> LM, MTP, indexer-KL and head-supervision losses for one batch."""
+           weights: torch.Tensor | None = None, mtp_distill: float = 0.0) -> dict[str, torch.Tensor]:
+    """tokens [B, S+1] -> LM, MTP, indexer-KL and head-supervision losses for one batch. The MTP loss is the
+    cross-entropy on t_{i+2}, mixed (`mtp_distill`) with a KL towards the main model's own prediction of
+    t_{i+2}: a draft is accepted when it agrees with the main model, not with the data (DistillSpec)."""
     B, S1 = tokens.shape
     S = S1 - 1
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -223,10 +214,13 @@ def losses(model: GlmMoeDsaForCausalLM, tokens: torch.Tensor, stage: str, mtp_we
     if stage == "dense" and supervise:  # only the supervised heads' layers: the rest keep fused attention
         fb.collect_layers = frozenset(layer for layer, _ in heads.values())
     h = model(x.reshape(-1), fb)  # [B*S, H]
-    if weights is None:
-        lm = F.cross_entropy(model.logits(h), y.reshape(-1))
-    else:  # a weighted mean: tool calls count more, system turns not at all (`loss_weights`)
-        lm = _weighted_ce(model.logits, h, y.reshape(-1), weights.reshape(-1))
+    # A weighted mean (tool calls count more, system turns not at all: `loss_weights`); rows of weight 0 skip
+    # the head. `kept` maps each row to its row of `logits` (-1: skipped).
+    w = torch.ones(B * S, device=tokens.device) if weights is None else weights.reshape(-1)
+    keep = w > 0
+    kept = torch.cumsum(keep.long(), 0) - 1
+    logits = model.logits(h[keep])
+    lm = (F.cross_entropy(logits, y.reshape(-1)[keep], reduction="none") * w[keep]).sum() / w.sum().clamp(min=1e-6)
     out = {"lm": lm, "kl": indexer_kl(fb.collect or [], stage == "sparse") if stage != "dense"
            else torch.zeros((), device=tokens.device)}
     sup = supervision_losses(fb.collect, x, y, heads, model) if supervise else {}
@@ -234,14 +228,18 @@ def losses(model: GlmMoeDsaForCausalLM, tokens: torch.Tensor, stage: str, mtp_we
         hh = h.view(B, S, -1)[:, :-1].reshape(-1, h.shape[-1])  # h_i for i < S-1
         z = model.mtp(x[:, 1:].reshape(-1), hh, mtp_batch(B, S, tokens.device))
         z = z.view(B, S - 1, -1)[:, :-1].reshape(-1, z.shape[-1])  # predicts t_{i+2}; needs i+2 <= S
-        target = tokens[:, 2:S].reshape(-1)
-        if weights is None:
-            out["mtp"] = F.cross_entropy(model.mtp_logits(z), target)
-        else:  # the weight of target t_{i+2} is weights[:, i+1]; only whether a row counts is taken from it
-            out["mtp"] = _weighted_ce(model.mtp_logits, z, target, (weights[:, 1:-1] > 0).float().reshape(-1))
+        # MTP row i predicts t_{i+2}, the main model's row i+1 too: it counts when that row does (unweighted)
+        rows = keep.view(B, S)[:, 1:-1].reshape(-1)
+        mtp_logits = model.mtp_logits(z[rows])
+        out["mtp"] = F.cross_entropy(mtp_logits, tokens[:, 2:S].reshape(-1)[rows])
+        if mtp_distill > 0:  # KL(main model's next-token distribution || the draft's), the main side detached
+            main = logits[kept.view(B, S)[:, 1:-1].reshape(-1)[rows]].detach().float()
+            out["mtp_kl"] = F.kl_div(F.log_softmax(mtp_logits.float(), -1), F.log_softmax(main, -1),
+                                     log_target=True, reduction="batchmean")
     else:
         out["mtp"] = torch.zeros((), device=tokens.device)
-    out["total"] = (lm + mtp_weight * out["mtp"]) if stage != "warmup" else out["kl"]
+    mtp = out["mtp"] if mtp_distill == 0 else (1 - mtp_distill) * out["mtp"] + mtp_distill * out["mtp_kl"]
+    out["total"] = (lm + mtp_weight * mtp) if stage != "warmup" else out["kl"]
     if stage == "sparse":
         out["total"] = out["total"] + out["kl"]
     for kind, loss in sup.items():
@@ -373,7 +371,7 @@ def train(a: TrainArgs) -> dict:
         batch = train_data.batch(a.batch, a.seq_len + 1, a.seed, step).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             weights = loss_weights(batch, tok, a)
-            ls = losses(model, batch, stage, a.mtp_weight, heads, a.sup_weight, weights)
+            ls = losses(model, batch, stage, a.mtp_weight, heads, a.sup_weight, weights, a.mtp_distill)
         opt.zero_grad(set_to_none=True)
         ls["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -71,6 +71,35 @@ def test_mtp_loss_targets_the_token_after_next():
     assert out["total"].item() == pytest.approx((out["lm"] + 0.3 * out["mtp"]).item(), rel=1e-5)
 
 
+def test_mtp_distillation_pulls_the_draft_towards_the_main_models_next_prediction():
+    """With `mtp_distill`, MTP row i also learns KL(main model's row i+1 || draft row i): both predict t_{i+2}.
+    Checked by hand, with system-turn rows (weight 0) skipped on both sides."""
+    model = tiny_model()
+    B, S = 2, 10
+    tokens = torch.randint(0, 64, (B, S + 1), generator=torch.Generator().manual_seed(3))
+    weights = torch.ones(B, S)
+    weights[0, 2:5] = 0.0
+    out = losses(model, tokens, "dense", 0.3, weights=weights, mtp_distill=0.25)
+    x = tokens[:, :-1]
+    h = model(x.reshape(-1), ForwardBatch(torch.arange(S).repeat(B), [S] * B, [S] * B)).view(B, S, -1)
+    z = model.mtp(x[:, 1:].reshape(-1), h[:, :-1].reshape(-1, h.shape[-1]),
+                  ForwardBatch(torch.arange(S - 1).repeat(B), [S - 1] * B, [S - 1] * B)).view(B, S - 1, -1)
+    kls, ces = [], []
+    for b in range(B):
+        for i in range(S - 2):
+            if weights[b, i + 1] == 0:
+                continue
+            draft = F.log_softmax(model.mtp_logits(z[b, i]), -1)
+            main = F.log_softmax(model.logits(h[b, i + 1]), -1)
+            kls.append((main.exp() * (main - draft)).sum())
+            ces.append(-draft[tokens[b, i + 2]])
+    assert len(kls) == B * (S - 2) - 3
+    assert out["mtp_kl"].item() == pytest.approx(torch.stack(kls).mean().item(), rel=1e-4)
+    assert out["mtp"].item() == pytest.approx(torch.stack(ces).mean().item(), rel=1e-5)
+    mixed = 0.75 * out["mtp"] + 0.25 * out["mtp_kl"]
+    assert out["total"].item() == pytest.approx((out["lm"] + 0.3 * mixed).item(), rel=1e-5)
+
+
 def test_stage_switch_and_which_parameters_learn():
     a = TrainArgs(steps=100, dense_frac=0.6, indexer_warmup_frac=0.1)
     assert [stage_of(s, a) for s in (0, 59, 60, 69, 70, 99)] == ["dense", "dense", "warmup", "warmup", "sparse",
