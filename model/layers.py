@@ -14,23 +14,50 @@ from torch import nn
 
 from . import fp8, parallel
 
-# CPU BLAS (MKL here) reads a weight far faster as the left operand of a GEMM with a few columns than through
-# its GEMV/skinny-GEMM path for x @ W^T: measured on a 2-core EPYC, 8192x256 fp32 cold, 1 row 1.04 ms as x @ W^T
-# vs 0.45 ms as W @ [x; x]^T, 3 rows 1.87 vs 0.61 ms. Decode batches are exactly these shapes.
+# On some CPUs the BLAS reads a weight far faster as the left operand of a GEMM with a few columns than through
+# its GEMV/skinny-GEMM path for x @ W^T: on a 2-core AMD EPYC (MKL), 8192x256 fp32 cold, 1 row 1.04 ms as x @ W^T
+# vs 0.45 ms as W @ [x; x]^T, 3 rows 1.87 vs 0.61 ms. On an Intel Xeon (AVX-512, AMX) it is the reverse: F.linear
+# is 2-5x faster for every decode shape of the shipped model (640x256 at 2 rows: 15 vs 77 us). So the CPU decides:
+# `skinny_wx_pays` times both once per process. Decode batches are exactly these shapes.
 SMALL_BATCH_ROWS = 8
+TALL_ROWS = 4096  # weights with this many output features or more (the LM head) are timed apart
+
+
+@functools.cache
+def skinny_wx_pays(dtype: torch.dtype, tall: bool) -> bool:
+    """Whether W @ x^T beats F.linear for a few rows on this CPU (one row, padded to two, for a `tall` weight),
+    timed once on a weight of the shipped model's shape: best of 5 interleaved rounds, 10% margin."""
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8192 if tall else 640, 256, generator=g).to(dtype)
+    x = torch.randn(1 if tall else 4, 256, generator=g).to(dtype)
+    xx = x.expand(2, -1).contiguous() if tall else x
+    calls = 3 if tall else 20
+    best = {"linear": float("inf"), "wx": float("inf")}
+    for _ in range(5):
+        for name, fn in (("linear", lambda: F.linear(x, w)), ("wx", lambda: torch.mm(w, xx.t()).t().contiguous())):
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best["wx"] < 0.9 * best["linear"]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, pad_single: bool = False
            ) -> torch.Tensor:
-    """F.linear, computed as (W @ x^T)^T for 2..SMALL_BATCH_ROWS rows on CPU. `pad_single` also sends one row
-    that way (duplicated to two): it pays only for very tall weights such as the LM head."""
+    """F.linear, computed as (W @ x^T)^T for 2..SMALL_BATCH_ROWS rows on a CPU where that pays
+    (`skinny_wx_pays`). `pad_single` also sends one row that way (duplicated to two), for very tall weights
+    such as the LM head."""
     if weight.dtype == fp8.FP8:  # a kept FP8 weight: block-scaled matmul, else dequantized for this product
         y = fp8.fp8_linear(x, weight, bias)
         if y is not None:
             return y
         weight = fp8.dequantize_weight(weight, x.dtype)
     rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if x.device.type != "cpu" or rows > SMALL_BATCH_ROWS or rows == 0 or (rows == 1 and not pad_single):
+    if (x.device.type != "cpu" or rows > SMALL_BATCH_ROWS or rows == 0 or (rows == 1 and not pad_single)
+            or not skinny_wx_pays(x.dtype, rows == 1 or weight.shape[0] >= TALL_ROWS)):
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
     if rows == 1:

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model import layers
 from model.layers import PACK_MIN_ELEMENTS, PACK_MIN_ROWS, SMALL_BATCH_ROWS, PrepackedLinear, Rotary, linear
 
 CONFIG = Path(__file__).parents[1] / "model/weights/glm-5-tiny-py/config.json"
@@ -21,7 +22,10 @@ CONFIG = Path(__file__).parents[1] / "model/weights/glm-5-tiny-py/config.json"
 @pytest.mark.parametrize("rows", [1, 2, 3, SMALL_BATCH_ROWS, SMALL_BATCH_ROWS + 1, 40])
 @pytest.mark.parametrize("pad_single", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_equals_f_linear(rows, pad_single, bias):
+@pytest.mark.parametrize("wx", [False, True])
+def test_linear_equals_f_linear(rows, pad_single, bias, wx, monkeypatch):
+    """Both ways of computing a skinny product (the CPU picks one: `skinny_wx_pays`) give F.linear's result."""
+    monkeypatch.setattr(layers, "skinny_wx_pays", lambda dtype, tall: wx)
     g = torch.Generator().manual_seed(rows)
     x, w = torch.randn(rows, 24, generator=g), torch.randn(56, 24, generator=g)
     b = torch.randn(56, generator=g) if bias else None
