@@ -8,7 +8,8 @@ One forward + backward of the dense stage (the recipe's first 70% of steps) on r
 drift of the machine's speed hits each alike:
 - `before`: every row through the LM and MTP heads, every layer recording attention (this stop's start);
 - `system turns out`: rows of system turns (the tool lists) out of the loss, so they skip the heads;
-- `after`: that, and only the supervised heads' layers record attention (the rest take fused SDPA): the default.
+- `after`: that, and only the supervised heads' layers record attention (the rest take fused SDPA);
+- `+ MTP distillation`: that, and the MTP loss's KL to the main model's prediction (`--mtp-distill`): the default.
 The first step of each is a warm-up and is dropped; the median of the rest. Writes bench/results/train_step.json.
 """
 
@@ -62,9 +63,11 @@ def main() -> None:
     set_sparse(model, False)  # the dense stage
     stream = TokenStream.from_jsonl(args.data / "train.jsonl", tok, args.cache)
     heads = parse_heads(base.sup_heads)
-    variants = {"before": (replace(base, system_weight=1.0), True),
-                "system turns out": (base, True),
-                "after": (base, False)}
+    plain = replace(base, mtp_distill=0.0)
+    variants = {"before": (replace(plain, system_weight=1.0), True),
+                "system turns out": (plain, True),
+                "after": (plain, False),
+                "+ MTP distillation": (base, False)}
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     kept: list[float] = []
     names = list(variants)
@@ -76,7 +79,8 @@ def main() -> None:
             with every_layer_collects(all_layers), torch.autocast("cpu", torch.bfloat16,
                                                                   enabled=args.autocast == "bf16"):
                 t = time.perf_counter()
-                loss = losses(model, batch, "dense", a.mtp_weight, heads, a.sup_weight, weights)["total"]
+                loss = losses(model, batch, "dense", a.mtp_weight, heads, a.sup_weight, weights,
+                              a.mtp_distill)["total"]
                 loss.backward()
                 seconds[name].append(time.perf_counter() - t)
             model.zero_grad(set_to_none=True)

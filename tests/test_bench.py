@@ -176,6 +176,21 @@ def test_in_process_benchmarks_write_tables_and_json(tiny_ckpt, tmp_path, capsys
     assert "headline figures" in capsys.readouterr().out
 
 
+def test_skinny_gemm_compares_both_products_and_the_engine_under_both_rules(tiny_ckpt, tmp_path, capsys):
+    import skinny_gemm
+
+    assert skinny_gemm.main(["--model", str(tiny_ckpt), "--repeats", "1", "--prompts", "1", "--prompt-tokens", "6",
+                             "--max-tokens", "4", "--out-dir", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "skinny_gemm.json").read_text())
+    micro = [r for r in res["rows"] if "weight" in r]
+    assert {r["rows"] for r in micro} == {1, 2, 4, 8} and {r["dtype"] for r in micro} == {"float32", "bfloat16"}
+    assert all(r["f_linear_us"] > 0 and r["wx_us"] > 0 for r in micro)
+    ab = [r for r in res["rows"] if "k" in r]
+    assert [r["k"] for r in ab] == [0, 1] and all(r["same_tokens"] and r["ratio"] > 0 for r in ab)
+    assert set(res["meta"]["decided"]) == {"float32", "float32 tall", "bfloat16", "bfloat16 tall"}
+    assert "timed / always" in capsys.readouterr().out
+
+
 def test_profile_steps_ab_against_a_baseline_checkout(tiny_ckpt, tmp_path, capsys):
     """steps --baseline: both checkouts' own `steps` in fresh processes (here this tree against itself), per batch
     size before/after step and outside-forward times, per-extra-sequence slopes, one JSON and one plot."""
