@@ -385,8 +385,10 @@ def train(a: TrainArgs) -> dict:
         eta = (a.steps - step - 1) * a.batch * (a.seq_len + 1) / rate
         if (step + 1) % a.log_every == 0 or step == start or step + 1 == a.steps:
             sup_text = "".join(f" {k} {row[k]:.2f}" for k in heads if k in row)
-            print(f"[{step + 1}/{a.steps}] {stage:6s} lm {row['lm']:.3f} mtp {row['mtp']:.3f} kl {row['kl']:.3f}"
-                  f"{sup_text} | {rate:.0f} tok/s | eta {eta / 60:.1f} min | {time.strftime('%H:%M:%S')}",
+            distill = f" mtp_kl {row['mtp_kl']:.3f}" if "mtp_kl" in row else ""
+            print(f"[{step + 1}/{a.steps}] {stage:6s} lm {row['lm']:.3f} mtp {row['mtp']:.3f}{distill}"
+                  f" kl {row['kl']:.3f}{sup_text} | {rate:.0f} tok/s | eta {eta / 60:.1f} min"
+                  f" | {time.strftime('%H:%M:%S')}",
                   file=sys.stderr, flush=True)
         now = time.perf_counter()
         if (step + 1) % a.save_every == 0 or step + 1 == a.steps or now - last_save >= a.save_minutes * 60:
