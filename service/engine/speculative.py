@@ -185,10 +185,12 @@ class MTPProposer:
         drafting = []
         for (seq, start, _), h in zip(new, mine, strict=True):
             end = seq.num_computed_tokens
-            if seq.num_mtp_tokens + sum(len(x) for x in seq.mtp_hidden) != start:
-                seq.mtp_hidden = []  # deferred rows that do not reach this step (not expected): start afresh
+            # (shape[0], not len(): Tensor.__len__ costs ~3 us, and at depth 0 these lists grow to defer_rows)
+            pending = sum(x.shape[0] for x in seq.mtp_hidden)
+            if seq.num_mtp_tokens + pending != start:
+                seq.mtp_hidden, pending = [], 0  # deferred rows that do not reach this step (not expected): afresh
             seq.mtp_hidden.append(h)
-            first = end - sum(len(x) for x in seq.mtp_hidden)
+            first = end - pending - h.shape[0]
             if self.depth == 0 and end - first < self.defer_rows:
                 continue  # deferred
             hs = torch.cat(seq.mtp_hidden) if len(seq.mtp_hidden) > 1 else seq.mtp_hidden[0]
