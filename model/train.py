@@ -5,7 +5,9 @@
     python -m model.train --out runs/train --export runs/export --resume   # all three: `make train`
 
 Three stages, the DeepSeek-V3.2 recipe adapted to training from scratch:
-1. dense: next-token loss + MTP loss (predict t+2 from h_t and t+1), dense attention, indexer idle;
+1. dense: next-token loss + MTP loss (predict t+2 from h_t and t+1; half of it, `--mtp-distill`, a KL to the
+   main model's own prediction of t+2, since a draft counts when it agrees with the main model), dense
+   attention, indexer idle;
 2. warm-up: everything frozen but the indexer, which learns KL(attention || softmax(index scores)), dense;
 3. sparse: top-k selection on; the indexer learns its KL on the selected set, the rest the LM + MTP losses.
 The indexer's inputs are detached, so its loss never reaches the main model and the LM loss never reaches it.
