@@ -1,8 +1,9 @@
 """DSA lightning indexer: picks, for every query, the `index_topk` past tokens the main attention may read.
 
 I(p, s) = sum_j w_j(p) * ReLU(u_j(p) . k(s) / sqrt(d)), with a LayerNorm'd key k cached per token (the only
-indexer state), few heads, and fp32 scoring. Contexts no longer than `index_topk` are dense by definition, so
-scoring is skipped there unless training asks for the scores.
+indexer state), few heads, and fp32 scoring; the ReLU's floor is a tiny per-position tie-breaker (`relu_floor`).
+Contexts no longer than `index_topk` are dense by definition, so scoring is skipped there unless training asks
+for the scores.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .batch import ForwardBatch
@@ -22,6 +22,30 @@ from .layers import ReplicatedLinear, RotaryTable
 ALL_HEADS_MAX_ELEMENTS = 1 << 22
 # Longer blocks score a tile of queries at a time, [B, tile, T] of about this many floats (a few MB: cache-sized).
 TILE_ELEMENTS = 1 << 20
+
+
+# The ReLU's floor, per key position p: (2^23 + p) * 2^-120, in [2^-97, 2^-96), rising with p, exact in fp32 below
+# 2^23 positions. A plain ReLU scores every key on the wrong side of a head exactly 0, and with few heads dozens of
+# keys can tie at the k-th place; `topk` leaves ties to its kernel, so a decode step, a verify step and a prefill of
+# the same text read different keys (a trained 8-layer model had 37-84 keys tied at 0 in 3 of its 8 layers at 134
+# tokens, and its greedy MTP output parted from K = 0's). With this floor those keys differ by position (the later
+# ones first when the head weight is positive) and the choice is a function of the scores alone; a score moves by
+# under 2^-96.
+MAX_FLOOR_POSITIONS = 1 << 23
+_floors: dict[torch.device, torch.Tensor] = {}
+
+
+def relu_floor(length: int, device: torch.device) -> torch.Tensor:
+    """The floor of the first `length` key positions [length] (fp32), cached per device."""
+    floor = _floors.get(device)
+    if floor is None or floor.numel() < length:
+        if length > MAX_FLOOR_POSITIONS:
+            raise ValueError(f"the indexer's tie-breaking floor is exact up to {MAX_FLOOR_POSITIONS} positions")
+        n = min(MAX_FLOOR_POSITIONS, max(4096, 1 << (length - 1).bit_length()))
+        with torch.inference_mode(False):  # a tensor made in the engine's inference mode would refuse training
+            floor = (torch.arange(n, device=device, dtype=torch.float32) + MAX_FLOOR_POSITIONS) * 2.0**-120
+        _floors[device] = floor
+    return floor[:length]
 
 
 class Indexer(nn.Module):
@@ -54,9 +78,9 @@ class Indexer(nn.Module):
             n = q1 - q0
             width = T if key_limit is None else min(T, max(key_limit(q0, q1), self.topk))
             s, out = buf[: B * n * width].view(B, n, width), acc[: B * n * width].view(B, n, width)
-            k = keys_t[..., :width]
+            k, floor = keys_t[..., :width], relu_floor(width, qp.device)
             for h in range(H):
-                torch.bmm(qp[:, q0:q1, h], k, out=s).relu_()
+                torch.maximum(torch.bmm(qp[:, q0:q1, h], k, out=s), floor, out=s)  # ReLU, ties broken
                 if h == 0:
                     torch.mul(s, wp[:, q0:q1, h, None], out=out)
                 else:
@@ -103,7 +127,8 @@ class Indexer(nn.Module):
         keys_t = keys.float().transpose(1, 2)  # [B, D, T]; fp32 models: no copy
         B, Q = qp.shape[:2]
         if B * Q * self.n_heads * T <= ALL_HEADS_MAX_ELEMENTS:  # decode / verify: all heads in one matmul
-            s = F.relu(torch.bmm(qp.flatten(1, 2), keys_t)).view(B * Q, self.n_heads, T)
+            s = torch.maximum(torch.bmm(qp.flatten(1, 2), keys_t), relu_floor(T, qp.device))  # ReLU, ties broken
+            s = s.view(B * Q, self.n_heads, T)
             scores = torch.bmm(wp.reshape(B * Q, 1, self.n_heads), s).view(B, Q, T)
         elif not fb.collecting(self.layer) and T > self.topk:  # long query blocks at inference: only the top-k is kept
             return self._topk_tiled(qp, wp, keys_t, fb), None

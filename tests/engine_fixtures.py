@@ -1,8 +1,8 @@
 """Engine test fixtures: a tiny random checkpoint (written by transformers, via tests/model_fixtures.py) with a
 byte-level BPE tokenizer, and helpers that run an engine to completion and check it leaked nothing.
 
-`initializer_range` 0.1 makes random logits peaked, so greedy choices are decisive; 16 indexer heads make an
-exact zero-score tie in the DSA top-k (all heads' ReLU at zero) rare enough not to flip a comparison; a small
+`initializer_range` 0.1 makes random logits peaked, so greedy choices are decisive; 16 indexer heads (keys that
+score exactly 0 tie, and model/indexer.py's floor orders them: tests/test_engine_dsa.py); a small
 `index_topk` (8) puts most prompts in the sparse regime; 320 tokens leave room for the tokenizer's vocabulary.
 """
 

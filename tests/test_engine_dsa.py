@@ -1,6 +1,6 @@
 """DSA decode past index_topk equals a dense reference restricted to the indexer's top-k.
 
-The reference below is written from the equations (reference/glm5-architecture.md §3), in float64, straight from
+The reference below is written from the equations (GLM-5's DSA, as in DeepSeek-V3.2), in float64, straight from
 the checkpoint's tensors: MLA with keys and values expanded (not the engine's absorbed form), the lightning
 indexer scored densely, and each query's attention masked to its top `index_topk` keys. It shares no code with
 model/ or service/.
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from tests.engine_fixtures import greedy, make_engine, prompts, run_engine
+from tests.engine_fixtures import greedy, make_checkpoint, make_engine, prompts, run_engine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -35,7 +35,15 @@ def rope_pairs(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
 
 
-def reference_logits(sd: dict[str, torch.Tensor], cfg: dict, ids: list[int], sparse: bool = True) -> torch.Tensor:
+def index_floor(n: int, latest_first: bool = True) -> torch.Tensor:
+    """The indexer ReLU's floor per key position, as documented in model/indexer.py: (2^23 + p) * 2^-120; with
+    `latest_first` False, the same values in reverse (a rule that prefers early keys)."""
+    p = torch.arange(n, dtype=torch.float64)
+    return ((2**23 + (p if latest_first else n - 1 - p)) * 2.0**-120)
+
+
+def reference_logits(sd: dict[str, torch.Tensor], cfg: dict, ids: list[int], sparse: bool = True,
+                     latest_first: bool = True) -> torch.Tensor:
     """Logits [S, V] of a whole sequence (each row sees its prefix only)."""
     W = {k: v.double() for k, v in sd.items()}
     S, nh, eps = len(ids), cfg["num_attention_heads"], cfg["rms_norm_eps"]
@@ -68,7 +76,9 @@ def reference_logits(sd: dict[str, torch.Tensor], cfg: dict, ids: list[int], spa
                               W[p + "self_attn.indexer.k_norm.weight"], W[p + "self_attn.indexer.k_norm.bias"], 1e-6)
             ik = torch.cat([rope_pairs(ik[:, :dr], pos, theta), ik[:, dr:]], dim=-1)
             w = (a @ W[p + "self_attn.indexer.weights_proj.weight"].T) / math.sqrt(ih)
-            index = torch.einsum("th,ths->ts", w, torch.relu(torch.einsum("thd,sd->ths", iq, ik) / math.sqrt(idim)))
+            # The ReLU's floor is a tiny per-key tie-breaker: keys a head scores 0 otherwise tie.
+            dots = torch.einsum("thd,sd->ths", iq, ik) / math.sqrt(idim)
+            index = torch.einsum("th,ths->ts", w, torch.maximum(dots, index_floor(S, latest_first)[None, None]))
             index = index.masked_fill(~causal, float("-inf"))
             chosen = torch.zeros_like(causal).scatter_(1, index.topk(topk, dim=-1).indices, True)
             allowed &= chosen
@@ -122,3 +132,49 @@ def test_dsa_decode_matches_dense_reference_restricted_to_topk(engine_ckpt) -> N
     stats = engine.stats()
     assert stats.dsa_tokens_read == sum(min(cfg["index_topk"], c) for c in contexts)
     assert stats.dsa_tokens_cached == sum(contexts)
+
+
+def test_keys_an_indexer_scores_zero_are_chosen_by_position_in_every_path(tmp_path) -> None:
+    """A ReLU'd indexer head scores every key on its dead side 0, and with few heads many keys tie at the k-th
+    place: the choice among them must be a function of the scores (the documented floor), or decode, MTP verify
+    and a chunked prefill read different keys and greedy speculative output parts from plain decoding. Here one
+    indexer head with a zero query makes every key tie: each path must pick what the reference picks."""
+    from safetensors.torch import save_file
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", index_n_heads=1)
+    for f in ckpt.glob("*.safetensors"):
+        tensors = load_file(str(f))
+        for name, t in tensors.items():
+            if name.endswith("indexer.wq_b.weight"):
+                t.zero_()
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    cfg = json.loads((ckpt / "config.json").read_text())
+    sd = load_file(str(ckpt / "model.safetensors"))
+    prompt = prompts(1, [21], seed=11)[0]
+    runs = {}
+    for name, overrides in {"decode": {}, "mtp K=2": {"num_speculative_tokens": 2},
+                            "chunked prefill": {"max_num_batched_tokens": 5}}.items():
+        engine = make_engine(ckpt, **overrides)
+        engine.add_request(name, prompt, greedy(12))
+        runs[name] = run_engine(engine)[name][0].token_ids
+    seq = prompt + runs["decode"]
+    ref = reference_logits(sd, cfg, seq)[len(prompt) - 1 : -1]
+    early = reference_logits(sd, cfg, seq, latest_first=False)[len(prompt) - 1 : -1]
+    assert (ref - early).abs().max() > 0.05, "the tie-breaking rule never mattered: the test would prove nothing"
+    assert runs["decode"] == ref.argmax(-1).tolist()
+    assert runs["mtp K=2"] == runs["decode"]
+    assert runs["chunked prefill"] == runs["decode"]
+
+
+def test_the_floor_is_tiny_strictly_rising_and_serves_training_after_inference(monkeypatch) -> None:
+    import model.indexer as indexer
+
+    monkeypatch.setattr(indexer, "_floors", {})
+    with torch.inference_mode():  # the engine makes it first
+        floor = indexer.relu_floor(5000, torch.device("cpu"))
+    assert torch.equal(floor.double(), index_floor(5000))
+    assert bool((floor[1:] > floor[:-1]).all()) and float(floor.max()) < 2.0**-96
+    x = torch.zeros(5000, requires_grad=True)
+    torch.maximum(x, indexer.relu_floor(5000, torch.device("cpu"))).sum().backward()  # no inference tensor
+    with pytest.raises(ValueError):
+        indexer.relu_floor(indexer.MAX_FLOOR_POSITIONS + 1, torch.device("cpu"))
