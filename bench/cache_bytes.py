@@ -24,7 +24,7 @@ COLUMNS = [("model", "model", ""), ("layers", "layers", "d"), ("mla_values", "ML
            ("mha_bytes_bf16", "MHA B/tok bf16", ",d"), ("ratio", "ours/MHA", ".3f"), ("saving", "x smaller", ".1f"),
            ("checked", "allocated==", "")]
 
-GLM5_REAL = dict(  # reference/glm5-architecture.md §1 (GLM-5 column)
+GLM5_REAL = dict(  # the real GLM-5's sizes, as its config.json gives them
     architectures=["GlmMoeDsaForCausalLM"], model_type="glm_moe_dsa", vocab_size=154880, hidden_size=6144,
     intermediate_size=12288, moe_intermediate_size=2048, num_hidden_layers=78, num_attention_heads=64,
     n_routed_experts=256, num_experts_per_tok=8, kv_lora_rank=512, q_lora_rank=2048, qk_nope_head_dim=192,
