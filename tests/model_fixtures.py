@@ -68,10 +68,37 @@ def _declare_mtp(path: Path, hidden: int, L: int, seed: int) -> None:
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
+class _TieBreakingFunctional:
+    """torch.nn.functional as transformers' GlmMoeDsa module sees it, but with the indexer's ReLU (the module's
+    only `F.relu`) given glm-serve's documented floor (model/indexer.py: `relu_floor`). Which of several keys
+    scored exactly 0 the oracle's `topk` keeps is its kernel's choice: neither the earliest nor the latest, and
+    it changes with the row's length, so its own prefill and decode disagree. The oracle breaks those ties by
+    the same documented rule; everything else stays transformers' own."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch.nn.functional, name)
+
+    @staticmethod
+    def relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        from model.indexer import relu_floor
+
+        return torch.maximum(x, relu_floor(x.shape[-1], x.device))
+
+
+def pin_index_ties() -> None:
+    """Give transformers' GlmMoeDsa indexer the floor (above); idempotent, process-wide."""
+    from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa
+
+    if not isinstance(modeling_glm_moe_dsa.F, _TieBreakingFunctional):
+        modeling_glm_moe_dsa.F = _TieBreakingFunctional()
+
+
 def hf_model(path: Path):
-    """The transformers oracle, eager attention and eager experts, fp32."""
+    """The transformers oracle, eager attention and eager experts, fp32, ties in the DSA top-k broken by position
+    (`pin_index_ties`)."""
     from transformers import GlmMoeDsaForCausalLM
 
+    pin_index_ties()
     return GlmMoeDsaForCausalLM.from_pretrained(
         path, attn_implementation="eager", experts_implementation="eager", dtype=torch.float32
     ).eval()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from model.batch import ForwardBatch
 from model.kv_cache import KVCache
 from model.loader import load_model
-from tests.model_fixtures import TINY, make_checkpoint
+from tests.model_fixtures import TINY, make_checkpoint, pin_index_ties
 
 L = TINY["num_hidden_layers"]
 
@@ -33,6 +33,7 @@ def reference_mtp_step(ckpt, hidden: torch.Tensor, next_ids: torch.Tensor) -> to
     cfg = GlmMoeDsaConfig.from_pretrained(
         ckpt, num_hidden_layers=L + 1, indexer_types=["full"] * (L + 1),
         mlp_layer_types=["dense"] * dense + ["sparse"] * (L + 1 - dense))
+    pin_index_ties()
     hf = GlmMoeDsaForCausalLM.from_pretrained(ckpt, config=cfg, attn_implementation="eager",
                                               experts_implementation="eager").eval()
     w = load_file(str(ckpt / "model.safetensors"))
