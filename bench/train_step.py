@@ -4,12 +4,15 @@
     [--data runs/data --tokenizer runs/tokenizer --cache runs/train/train_tokens.pt]   # `make train` builds them
 
 One forward + backward of the dense stage (the recipe's first 70% of steps) on real batches of the corpus
-(8 x 513 tokens, TrainArgs' defaults), a freshly initialised model, three ways, alternating step by step so a
-drift of the machine's speed hits each alike:
+(8 x 513 tokens, TrainArgs' defaults, a batch of its own per variant and step), a freshly initialised model,
+several ways, alternating step by step so a drift of the machine's speed hits each alike:
 - `before`: every row through the LM and MTP heads, every layer recording attention (this stop's start);
 - `system turns out`: rows of system turns (the tool lists) out of the loss, so they skip the heads;
 - `after`: that, and only the supervised heads' layers record attention (the rest take fused SDPA);
-- `+ MTP distillation`: that, and the MTP loss's KL to the main model's prediction (`--mtp-distill`): the default.
+- `+ MTP distillation`: that, and the MTP loss's KL to the main model's prediction (`--mtp-distill`);
+- `+ padded expert rows`: that, and each expert's rows padded to a multiple of 128 in bf16 on CPU
+  (`model/grouped_gemm.py:CPU_ROW_BUCKET`; oneDNN builds a kernel per row count): the default. The variants
+  before it run unpadded.
 The first step of each is a warm-up and is dropped; the median of the rest. Writes bench/results/train_step.json.
 """
 
@@ -27,6 +30,7 @@ import torch
 from common import ROOT, meta, pin_threads, print_table, write_result
 
 from model.batch import ForwardBatch
+from model.moe import Experts
 from model.network import GlmMoeDsaForCausalLM
 from model.tokenizer import Tokenizer
 from model.train import TrainArgs, default_model_config, init_weights, loss_weights, losses, parse_heads, set_sparse
@@ -64,17 +68,24 @@ def main() -> None:
     stream = TokenStream.from_jsonl(args.data / "train.jsonl", tok, args.cache)
     heads = parse_heads(base.sup_heads)
     plain = replace(base, mtp_distill=0.0)
-    variants = {"before": (replace(plain, system_weight=1.0), True),
-                "system turns out": (plain, True),
-                "after": (plain, False),
-                "+ MTP distillation": (base, False)}
+    variants = {"before": (replace(plain, system_weight=1.0), True, 0),
+                "system turns out": (plain, True, 0),
+                "after": (plain, False, 0),
+                "+ MTP distillation": (base, False, 0),
+                "+ padded expert rows": (base, False, None)}
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     kept: list[float] = []
     names = list(variants)
     for step in range(args.steps + 1):
-        batch = stream.batch(base.batch, base.seq_len + 1, base.seed, step)
         for name in names[step % len(names):] + names[: step % len(names)]:  # rotate who goes first
-            a, all_layers = variants[name]
+            # A batch of its own per variant: the same batch again would route the same row counts to the
+            # experts, whose bf16 kernels the variant before had just built (oneDNN caches them by shape), and a
+            # real step never sees that (its weights moved). Earlier versions of this bench had that bias.
+            batch = stream.batch(base.batch, base.seq_len + 1, base.seed, step * len(names) + names.index(name))
+            a, all_layers, bucket = variants[name]
+            for e in experts:
+                e.row_bucket = bucket
             weights = loss_weights(batch, tok, a)
             with every_layer_collects(all_layers), torch.autocast("cpu", torch.bfloat16,
                                                                   enabled=args.autocast == "bf16"):

@@ -213,3 +213,27 @@ def test_first_check_under_autocast():
             assert grouped_gemm.works("cpu", None, torch.bfloat16)
     finally:
         grouped_gemm.works.cache_clear()
+
+
+@pytest.mark.parametrize("bucket", [4, 128])
+def test_rows_padded_per_expert_change_nothing(bucket):
+    """On CPU in bf16 each expert's rows are padded to a multiple of a bucket (oneDNN builds a kernel per row
+    count): outputs and gradients equal the unpadded grouped path, for routings with idle experts and one expert
+    taking everything."""
+    for kind, n in CASES:
+        x, w, ids = routing(kind, n)
+        res = {}
+        for b in (0, bucket):
+            ex = experts(torch.bfloat16)
+            ex.row_bucket = b
+            xi = x.bfloat16().requires_grad_()
+            out = run(ex, "grouped", xi, w, ids)
+            (out.float() * torch.linspace(-1, 1, H)).sum().backward()
+            res[b] = (out, xi.grad, ex.gate_up_proj.grad, ex.down_proj.grad)
+        for a, b in zip(res[0], res[bucket], strict=True):
+            torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02 * a.float().abs().max().item())
+
+
+def test_padding_is_on_for_cpu_bf16_only():
+    assert grouped_gemm.row_bucket(torch.zeros(2, 2, dtype=torch.bfloat16)) == grouped_gemm.CPU_ROW_BUCKET
+    assert grouped_gemm.row_bucket(torch.zeros(2, 2)) == 0
