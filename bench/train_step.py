@@ -10,8 +10,8 @@ several ways, alternating step by step so a drift of the machine's speed hits ea
 - `system turns out`: rows of system turns (the tool lists) out of the loss, so they skip the heads;
 - `after`: that, and only the supervised heads' layers record attention (the rest take fused SDPA);
 - `+ MTP distillation`: that, and the MTP loss's KL to the main model's prediction (`--mtp-distill`);
-- `+ padded expert rows`: that, and each expert's rows padded to a multiple of 128 in bf16 on CPU
-  (`model/grouped_gemm.py:CPU_ROW_BUCKET`; oneDNN builds a kernel per row count): the default. The variants
+- `+ padded expert rows`: that, and each expert's row count rounded up in bf16 on CPU
+  (`model/grouped_gemm.py:padded_counts`; oneDNN builds a kernel per row count): the default. The variants
   before it run unpadded.
 The first step of each is a warm-up and is dropped; the median of the rest. Writes bench/results/train_step.json.
 """
@@ -68,10 +68,10 @@ def main() -> None:
     stream = TokenStream.from_jsonl(args.data / "train.jsonl", tok, args.cache)
     heads = parse_heads(base.sup_heads)
     plain = replace(base, mtp_distill=0.0)
-    variants = {"before": (replace(plain, system_weight=1.0), True, 0),
-                "system turns out": (plain, True, 0),
-                "after": (plain, False, 0),
-                "+ MTP distillation": (base, False, 0),
+    variants = {"before": (replace(plain, system_weight=1.0), True, False),
+                "system turns out": (plain, True, False),
+                "after": (plain, False, False),
+                "+ MTP distillation": (base, False, False),
                 "+ padded expert rows": (base, False, None)}
     experts = [m for m in model.modules() if isinstance(m, Experts)]
     seconds: dict[str, list[float]] = {name: [] for name in variants}
@@ -83,9 +83,9 @@ def main() -> None:
             # experts, whose bf16 kernels the variant before had just built (oneDNN caches them by shape), and a
             # real step never sees that (its weights moved). Earlier versions of this bench had that bias.
             batch = stream.batch(base.batch, base.seq_len + 1, base.seed, step * len(names) + names.index(name))
-            a, all_layers, bucket = variants[name]
+            a, all_layers, pad = variants[name]
             for e in experts:
-                e.row_bucket = bucket
+                e.pad_rows = pad
             weights = loss_weights(batch, tok, a)
             with every_layer_collects(all_layers), torch.autocast("cpu", torch.bfloat16,
                                                                   enabled=args.autocast == "bf16"):

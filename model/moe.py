@@ -71,7 +71,7 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
         self.impl = "auto"
-        self.row_bucket: int | None = None  # None: grouped_gemm.row_bucket decides (tests force it)
+        self.pad_rows: bool | None = None  # None: grouped_gemm.pads_rows decides (tests, benches force it)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The weighted sum of this rank's experts' outputs (the caller sums over ranks)."""
@@ -97,9 +97,9 @@ class Experts(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
             xs, w1, w2 = xs.to(dtype), w1.to(dtype), w2.to(dtype)
         grouped = self.impl == "grouped" or (self.impl == "auto" and grouped_gemm.applies(xs, w1, w2))
-        bucket = grouped_gemm.row_bucket(xs) if self.row_bucket is None else self.row_bucket
-        if grouped and bucket and not self.expert_parallel:
-            ys = self._grouped_padded(xs, by_expert, ends, w1, w2, bucket)
+        pad = grouped_gemm.pads_rows(xs) if self.pad_rows is None else self.pad_rows
+        if grouped and pad and not self.expert_parallel:
+            ys = self._grouped_padded(xs, by_expert, ends, w1, w2)
         else:
             ys = self._grouped(xs, ends, w1, w2) if grouped else self._looped(xs, ends)
         ys = ys.to(x.dtype) * weights.flatten()[order, None].to(x.dtype)
@@ -114,12 +114,12 @@ class Experts(nn.Module):
         return mm(F.silu(g) * u, w2.transpose(1, 2), offs=ends)
 
     def _grouped_padded(self, xs: torch.Tensor, by_expert: torch.Tensor, ends: torch.Tensor, w1: torch.Tensor,
-                        w2: torch.Tensor, bucket: int) -> torch.Tensor:
-        """`_grouped` with each expert's rows padded by zero rows to a multiple of `bucket` (see
-        grouped_gemm.CPU_ROW_BUCKET): zero rows give zero outputs and add nothing to any gradient. Reads the
-        padded total back to the host (CPU only)."""
+                        w2: torch.Tensor) -> torch.Tensor:
+        """`_grouped` with each expert's rows padded by zero rows to a size of a small set
+        (grouped_gemm.padded_counts): zero rows give zero outputs and add nothing to any gradient. Reads the padded
+        total back to the host (CPU only)."""
         counts = torch.diff(ends, prepend=ends.new_zeros(1))
-        padded = (counts + bucket - 1) // bucket * bucket
+        padded = grouped_gemm.padded_counts(counts)
         padded_ends = padded.cumsum(0)
         # Slot i, the j-th of expert e's, goes to row (padded start of e) + j = i + (padded start - start of e).
         shift = (padded_ends - padded) - (ends - counts)

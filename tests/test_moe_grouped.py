@@ -215,25 +215,28 @@ def test_first_check_under_autocast():
         grouped_gemm.works.cache_clear()
 
 
-@pytest.mark.parametrize("bucket", [4, 128])
-def test_rows_padded_per_expert_change_nothing(bucket):
-    """On CPU in bf16 each expert's rows are padded to a multiple of a bucket (oneDNN builds a kernel per row
-    count): outputs and gradients equal the unpadded grouped path, for routings with idle experts and one expert
-    taking everything."""
-    for kind, n in CASES:
+def test_rows_padded_per_expert_change_nothing():
+    """On CPU in bf16 each expert's row count is rounded up (oneDNN builds a kernel per row count): outputs and
+    gradients equal the unpadded grouped path, for routings with idle experts and one expert taking everything."""
+    for kind, n in [*CASES, ("uneven", 300)]:
         x, w, ids = routing(kind, n)
         res = {}
-        for b in (0, bucket):
+        for pad in (False, True):
             ex = experts(torch.bfloat16)
-            ex.row_bucket = b
+            ex.pad_rows = pad
             xi = x.bfloat16().requires_grad_()
             out = run(ex, "grouped", xi, w, ids)
             (out.float() * torch.linspace(-1, 1, H)).sum().backward()
-            res[b] = (out, xi.grad, ex.gate_up_proj.grad, ex.down_proj.grad)
-        for a, b in zip(res[0], res[bucket], strict=True):
+            res[pad] = (out, xi.grad, ex.gate_up_proj.grad, ex.down_proj.grad)
+        for a, b in zip(res[False], res[True], strict=True):
             torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02 * a.float().abs().max().item())
 
 
-def test_padding_is_on_for_cpu_bf16_only():
-    assert grouped_gemm.row_bucket(torch.zeros(2, 2, dtype=torch.bfloat16)) == grouped_gemm.CPU_ROW_BUCKET
-    assert grouped_gemm.row_bucket(torch.zeros(2, 2)) == 0
+def test_padded_counts_are_few_and_close():
+    counts = torch.arange(0, 8193)
+    padded = grouped_gemm.padded_counts(counts)
+    assert bool((padded >= counts).all()) and bool((padded[1:] <= counts[1:] * 1.125).all())
+    assert torch.equal(padded[:9], counts[:9])  # a decode step's few rows per expert stay as they are
+    assert len(padded.unique()) <= 110
+    assert grouped_gemm.pads_rows(torch.zeros(2, 2, dtype=torch.bfloat16))
+    assert not grouped_gemm.pads_rows(torch.zeros(2, 2))
