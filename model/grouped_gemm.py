@@ -25,13 +25,16 @@ ALIGN_BYTES = 16  # the grouped kernels' stride alignment (CUTLASS's on CUDA; ch
 # counts change every training step, so every expert product paid that: 100 ms per grouped backward in the default
 # model's training step against 15 ms with repeated counts. Rounding each group's count up to one of 8 steps per
 # power of two keeps the shapes few (about 100 up to 8,192 rows, inside oneDNN's 1,024-kernel cache) for at most
-# 12.5% more rows; counts up to 8 stay as they are, so a decode step pads nothing.
+# 12.5% more rows. Only for many rows (prefill, training): a decode step's few rows per expert take few counts
+# anyway, and its forward stays free of the host read the padding needs.
 ROUNDING_STEPS_PER_OCTAVE = 8
+PAD_MIN_ROWS = 256
 
 
 def pads_rows(x: torch.Tensor) -> bool:
-    """Whether x's grouped products round their group sizes up (`padded_counts`): reduced precision on CPU."""
-    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+    """Whether x's grouped products round their group sizes up (`padded_counts`): reduced precision on CPU, at
+    least `PAD_MIN_ROWS` rows."""
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] >= PAD_MIN_ROWS
 
 
 def padded_counts(counts: torch.Tensor) -> torch.Tensor:

@@ -121,10 +121,13 @@ class Experts(nn.Module):
         counts = torch.diff(ends, prepend=ends.new_zeros(1))
         padded = grouped_gemm.padded_counts(counts)
         padded_ends = padded.cumsum(0)
+        total = int(padded_ends[-1])
+        if total == xs.shape[0]:  # nothing rounded (a decode step's few rows per expert): no copies
+            return self._grouped(xs, ends, w1, w2)
         # Slot i, the j-th of expert e's, goes to row (padded start of e) + j = i + (padded start - start of e).
         shift = (padded_ends - padded) - (ends - counts)
         rows = torch.arange(xs.shape[0], device=xs.device) + shift[by_expert]
-        xp = xs.new_zeros(int(padded_ends[-1]), xs.shape[1]).index_copy(0, rows, xs)
+        xp = xs.new_zeros(total, xs.shape[1]).index_copy(0, rows, xs)
         return self._grouped(xp, padded_ends.to(torch.int32), w1, w2).index_select(0, rows)
 
     def _looped(self, xs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:

@@ -238,5 +238,7 @@ def test_padded_counts_are_few_and_close():
     assert bool((padded >= counts).all()) and bool((padded[1:] <= counts[1:] * 1.125).all())
     assert torch.equal(padded[:9], counts[:9])  # a decode step's few rows per expert stay as they are
     assert len(padded.unique()) <= 110
-    assert grouped_gemm.pads_rows(torch.zeros(2, 2, dtype=torch.bfloat16))
-    assert not grouped_gemm.pads_rows(torch.zeros(2, 2))
+    rows = grouped_gemm.PAD_MIN_ROWS
+    assert grouped_gemm.pads_rows(torch.zeros(rows, 2, dtype=torch.bfloat16))
+    assert not grouped_gemm.pads_rows(torch.zeros(rows - 1, 2, dtype=torch.bfloat16))  # a decode step's few rows
+    assert not grouped_gemm.pads_rows(torch.zeros(rows, 2))
