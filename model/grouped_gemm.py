@@ -27,7 +27,7 @@ ALIGN_BYTES = 16  # the grouped kernels' stride alignment (CUTLASS's on CUDA; ch
 # power of two keeps the shapes few (about 100 up to 8,192 rows, inside oneDNN's 1,024-kernel cache) for at most
 # 12.5% more rows. Only for many rows (prefill, training): a decode step's few rows per expert take few counts
 # anyway, and its forward stays free of the host read the padding needs.
-ROUNDING_STEPS_PER_OCTAVE = 8
+ROUNDING_BITS = 3  # 2^3 = 8 sizes per power of two
 PAD_MIN_ROWS = 256
 
 
@@ -38,9 +38,9 @@ def pads_rows(x: torch.Tensor) -> bool:
 
 
 def padded_counts(counts: torch.Tensor) -> torch.Tensor:
-    """Each count rounded up to a multiple of 2^(floor(log2 count) - 3) (itself when that is below 1)."""
+    """Each count rounded up to a multiple of 2^(floor(log2 count) - ROUNDING_BITS) (itself when that is below 1)."""
     octave = counts.clamp(min=1).float().log2().floor().long()
-    step = torch.pow(2, (octave - ROUNDING_STEPS_PER_OCTAVE.bit_length() + 1).clamp(min=0))
+    step = torch.pow(2, (octave - ROUNDING_BITS).clamp(min=0))
     return (counts + step - 1) // step * step
 
 

@@ -98,10 +98,12 @@ class Experts(nn.Module):
             xs, w1, w2 = xs.to(dtype), w1.to(dtype), w2.to(dtype)
         grouped = self.impl == "grouped" or (self.impl == "auto" and grouped_gemm.applies(xs, w1, w2))
         pad = grouped_gemm.pads_rows(xs) if self.pad_rows is None else self.pad_rows
-        if grouped and pad and not self.expert_parallel:
+        if not grouped:
+            ys = self._looped(xs, ends)
+        elif pad and not self.expert_parallel:
             ys = self._grouped_padded(xs, by_expert, ends, w1, w2)
         else:
-            ys = self._grouped(xs, ends, w1, w2) if grouped else self._looped(xs, ends)
+            ys = self._grouped(xs, ends, w1, w2)
         ys = ys.to(x.dtype) * weights.flatten()[order, None].to(x.dtype)
         if self.expert_parallel:  # rows past ends[-1] were never computed (uninitialised, maybe NaN)
             ys = torch.where((by_expert < E)[:, None], ys, 0.0)
