@@ -246,21 +246,22 @@ class RotaryTable:
 
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
         self.cos, self.sin = cos, sin
+        self._cos_sin: torch.Tensor | None = None
         self._matrices: dict[tuple[int, bool, torch.dtype], torch.Tensor] = {}
 
     def matrix(self, width: int, interleave: bool, dtype: torch.dtype) -> torch.Tensor:
         key = (width, interleave, dtype)
         if key not in self._matrices:
             N, half = self.cos.shape
-            i = torch.arange(half, device=self.cos.device)
-            # Input index of the pair's first / second element; outputs i and half + i.
-            a, b = (2 * i, 2 * i + 1) if interleave else (i, half + i)
-            r = torch.zeros(N, width, width, device=self.cos.device)
-            r[:, a, i], r[:, b, i] = self.cos, -self.sin  # out_i = x_a cos - x_b sin
-            r[:, b, half + i], r[:, a, half + i] = self.cos, self.sin  # out_{half+i} = x_b cos + x_a sin
-            # The pass-through dims: a slice of the diagonal filled in place (a number assigned through index
-            # tensors would be copied from the host, which a CUDA graph cannot capture).
-            r.diagonal(dim1=1, dim2=2)[:, 2 * half :].fill_(1.0)
+            # Every entry of a rotation is one of cos, -sin, sin, 1 or 0 at a fixed place: one product of
+            # [cos | sin] with a constant 0/+-1 pattern plus the pass-through diagonal builds all N at once,
+            # exactly (one nonzero term per entry), in one op instead of a scatter per entry kind (0.1-0.15 ms
+            # per matrix at decode, where an MTP draft builds its own every call).
+            pattern, diagonal = _rotation_pattern(half, width, interleave, self.cos.device)
+            if self._cos_sin is None:
+                self._cos_sin = torch.cat([self.cos, self.sin], dim=1)
+            with torch.autocast(self.cos.device.type, enabled=False):  # exact fp32 values, cast once below
+                r = torch.addmm(diagonal, self._cos_sin, pattern).view(N, width, width)
             self._matrices[key] = r.to(dtype)
         return self._matrices[key]
 
@@ -278,3 +279,23 @@ class RotaryTable:
         rot, rest = x[..., : 2 * half], x[..., 2 * half :]
         a, b = (rot[..., 0::2], rot[..., 1::2]) if interleave else rot.chunk(2, dim=-1)
         return torch.cat([a * cos - b * sin, b * cos + a * sin, rest], dim=-1)
+
+
+@functools.cache
+def _rotation_pattern(half: int, width: int, interleave: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """([2 half, width^2], [width^2]): row i of the pattern places cos_i, row half + i places sin_i, in the
+    flattened [width, width] rotation (out_i = x_a cos - x_b sin, out_{half+i} = x_b cos + x_a sin, with (a, b)
+    the pair's input dims); the second tensor is 1 on the pass-through diagonal past the rope dims."""
+    with torch.inference_mode(False):  # cached for good: usable by training after an inference-mode call
+        return _build_rotation_pattern(half, width, interleave, device)
+
+
+def _build_rotation_pattern(half: int, width: int, interleave: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
+    i = torch.arange(half)
+    a, b = (2 * i, 2 * i + 1) if interleave else (i, half + i)
+    p = torch.zeros(2 * half, width, width)
+    p[i, a, i], p[half + i, b, i] = 1.0, -1.0
+    p[i, b, half + i], p[half + i, a, half + i] = 1.0, 1.0
+    d = torch.zeros(width, width)
+    d.diagonal()[2 * half :] = 1.0
+    return p.flatten(1).to(device), d.flatten().to(device)

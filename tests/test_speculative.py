@@ -5,11 +5,13 @@ distribution (a chi-square test that a broken acceptance rule fails)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from model.batch import ForwardBatch
+from model.tokenizer import Tokenizer
 from service.engine import speculative
 from service.engine.sampler import Sampler, SamplingState
 from service.engine.sampling_params import SamplingParams
@@ -18,6 +20,7 @@ from tests.engine_fixtures import OracleDrafts, assert_no_leaks, greedy, make_en
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MAX_TOKENS = 14
+SHIPPED = Path(__file__).parents[1] / "model/weights/glm-5-tiny-py"
 PROMPTS = prompts(8, [3, 9, 17, 30, 41, 5, 12, 24], seed=3)  # index_topk is 8
 
 
@@ -114,29 +117,46 @@ def test_accepted_drafts_at_every_position_keep_tokens_identical(engine_ckpt, pl
         assert stats.num_preemptions > 0
 
 
-def test_drafts_follow_the_reference_recursion(engine_ckpt):
-    """After a prefill, the K drafts equal argmax of the MTP layer applied recursively (cache-free, written
-    here): step 1 on (h_{P-1}, t_P), step k on (previous normed output, previous draft)."""
-    engine = make_engine(engine_ckpt, num_speculative_tokens=3)
-    prompt = PROMPTS[3]  # 30 tokens, past index_topk
-    engine.add_request("r", prompt, greedy(8))
-    engine.step()  # prefill: samples t_P, catches the MTP cache up, drafts
-    seq = engine.requests["r"].seqs[0]
-    model = engine.model
-    ids = torch.tensor(prompt + seq.output_token_ids)
-    P = len(prompt)
+def reference_drafts(model, ids: list[int], k: int) -> list[int]:
+    """The K greedy drafts after `ids` (its last token just sampled), by the MTP layer applied recursively and
+    cache-free: step 1 on (h_{P-1}, t_P), step k on (previous normed output, previous draft)."""
+    ids = torch.tensor(ids)
     with torch.inference_mode():
-        hs = model(ids[:-1], ForwardBatch.single(P))  # h_0 .. h_{P-1}
+        hs = model(ids[:-1], ForwardBatch.single(len(ids) - 1))  # h_0 .. h_{P-1}
         toks = ids[1:]  # t_1 .. t_P
-        out = model.mtp(toks, hs, ForwardBatch.single(P))
+        out = model.mtp(toks, hs, ForwardBatch.single(len(toks)))
         want = []
-        for _ in range(3):
+        for _ in range(k):
             d = int(model.mtp_logits(out[-1]).argmax())
             want.append(d)
             hs = torch.cat([hs, out[-1:]])  # the next position reads the previous step's (normed) output
             toks = torch.cat([toks, torch.tensor([d])])
             out = model.mtp(toks, hs, ForwardBatch.single(len(toks)))
-    assert seq.draft_token_ids == want
+    return want
+
+
+@pytest.mark.parametrize("which", ["random", "shipped"])
+def test_drafts_follow_the_reference_recursion(engine_ckpt, which):
+    """After the prefill and after each verify step (the accepted positions caught up, then the first draft from
+    the last one), the drafts equal the reference recursion. The shipped (trained) model accepts drafts, so its
+    verify steps catch up several rows at once."""
+    if which == "shipped":
+        path = SHIPPED
+        prompt = Tokenizer.from_dir(path).encode("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n")
+    else:
+        path, prompt = engine_ckpt, PROMPTS[3]  # 30 tokens, past index_topk
+    engine = make_engine(path, num_speculative_tokens=3)
+    engine.add_request("r", prompt, greedy(24))
+    seq = engine.requests["r"].seqs[0]
+    rows = []
+    for _ in range(6):
+        before = seq.num_computed_tokens
+        engine.step()  # samples, catches the MTP cache up, drafts
+        rows.append(seq.num_computed_tokens - before)
+        assert seq.draft_token_ids == reference_drafts(engine.model, prompt + seq.output_token_ids, 3)
+    assert rows[0] == len(prompt) and max(rows[1:]) <= 4
+    if which == "shipped":
+        assert max(rows[1:]) > 1, rows
 
 
 def test_stops_and_max_tokens_never_overshoot(engine_ckpt, plain, monkeypatch):
