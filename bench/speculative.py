@@ -12,8 +12,10 @@ comment paragraphs of those files; else built-in paragraphs), tokenized with the
 ignore_eos, so every run makes the same number of tokens.
 
 For each batch size B, one engine per K (`num_speculative_tokens=K`) runs each prompt set as a closed loop of B
-requests, `repeats` times with the Ks interleaved in each repeat (so drift hits them alike); tok/s is the median.
-Per row (prompt set, B, K): speedup = tok/s over K = 0's of the same B and prompt set; from EngineStats
+requests, `repeats` times with the Ks in turn in each repeat, in reverse order every other repeat (so drift hits
+them alike); tok/s is the median. Per row (prompt set, B, K): speedup = the median over repeats of the ratio of
+its tok/s to K = 0's in the same repeat (`speedup_runs`: each repeat's; this VM's speed wanders by +-25% within
+a minute, so only runs seconds apart are compared); from EngineStats
 (`spec_num_drafts`, `spec_num_draft_tokens`, `spec_num_accepted_tokens`, `spec_accepted_per_pos`) over that row's
 runs: acceptance rate = accepted / draft tokens; mean acceptance length = 1 + accepted / drafts, i.e. tokens
 emitted per verify step (the bonus token plus the accepted drafts; K + 1 at most); acceptance at position i =
@@ -26,7 +28,7 @@ fixed (`speculative_policy="fixed"`).
 `speculative_policy="adaptive"`) and K = 0, each runs a closed loop of B requests
 over max(prompts, waves x B) prompts (`--waves`, default 4: the tail, where requests that drafted finish at
 different steps and the batch thins out, must stay a small part of the run; K = 0's requests end together),
-repeats interleaved, median tok/s; per row the ratio to K = 0,
+repeats in turn as above, median tok/s; per row the median of the per-repeat ratios to K = 0,
 identical tokens, the share of steps that drafted each depth 0..K (what the adaptive policy chose) and the
 acceptance. Targets: >= 1.25x at batch 1, >= 0.98x at 8 and at 32, greedy tokens identical. The adaptive
 engine records every step (`SpecDecode.trace`): its row also has the median milliseconds of its steady steps
@@ -93,6 +95,21 @@ def finish_row(engine, name: str, k: int, batch: int, speeds: list[float], token
     return row
 
 
+def in_turn(engines: dict, rep: int) -> list:
+    """The engines of one repeat: forward on even repeats, backward on odd (A B, B A, ...), so a drift of the
+    machine's speed within a repeat favours none of them over the run."""
+    items = list(engines.items())
+    return items if rep % 2 == 0 else items[::-1]
+
+
+def paired(speeds: list[float], base: list[float]) -> dict:
+    """Speed-up as the median over repeats of each repeat's ratio (runs of one repeat are seconds apart, while
+    this VM's speed wanders by +-25% over a minute: a ratio of medians taken minutes apart carries that), and
+    the ratios themselves for the spread."""
+    ratios = [a / b for a, b in zip(speeds, base, strict=False)]
+    return {"speedup": statistics.median(ratios), "speedup_runs": [round(r, 3) for r in ratios]}
+
+
 def run_batch(model: Path, ks: list[int], batch: int, sets: dict[str, list[list[int]]], max_tokens: int,
               repeats: int) -> list[dict]:
     """One engine per K, all loaded at once, for every prompt set; per set, the repeats interleave the Ks, so
@@ -110,7 +127,7 @@ def run_batch(model: Path, ks: list[int], batch: int, sets: dict[str, list[list[
         speeds: dict[int, list[float]] = {k: [] for k in engines}
         tokens: dict[int, list] = {}
         for rep in range(repeats):
-            for k, engine in list(engines.items()):
+            for k, engine in in_turn(engines, rep):
                 try:
                     run = closed_loop(engine, prompts, max_tokens, batch, prefix=f"{name}-r{rep}-")
                 except Exception as e:
@@ -130,7 +147,7 @@ def run_batch(model: Path, ks: list[int], batch: int, sets: dict[str, list[list[
         base = next((r for r in batch_rows if r["k"] == 0 and "error" not in r), None)
         for row in batch_rows:
             if base is not None and "error" not in row:
-                row["speedup"] = row["tok_s"] / base["tok_s"]
+                row.update(paired(row["tok_s_runs"], base["tok_s_runs"]))
                 same = sum(a == b for a, b in zip(row["tokens"], base["tokens"], strict=True))
                 row["same"] = f"{same}/{len(prompts)}"
         rows += batch_rows
@@ -199,19 +216,19 @@ def run_ab(model: Path, batch: int, sets: dict[str, list[list[int]]], max_tokens
         speeds: dict[str, list[float]] = {c: [] for c in engines}
         tokens: dict[str, list] = {}
         for rep in range(repeats):
-            for config, engine in engines.items():
+            for config, engine in in_turn(engines, rep):
                 run = closed_loop(engine, prompts, max_tokens, batch, prefix=f"{name}-r{rep}-")
                 speeds[config].append(run.output_tokens / run.seconds)
                 tokens.setdefault(config, run.tokens)
                 if config == "K=0":
                     k0_steps.append(run.seconds / run.steps)
-        base = statistics.median(speeds["K=0"])
         for config, engine in engines.items():
             row = finish_row(engine, name, engine.num_speculative_tokens, batch, speeds[config], None,
                              before[config][0])
             row.pop("tokens")
             steps = [a - b for a, b in zip(depth_steps(engine), before[config][1], strict=True)]
-            row.update(config=config, speedup=row["tok_s"] / base, depth_steps=steps,
+            row.update(paired(speeds[config], speeds["K=0"]))
+            row.update(config=config, depth_steps=steps,
                        depths=" ".join(f"{n / max(1, sum(steps)):.2f}" for n in steps) if steps else "-",
                        same=f"{sum(a == b for a, b in zip(tokens[config], tokens['K=0'], strict=True))}/{len(prompts)}")
             if config == "adaptive":

@@ -95,6 +95,20 @@ def test_headline_verdicts():
     assert v["glm-serve peak RSS, process tree (shipped model)"] == "info"
 
 
+def test_speculative_speedups_pair_runs_of_one_repeat():
+    """The speed-up is the median of per-repeat ratios (runs seconds apart), not a ratio of medians, and the
+    engines take turns in reverse order every other repeat."""
+    import speculative
+
+    # K = 0 slowed by a drift in repeat 2 as much as the other engine: the paired ratio stays 1.5 throughout.
+    got = speculative.paired([3.0, 1.5, 3.0], [2.0, 1.0, 2.0])
+    assert got == {"speedup": 1.5, "speedup_runs": [1.5, 1.5, 1.5]}
+    assert speculative.paired([1.0, 2.0, 4.0], [1.0, 1.0, 1.0])["speedup"] == 2.0  # the median
+    engines = {"a": 1, "b": 2}
+    assert [k for k, _ in speculative.in_turn(engines, 0)] == ["a", "b"]
+    assert [k for k, _ in speculative.in_turn(engines, 1)] == ["b", "a"]
+
+
 def test_speculative_prompt_sets(monkeypatch, tmp_path):
     import engine_runs
 
@@ -161,6 +175,7 @@ def test_in_process_benchmarks_write_tables_and_json(tiny_ckpt, tmp_path, capsys
     assert len(adaptive["steady_steps"]) == 3 and 0 < sum(adaptive["steady_steps"]) <= adaptive["trace_steps"]
     assert adaptive["steady_ms"].count(" ") == 2 and adaptive["k0_ms_per_step"] > 0
     assert ab["summary"]["targets"] == {"1": 1.25, "3": 0.98}
+    assert all(len(r["speedup_runs"]) == 1 for r in ab["rows"]) and ab["rows"][1]["speedup"] == 1.0
     assert "Adaptive MTP (K <= 2) vs --num-speculative-tokens 0" in capsys.readouterr().out
 
     import profile_engine
