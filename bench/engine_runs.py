@@ -25,12 +25,14 @@ class EngineRun:
     first_token_s: list[float] = field(default_factory=list)  # per prompt: added -> first token
 
 
-def closed_loop(engine, prompts: list[list[int]], max_tokens: int, concurrency: int, ignore_eos: bool = True,
-                prefix: str = "r") -> EngineRun:
-    """Keep `concurrency` requests in the engine; add the next prompt as soon as one finishes."""
+def closed_loop(engine, prompts: list[list[int]], max_tokens: int | list[int], concurrency: int,
+                ignore_eos: bool = True, prefix: str = "r") -> EngineRun:
+    """Keep `concurrency` requests in the engine; add the next prompt as soon as one finishes. `max_tokens`: one
+    for all, or one per prompt."""
     from service.engine.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=ignore_eos)
+    lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=ignore_eos) for n in lengths]
     tokens: dict[str, list[int]] = {}
     added: dict[str, float] = {}
     first: dict[str, float] = {}
@@ -45,7 +47,7 @@ def closed_loop(engine, prompts: list[list[int]], max_tokens: int, concurrency: 
         rid = f"{prefix}{i}"
         tokens[rid] = []
         added[rid] = time.perf_counter()
-        engine.add_request(rid, p, params)
+        engine.add_request(rid, p, params[i])
         in_flight += 1
 
     while todo and in_flight < concurrency:

@@ -25,22 +25,25 @@ K >= 1.7x K = 0 at batch 1, outputs identical. Writes bench/results/speculative.
 fixed (`speculative_policy="fixed"`).
 
 `--ab` (issue 18): per prompt set and batch size B (default 1, 8, 32), two engines, adaptive MTP (K = 2,
-`speculative_policy="adaptive"`) and K = 0, each runs a closed loop of B requests
-over max(prompts, waves x B) prompts (`--waves`, default 4: the tail, where requests that drafted finish at
-different steps and the batch thins out, must stay a small part of the run; K = 0's requests end together),
-repeats in turn as above, median tok/s; per row the median of the per-repeat ratios to K = 0,
-identical tokens, the share of steps that drafted each depth 0..K (what the adaptive policy chose) and the
-acceptance. Targets: >= 1.25x at batch 1, >= 0.98x at 8 and at 32, greedy tokens identical. The adaptive
-engine records every step (`SpecDecode.trace`): its row also has the median milliseconds of its steady steps
-(depth verified = depth drafted, decode only) per depth over the whole run, the policy's own per-depth times
-(its recent medians) at the end, the steps it never times (prefills, depth switches: count and median) and
-K = 0's mean milliseconds per step (prefills included), to tell a wrong choice from a wrong measurement.
+`speculative_policy="adaptive"`) and K = 0, each runs a closed loop of B requests over max(prompts, waves x B)
+prompts (`--waves`, default 4: the tail, where requests that drafted finish at different steps and the batch thins
+out, must stay a small part of the run; K = 0's requests end together), every request `--max-tokens` long, or with
+`--vary-lengths` each its own length (`varied_lengths`, as served traffic has: with one length, K = 0 prefills each
+wave in one step while drafting spreads the prefills over nearly every step, a cost only the MTP run pays), repeats
+in turn as above, median tok/s; per row the median of the per-repeat ratios to K = 0, identical tokens, the share
+of steps that drafted each depth 0..K (what the adaptive policy chose) and the acceptance. Targets: >= 1.25x at
+batch 1, >= 0.98x at 8 and at 32, greedy tokens identical. The adaptive engine records every step
+(`SpecDecode.trace`): its row also has the median milliseconds of its steady steps (depth verified = depth drafted,
+decode only) per depth over the whole run, the policy's own per-depth times (its recent medians) at the end, the
+steps it never times (prefills, depth switches: count and median) and K = 0's mean milliseconds per step (prefills
+included), to tell a wrong choice from a wrong measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 from pathlib import Path
@@ -61,7 +64,7 @@ def stats_tuple(engine) -> tuple[int, int, int, list[int]]:
             getattr(s, "spec_num_accepted_tokens", 0), list(getattr(s, "spec_accepted_per_pos", []) or []))
 
 
-def make_engine(model: Path, k: int | None, batch: int, prompts: list[list[int]], max_tokens: int,
+def make_engine(model: Path, k: int | None, batch: int, prompts: list[list[int]], max_tokens: int | list[int],
                 policy: str | None = "fixed"):
     """An engine drafting K tokens under `policy`; None for either: EngineConfig's default."""
     from service.engine.config import EngineConfig
@@ -70,7 +73,8 @@ def make_engine(model: Path, k: int | None, batch: int, prompts: list[list[int]]
     spec = {"num_speculative_tokens": k, "speculative_policy": policy}
     spec = {name: v for name, v in spec.items() if v is not None}
     k = spec.get("num_speculative_tokens", EngineConfig.num_speculative_tokens)
-    max_len = max(len(p) for p in prompts) + max_tokens + k + 8
+    longest = max(max_tokens) if isinstance(max_tokens, list) else max_tokens
+    max_len = max(len(p) for p in prompts) + longest + k + 8
     engine = LLMEngine.from_config(EngineConfig(model=model, device="cpu", max_num_seqs=max(batch, 1),
                                                 max_model_len=max_len, kv_cache_tokens=batch * (max_len + 32),
                                                 **spec))
@@ -93,6 +97,15 @@ def finish_row(engine, name: str, k: int, batch: int, speeds: list[float], token
         row["accept_by_pos"] = [n / drafts for n in per_pos]
         row["accept_pos"] = " ".join(f"{x:.2f}" for x in row["accept_by_pos"])
     return row
+
+
+def varied_lengths(n: int, mean: int, seed: int = 0) -> list[int]:
+    """Per-request max_tokens, uniform in [mean / 2, 3 mean / 2] (seeded). With one length for all, every request
+    of a K = 0 run ends at the same step and the next wave's prompts are prefilled together in one step, while
+    drafting staggers the ends, so nearly every step of an MTP run carries a prefill beside its decodes; served
+    traffic staggers both."""
+    rng = random.Random(seed)
+    return [rng.randint(max(1, mean // 2), max(1, 3 * mean // 2)) for _ in range(n)]
 
 
 def in_turn(engines: dict, rep: int) -> list:
@@ -204,12 +217,15 @@ def step_costs(engine, batch: int) -> dict:
             "other_steps": len(other), "other_ms": 1000 * statistics.median(other) if other else None}
 
 
-def run_ab(model: Path, batch: int, sets: dict[str, list[list[int]]], max_tokens: int, repeats: int) -> list[dict]:
-    """Adaptive MTP (K <= AB_K) against K = 0 at one batch size, per prompt set."""
+def run_ab(model: Path, batch: int, sets: dict[str, list[list[int]]], max_tokens: int, repeats: int,
+           vary: bool = False) -> list[dict]:
+    """Adaptive MTP (K <= AB_K) against K = 0 at one batch size, per prompt set; with `vary`, each prompt has
+    its own max_tokens (`varied_lengths`), the same for both engines."""
     rows = []
     for name, prompts in sets.items():
-        engines = {"adaptive": make_engine(model, AB_K, batch, prompts, max_tokens, policy="adaptive"),
-                   "K=0": make_engine(model, 0, batch, prompts, max_tokens)}
+        lengths = varied_lengths(len(prompts), max_tokens) if vary else max_tokens
+        engines = {"adaptive": make_engine(model, AB_K, batch, prompts, lengths, policy="adaptive"),
+                   "K=0": make_engine(model, 0, batch, prompts, lengths)}
         engines["adaptive"].spec.trace = []  # every step's (batch, depths, seconds): what the policy saw
         before = {c: (stats_tuple(e), depth_steps(e)) for c, e in engines.items()}
         k0_steps: list[float] = []
@@ -217,7 +233,7 @@ def run_ab(model: Path, batch: int, sets: dict[str, list[list[int]]], max_tokens
         tokens: dict[str, list] = {}
         for rep in range(repeats):
             for config, engine in in_turn(engines, rep):
-                run = closed_loop(engine, prompts, max_tokens, batch, prefix=f"{name}-r{rep}-")
+                run = closed_loop(engine, prompts, lengths, batch, prefix=f"{name}-r{rep}-")
                 speeds[config].append(run.output_tokens / run.seconds)
                 tokens.setdefault(config, run.tokens)
                 if config == "K=0":
@@ -246,16 +262,19 @@ def main_ab(args: argparse.Namespace, model: Path, threads: int) -> int:
     for batch in batches:
         n = max(args.prompts, args.waves * batch)
         sets = load_sets(args, model, n)
-        rows += run_ab(model, batch, sets, args.max_tokens, args.repeats)
+        rows += run_ab(model, batch, sets, args.max_tokens, args.repeats, args.vary_lengths)
     misses = [r for r in rows if r["config"] == "adaptive" and (r["speedup"] < r["target"]
                                                                or r["same"].split("/")[0] != r["same"].split("/")[1])]
     summary = {"targets": {str(b): AB_TARGETS.get(b, 0.98) for b in batches},
                "met": not misses, "by_batch": {f"{r['prompt_set']} B={r['batch']}": round(r["speedup"], 3)
                                                for r in rows if r["config"] == "adaptive"}}
     m = meta(threads, model=str(model), prompt_sets=list(dict.fromkeys(r["prompt_set"] for r in rows)),
-             prompts=args.prompts, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, repeats=args.repeats)
+             prompts=args.prompts, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, repeats=args.repeats,
+             vary_lengths=args.vary_lengths)
+    per_request = (f"{args.max_tokens // 2}-{3 * args.max_tokens // 2} tokens per request (varied)" if args.vary_lengths
+                   else f"{args.max_tokens} tokens per request")
     print_table(f"Adaptive MTP (K <= {AB_K}) vs --num-speculative-tokens 0: greedy, closed loop of B, "
-                f"{args.max_tokens} tokens per request, {threads} threads, medians of {args.repeats}; load "
+                f"{per_request}, {threads} threads, medians of {args.repeats}; load "
                 f"{os.getloadavg()[0]:.2f}", AB_COLUMNS, rows)
     print(f"targets (>= 1.25x at B=1, >= 0.98x elsewhere, tokens identical): {'met' if not misses else 'MISSED'}")
     name = args.name if args.name != "speculative" else "speculative_ab"
@@ -288,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ab", action="store_true", help="the default configuration vs K = 0 at --batch (default "
                     "1 8 32) instead of the K sweep")
     ap.add_argument("--waves", type=int, default=4, help="--ab: prompts per closed loop = waves x batch (at least)")
+    ap.add_argument("--vary-lengths", action="store_true", help="--ab: each request's max_tokens uniform in "
+                    "[max-tokens / 2, 3 max-tokens / 2] (seeded, the same for both configurations)")
     ap.add_argument("--name", default="speculative")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     args = ap.parse_args(argv)

@@ -191,6 +191,19 @@ def test_in_process_benchmarks_write_tables_and_json(tiny_ckpt, tmp_path, capsys
     assert "headline figures" in capsys.readouterr().out
 
 
+def test_varied_lengths_reach_each_request(tiny_ckpt):
+    """--vary-lengths: seeded per-request lengths around the mean, and the closed loop gives each request its own."""
+    import speculative
+    from engine_runs import closed_loop
+
+    lengths = speculative.varied_lengths(200, 64)
+    assert lengths == speculative.varied_lengths(200, 64) and min(lengths) >= 32 and max(lengths) <= 96
+    assert 56 <= sum(lengths) / len(lengths) <= 72 and len(set(lengths)) > 30
+    engine = speculative.make_engine(tiny_ckpt, 0, 2, [[5, 6, 7]] * 3, [2, 5, 3])
+    run = closed_loop(engine, [[5, 6, 7], [8, 9], [10]], [2, 5, 3], 2)
+    assert [len(t) for t in run.tokens] == [2, 5, 3] and run.output_tokens == 10
+
+
 def test_skinny_gemm_compares_both_products_and_the_engine_under_both_rules(tiny_ckpt, tmp_path, capsys):
     import skinny_gemm
 
