@@ -284,15 +284,12 @@ class RotaryTable:
 
 
 @functools.cache
+@torch.inference_mode(False)  # cached for good: usable by training after an inference-mode call
 def _rotation_pattern(half: int, width: int, interleave: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
     """([2 half, width^2], [width^2]): row i of the pattern places cos_i, row half + i places sin_i, in the
     flattened [width, width] rotation (out_i = x_a cos - x_b sin, out_{half+i} = x_b cos + x_a sin, with (a, b)
-    the pair's input dims); the second tensor is 1 on the pass-through diagonal past the rope dims."""
-    with torch.inference_mode(False):  # cached for good: usable by training after an inference-mode call
-        return _build_rotation_pattern(half, width, interleave, device)
-
-
-def _build_rotation_pattern(half: int, width: int, interleave: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
+    the pair's input dims); the second tensor is 1 on the pass-through diagonal past the rope dims. Built once per
+    device on the host (by the first forward, the warm-up before any CUDA graph capture)."""
     i = torch.arange(half)
     a, b = (2 * i, 2 * i + 1) if interleave else (i, half + i)
     p = torch.zeros(2 * half, width, width)
