@@ -120,11 +120,10 @@ def test_stage_switch_and_which_parameters_learn():
     assert all(m.topk == TINY["index_topk"] for m in model.modules() if isinstance(m, Indexer))
 
 
-def test_smoke_training_lowers_the_loss_and_exports(tmp_path):
+def tiny_run(tmp_path, **kw) -> TrainArgs:
+    """A tiny corpus, tokenizer and config under tmp_path, and the arguments of a short run on them."""
     from tokenizers import Tokenizer as HFTok
     from tokenizers import models, pre_tokenizers, trainers
-
-    from model.loader import load_model
 
     text = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n"] * 40
     data = tmp_path / "data"
@@ -141,9 +140,16 @@ def test_smoke_training_lowers_the_loss_and_exports(tmp_path):
                                                             "chat_template": "{{ messages[0]['content'] }}"}))
     cfg = {**TINY, "vocab_size": tok.get_vocab_size()}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    args = TrainArgs(data=str(data), tokenizer=str(tdir), out=str(tmp_path / "run"), export=str(tmp_path / "exp"),
-                     steps=30, batch=4, seq_len=16, lr=3e-3, dense_frac=0.6, indexer_warmup_frac=0.2,
-                     autocast="off", config_json=str(tmp_path / "cfg.json"), save_every=10)
+    base = dict(data=str(data), tokenizer=str(tdir), out=str(tmp_path / "run"), export=str(tmp_path / "exp"),
+                steps=30, batch=4, seq_len=16, lr=3e-3, dense_frac=0.6, indexer_warmup_frac=0.2, autocast="off",
+                config_json=str(tmp_path / "cfg.json"), save_every=10)
+    return TrainArgs(**{**base, **kw})
+
+
+def test_smoke_training_lowers_the_loss_and_exports(tmp_path):
+    from model.loader import load_model
+
+    args = tiny_run(tmp_path)
     report = train(args)
     log = json.loads((tmp_path / "run" / "report.json").read_text())
     assert log["heldout"]["lm_loss"] < 3.0  # ln(vocab) ~ 4.1 at the start
@@ -153,6 +159,55 @@ def test_smoke_training_lowers_the_loss_and_exports(tmp_path):
     # Resuming a finished run changes nothing and reloads the same weights.
     again = train(TrainArgs(**{**args.__dict__, "resume": True, "export": None}))
     assert again["heldout"] == report["heldout"]
+
+
+class Restarted(Exception):
+    pass
+
+
+def test_a_run_restarted_at_a_checkpoint_ends_where_the_uninterrupted_run_ends(tmp_path):
+    """`main` re-executes an aged trainer after a checkpoint; the resumed process must continue the same run:
+    same batches, optimizer state, expert bias and precision, so the same final weights."""
+    straight = tiny_run(tmp_path, steps=12, save_every=4, export=None)
+    train(straight)
+
+    def stop(step: int) -> None:
+        raise Restarted(step)
+
+    cut = TrainArgs(**{**straight.__dict__, "out": str(tmp_path / "cut")})
+    with pytest.raises(Restarted, match="^4$"):
+        train(cut, after_save=stop)
+    assert torch.load(tmp_path / "cut" / "train_state.pt", weights_only=False)["step"] == 4
+    train(TrainArgs(**{**cut.__dict__, "resume": True}))
+    want = torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)["model"]
+    got = torch.load(tmp_path / "cut" / "train_state.pt", weights_only=False)["model"]
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_main_re_executes_itself_with_resume_once_the_process_is_old(tmp_path, monkeypatch):
+    import sys
+
+    import model.train as train_module
+
+    args = tiny_run(tmp_path, steps=12, save_every=4, export=None)
+    calls = []
+
+    def fake_execv(path, argv):
+        calls.append((path, argv))
+        raise Restarted
+
+    monkeypatch.setattr(train_module.os, "execv", fake_execv)
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in args.__dict__.items()
+            if v is not None and not isinstance(v, bool) and k != "restart_minutes"]
+    with pytest.raises(Restarted):
+        train_module.main([*argv, "--restart-minutes=1e-9"])
+    assert calls == [(sys.executable, [sys.executable, "-m", "model.train", *argv, "--restart-minutes=1e-9",
+                                       "--resume"])]
+    assert torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)["step"] == 4
+    assert train_module.main([*argv, "--restart-minutes=0", "--resume"]) == 0  # 0: never restarts
+    assert len(calls) == 1
+    assert torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)["step"] == 12
 
 
 def test_windows_start_at_conversation_starts_or_code_strides(tmp_path):
