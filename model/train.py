@@ -110,7 +110,7 @@ class TrainArgs:
     resume: bool = False
     # Re-execute the process after a checkpoint once it is this many minutes old (0: never; `main` only). A fresh
     # process runs up to 1.4x faster: glibc's heap fragments as a run ages (bench/README.md).
-    restart_minutes: float = 20.0
+    restart_minutes: float = 10.0
     config_json: str | None = None  # override default_config (tests use a tiny one)
 
 
