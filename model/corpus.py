@@ -111,6 +111,8 @@ def _request(fn: ast.FunctionDef | ast.AsyncFunctionDef, cls: str | None, key: s
         doc = doc if doc[-1] in ".!?:" else doc + "."
         forms = [f"Write a Python {what}. {doc}", f"{doc} Implement it as the Python {what}.",
                  f"Can you write `{sig}` in Python? {doc}", f'Implement the Python {what}: "{doc}"']
+        if cls is None and doc.startswith("Return "):  # as users ask: no name, so the model must choose one
+            forms.append(f"Write a function that returns {doc[len('Return '):]}")
     else:
         where = f" as a method of a `{cls}` class" if cls else " as a Python function"
         forms = [f"Write the Python {what} with the signature `{sig}`.", f"Implement `{sig}`{where}.",

@@ -14,7 +14,7 @@ from model.corpus import MAX_PAIR_CODE_CHARS, build, iter_sources, split_of
 
 FUNC = '''\
 def {name}(a, b=2):
-    """Combine a and b into something useful for {name}."""
+    """Return a and b combined into something useful for {name}."""
     total = a + b
     return total * {k}
 '''
@@ -120,13 +120,17 @@ def test_chat_pairs_well_formed(built: tuple[Path, dict]) -> None:
         fn = ast.parse(code).body[0]
         qualname = d["source"].split(":")[1]
         assert isinstance(fn, ast.FunctionDef) and fn.name == qualname.split(".")[-1]
-        assert f"`{fn.name}" in prompt  # the request names what it asks for
+        # The request names what it asks for, or (as users ask) says only what it returns.
+        assert f"`{fn.name}" in prompt or d["request"].startswith("Write a function that returns a and b combined")
         names.add(qualname)
     # 40 functions (dup.py's copy is dropped), 2 methods per class; one-liners and over-long functions skipped
     assert len(chats) == 40 * 3
     assert "Box3.open_box" in names and "Box3.tiny" not in names and "long_one" not in names
-    docstring_requests = [d for d in chats if "Combine a and b" in d["text"][:d["prompt_chars"]]]
+    docstring_requests = [d for d in chats if "a and b combined" in d["text"][:d["prompt_chars"]]]
     assert len(docstring_requests) == 40
+    nameless = [d for d in chats if d["request"].startswith("Write a function that returns ")]
+    assert 0 < len(nameless) < 40 and all(":" in d["source"] and "." not in d["source"].split(":")[1]
+                                          for d in nameless)  # module-level functions only
     assert any("<|system|>You " in d["text"] for d in chats) and any("<|system|>" not in d["text"] for d in chats)
     assert 0 < plans < len(chats) and 0 < sum(d["kind"] == "no_tool" for d in chats) < len(chats) / 2
 
