@@ -32,7 +32,7 @@ from .tool_catalog import HELDOUT_TOOLS, TOOLS, Tool
 TRAIN_TOOLS = [t for t in TOOLS if t.name not in HELDOUT_TOOLS]
 EVAL_TOOLS = [t for t in TOOLS if t.name in HELDOUT_TOOLS]
 MAX_DISTRACTORS = 3
-ALIAS_RATE = 0.7  # 0.4 in runs2/runs3: held-out tools were named right 0/40 under their real names
+ALIAS_RATE = 0.7  # 0.4 in runs2/3; runs3 began a held-out tool's name right 5/40 under its real name, 20/40 aliased
 ALIAS_WORDS = ["alpha", "beta", "gamma", "delta", "kappa", "sigma", "omega", "zeta", "amber", "cobalt", "cedar",
                "ember", "falcon", "harbor", "lotus", "maple", "meadow", "onyx", "prism", "quartz", "raven", "topaz",
                "willow", "zephyr", "orbit", "pixel", "vector", "nova", "comet", "lark", "birch", "coral"]
