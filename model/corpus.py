@@ -102,6 +102,16 @@ def _signature(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
     return f"{sig} -> {ast.unparse(fn.returns)}" if fn.returns is not None else sig
 
 
+# A docstring's leading imperative and its third person, for requests that say what a function does, not its
+# name ("Return the number of lines." -> "Write a function that returns the number of lines."): the most common
+# first words of the stdlib's module-level docstrings.
+DOC_VERBS = {"Return": "returns", "Returns": "returns", "Get": "gets", "Convert": "converts", "Parse": "parses",
+             "Create": "creates", "Find": "finds", "Decode": "decodes", "Encode": "encodes", "Read": "reads",
+             "Copy": "copies", "Generate": "generates", "Open": "opens", "Remove": "removes", "Split": "splits",
+             "Add": "adds", "Print": "prints", "Check": "checks", "Format": "formats", "Calculate": "calculates",
+             "Write": "writes", "Clear": "clears", "Wrap": "wraps"}
+
+
 def _request(fn: ast.FunctionDef | ast.AsyncFunctionDef, cls: str | None, key: str) -> str:
     """The user's words for a function: its docstring's summary line, else its signature."""
     what = f"method `{fn.name}` of a `{cls}` class" if cls else f"function `{fn.name}`"
@@ -111,8 +121,9 @@ def _request(fn: ast.FunctionDef | ast.AsyncFunctionDef, cls: str | None, key: s
         doc = doc if doc[-1] in ".!?:" else doc + "."
         forms = [f"Write a Python {what}. {doc}", f"{doc} Implement it as the Python {what}.",
                  f"Can you write `{sig}` in Python? {doc}", f'Implement the Python {what}: "{doc}"']
-        if cls is None and doc.startswith("Return "):  # as users ask: no name, so the model must choose one
-            forms.append(f"Write a function that returns {doc[len('Return '):]}")
+        verb, _, rest = doc.partition(" ")
+        if cls is None and verb in DOC_VERBS and rest:  # as users ask: no name, so the model must choose one
+            forms += [f"Write a function that {DOC_VERBS[verb]} {rest}"] * 2  # a third of these functions
     else:
         where = f" as a method of a `{cls}` class" if cls else " as a Python function"
         forms = [f"Write the Python {what} with the signature `{sig}`.", f"Implement `{sig}`{where}.",

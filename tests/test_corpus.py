@@ -148,3 +148,13 @@ def test_real_stdlib_walk_skips_tests_and_third_party() -> None:
     assert "json/decoder.py" in paths and "asyncio/tasks.py" in paths and paths == sorted(paths)
     assert not [p for p in paths if p.split("/")[0] in {"test", "site-packages", "idlelib", "tkinter"}]
     assert not [p for p in paths if "/tests/" in p or "/test/" in p]
+
+
+def test_a_request_may_say_what_a_function_does_instead_of_its_name() -> None:
+    from model.corpus import _request
+
+    fn = ast.parse('def dup(x):\n    """Copy the list x."""\n    return list(x)\n').body[0]
+    asked = {_request(fn, None, f"k{i}") for i in range(60)}
+    assert "Write a function that copies the list x." in asked
+    assert any("`dup`" in a for a in asked)
+    assert not any(a.startswith("Write a function that") for a in (_request(fn, "C", f"k{i}") for i in range(60)))
