@@ -10,8 +10,10 @@ Sources and licences
   `tkinter`, `turtledemo`), generated tables and data (`encodings`, `pydoc_data`, `_sysconfigdata*`),
   `ensurepip`, build configuration, jokes (`this.py`, `antigravity.py`) and files over 400 kB.
 - Chat pairs derived from those same files with `ast` (so under the same licence): the user asks for a
-  function or method in words (its docstring's first line, or its signature when it has none) and the
-  assistant answers with the function's source in a ```python fence. Pairs are deduplicated by source.
+  function or method in words (its docstring's first line, or its signature when it has none; for a third of
+  the module-level functions whose docstring starts with a common imperative, without naming it: "Write a
+  function that returns ...") and the assistant answers with the function's source in a ```python fence.
+  Pairs are deduplicated by source.
 - No prose: Debian's python3.11-doc is not on a fresh machine, and nothing is downloaded.
 
 Output (the contract the trainer reads), in `--out`:
