@@ -4,7 +4,9 @@
   phrasings of the training tools), tools offered, no grammar, the model free to call or not (tool_choice
   "auto"): the share whose output holds a parseable GLM-5 call to the right tool with schema-valid arguments
   (and with exactly the asked arguments); and on held-out code requests with tools offered, the share that
-  calls one anyway. Thinking on (the default) and off;
+  calls one anyway. Thinking on (the default) and off; per held-out tool, which name its first call used
+  (`heldout_tool_calls`, "wanted -> called": a training tool's name there means recall won over copying), and
+  the first few outputs of each split with the tools offered;
 - MTP acceptance per position for K = 1..3, greedy, on held-out chat requests, code prefixes and tool prompts;
 - DSA indexer recall: the share of dense attention mass inside the indexer's top-k, on held-out code windows;
 - sample chats.
@@ -16,6 +18,7 @@ Prints tables and writes bench/results/model_card.json.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 import time
@@ -29,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 from service.engine.config import EngineConfig  # noqa: E402
 from service.engine.engine import LLMEngine  # noqa: E402
 from service.engine.sampling_params import SamplingParams  # noqa: E402
+
+EXAMPLES_PER_SPLIT = 4
 
 
 def heldout_prompts(tok, data: Path, n: int) -> list[list[int]]:
@@ -69,7 +74,8 @@ def tool_use(model: Path, data: Path, thinking: bool, max_tokens: int, limit: in
     t0 = time.perf_counter()
     outputs = generate_all(engine, prompts, max_tokens)
     splits: dict[str, dict] = {}
-    examples = []
+    examples: list[dict] = []
+    confusions: collections.Counter[str] = collections.Counter()  # held-out tools: "wanted -> called" first names
     for case, ids in zip(cases, outputs, strict=True):
         text = tok.decode(ids, skip_special_tokens=False)
         calls = parse_tool_calls(text, case["tools"])
@@ -82,13 +88,16 @@ def tool_use(model: Path, data: Path, thinking: bool, max_tokens: int, limit: in
             good = first["name"] == case["tool"] and schema_valid(first["arguments"], schema)
             row["right_tool_valid_args"] += good
             row["exact_args"] += good and first["arguments"] == case["arguments"]
-        if len(examples) < 6 or (case["split"] == "no_tool" and len(examples) < 8):
-            examples.append({"split": case["split"], "user": case["messages"][0]["content"], "output": text})
+            if case["split"] == "heldout_tool":
+                confusions[f"{case['tool']} -> {first['name']}"] += 1
+        if sum(e["split"] == case["split"] for e in examples) < EXAMPLES_PER_SPLIT:
+            examples.append({"split": case["split"], "user": case["messages"][0]["content"], "tool": case["tool"],
+                             "offered": [t["function"]["name"] for t in case["tools"]], "output": text})
     for row in splits.values():
         for key in ("called", "right_tool_valid_args", "exact_args"):
             row[key + "_rate"] = round(row[key] / row["n"], 3)
     return {"thinking": thinking, "seconds": round(time.perf_counter() - t0, 1), "splits": splits,
-            "examples": examples}
+            "heldout_tool_calls": dict(confusions.most_common()), "examples": examples}
 
 
 def recall(model_dir: Path, data: Path, seq_len: int, rows: int) -> dict:
