@@ -10,11 +10,14 @@ signature and docstring; with it off, the turn starts `<think></think>`, as the 
 Held out for evaluation: the whole tools in `HELDOUT_TOOLS`, and for each training tool one phrasing (chosen
 by hash). Everything is seeded: the same seed gives the same documents on every machine.
 
-In `ALIAS_RATE` of the training documents every offered tool goes by an alias (`alias_names`), mostly two
-unrelated words, and half of those tools have their parameters renamed too. A model that only ever saw the
-real names learns each name as a word to recall (every run called a held-out tool by a training tool's name:
-0% right); under an alias the only way to the right name, and key, is to read the tool list and copy it from
-the tool whose description matches the request.
+In `ALIAS_RATE` of the training documents (all of them) every offered tool goes by an alias (`alias_names`),
+mostly two unrelated words, and `PARAM_RENAME_RATE` of those tools have their parameters renamed too. A model
+that only ever saw the real names learns each name as a word to recall (every run called a held-out tool by a
+training tool's name: 0% right); under an alias the only way to the right name, and key, is to read the tool
+list and copy it from the tool whose description matches the request. With real names in some documents
+(30% in runs4, 60% before) the model learns to tell the two kinds of list apart and recalls whenever the names
+are real ones, as every tool list a user sends is: runs3 called the held-out `radians` as `degrees` in 6 of 12
+prompts (degrees was offered in one) and wrote `x` for lcm's key `a`. So no training list shows a real name.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from .tool_catalog import HELDOUT_TOOLS, TOOLS, Tool
 TRAIN_TOOLS = [t for t in TOOLS if t.name not in HELDOUT_TOOLS]
 EVAL_TOOLS = [t for t in TOOLS if t.name in HELDOUT_TOOLS]
 MAX_DISTRACTORS = 3
-ALIAS_RATE = 0.7  # 0.4 in runs2/3; runs3 began a held-out tool's name right 5/40 under its real name, 20/40 aliased
+ALIAS_RATE = 1.0  # 0.4 in runs2/3, 0.7 in runs4; runs3 began a held-out tool's name right 5/40 under its real
+# name, 20/40 aliased
+PARAM_RENAME_RATE = 0.8  # of aliased tools (0.5 up to runs4): keys too are copied, not recalled
 ALIAS_WORDS = ["alpha", "beta", "gamma", "delta", "kappa", "sigma", "omega", "zeta", "amber", "cobalt", "cedar",
                "ember", "falcon", "harbor", "lotus", "maple", "meadow", "onyx", "prism", "quartz", "raven", "topaz",
                "willow", "zephyr", "orbit", "pixel", "vector", "nova", "comet", "lark", "birch", "coral"]
@@ -91,13 +96,13 @@ def alias_names(rng: Random, tools: list[Tool]) -> dict[str, str]:
 
 
 def renamed(rng: Random, tools: list[Tool]) -> list[Tool]:
-    """`tools` under their aliases; half of them also with their parameters renamed (`PARAM_ALIASES`, or the
-    real name with a digit), in the same order."""
+    """`tools` under their aliases; `PARAM_RENAME_RATE` of them also with their parameters renamed
+    (`PARAM_ALIASES`, or the real name with a digit), in the same order."""
     names = alias_names(rng, tools)
     out = []
     for t in tools:
         params = t.params
-        if rng.random() < 0.5:
+        if rng.random() < PARAM_RENAME_RATE:
             keys = [f"{p.name}{rng.randint(1, 9)}" for p in params]
             if rng.random() < 0.5 or set(keys) & REAL_KEYS:  # never a real key (`y1` is a held-out tool's)
                 keys = rng.sample(PARAM_ALIASES, len(params))
