@@ -10,7 +10,7 @@ Sources and licences
   `tkinter`, `turtledemo`), generated tables and data (`encodings`, `pydoc_data`, `_sysconfigdata*`),
   `ensurepip`, build configuration, jokes (`this.py`, `antigravity.py`) and files over 400 kB.
 - Chat pairs derived from those same files with `ast` (so under the same licence): the user asks for a
-  function or method in words (its docstring's first line, or its signature when it has none; for a third of
+  function or method in words (its docstring's first line, or its signature when it has none; for half of
   the module-level functions whose docstring starts with a common imperative, without naming it: "Write a
   function that returns ...") and the assistant answers with the function's source in a ```python fence.
   Pairs are deduplicated by source.
@@ -125,7 +125,8 @@ def _request(fn: ast.FunctionDef | ast.AsyncFunctionDef, cls: str | None, key: s
                  f"Can you write `{sig}` in Python? {doc}", f'Implement the Python {what}: "{doc}"']
         verb, _, rest = doc.partition(" ")
         if cls is None and verb in DOC_VERBS and rest:  # as users ask: no name, so the model must choose one
-            forms += [f"Write a function that {DOC_VERBS[verb]} {rest}"] * 2  # a third of these functions
+            # Half of these functions (a third in runs4): runs3 met such a request with an empty plan.
+            forms += [f"Write a function that {DOC_VERBS[verb]} {rest}"] * 4
     else:
         where = f" as a method of a `{cls}` class" if cls else " as a Python function"
         forms = [f"Write the Python {what} with the signature `{sig}`.", f"Implement `{sig}`{where}.",
