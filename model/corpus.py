@@ -14,6 +14,8 @@ Sources and licences
   the module-level functions whose docstring starts with a common imperative, without naming it: "Write a
   function that returns ...") and the assistant answers with the function's source in a ```python fence.
   Pairs are deduplicated by source.
+- Tool-use conversations (model/tool_data.py), whose tool aliases are mostly the public function names of the
+  training files (`identifier_pool`).
 - No prose: Debian's python3.11-doc is not on a fresh machine, and nothing is downloaded.
 
 Output (the contract the trainer reads), in `--out`:
@@ -39,6 +41,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import sysconfig
@@ -157,15 +160,29 @@ def iter_functions(tree: ast.Module) -> Iterator[tuple[ast.FunctionDef | ast.Asy
                     yield item, node.name
 
 
+_DEF = re.compile(r"^[ \t]*(?:async[ \t]+)?def[ \t]+([a-z][a-z0-9_]{2,23})[ \t]*\(", re.M)
+
+
+def identifier_pool(root: Path, heldout_permille: int = 50) -> tuple[str, ...]:
+    """The public function names defined in the training files, sorted: what tool aliases are drawn from
+    (model/tool_data.py, `alias_names`), so a call's name is any identifier and can only be copied."""
+    names: set[str] = set()
+    for relpath, path in iter_sources(root):
+        source = read_source(path) if split_of(relpath, heldout_permille) == "train" else None
+        names.update(_DEF.findall(source or ""))
+    return tuple(sorted(names))
+
+
 @dataclass
 class Corpus:
     template: ChatTemplate = field(default_factory=lambda: ChatTemplate(GLM_CHAT_TEMPLATE, "GLM_CHAT_TEMPLATE"))
     seen_code: set[str] = field(default_factory=set)
     seed: int = 0
+    alias_pool: tuple[str, ...] = ()
 
     @property
     def tools(self) -> ToolDocs:
-        return ToolDocs(self.template, ENDOFTEXT, self.seed)
+        return ToolDocs(self.template, ENDOFTEXT, self.seed, self.alias_pool)
 
     def code_doc(self, relpath: str, source: str) -> dict:
         return {"text": f"[gMASK]<sop>{source}{ENDOFTEXT}", "kind": "code", "source": relpath}
@@ -202,7 +219,7 @@ def build(root: Path, out: Path, heldout_permille: int = 50, tool_docs: int = 16
     stats."""
     t0 = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    corpus = Corpus(seed=seed)
+    corpus = Corpus(seed=seed, alias_pool=identifier_pool(root, heldout_permille))
     kinds = ("code", "chat", "no_tool", "tool")
     no_tool_requests: list[str] = []
     stats: dict = {"files_kept": 0, "files_skipped": {}, "python": platform.python_version(),

@@ -11,7 +11,8 @@ Held out for evaluation: the whole tools in `HELDOUT_TOOLS`, and for each traini
 by hash). Everything is seeded: the same seed gives the same documents on every machine.
 
 In `ALIAS_RATE` of the training documents (all of them) every offered tool goes by an alias (`alias_names`),
-mostly two unrelated words, and `PARAM_RENAME_RATE` of those tools have their parameters renamed too. A model
+mostly a function name of the training files, and `PARAM_RENAME_RATE` of those tools have their parameters renamed
+too. A model
 that only ever saw the real names learns each name as a word to recall (every run called a held-out tool by a
 training tool's name: 0% right); under an alias the only way to the right name, and key, is to read the tool
 list and copy it from the tool whose description matches the request. With real names in some documents
@@ -25,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from random import Random
 from typing import Any
@@ -38,6 +39,10 @@ MAX_DISTRACTORS = 3
 ALIAS_RATE = 1.0  # 0.4 in runs2/3, 0.7 in runs4; runs3 began a held-out tool's name right 5/40 under its real
 # name, 20/40 aliased
 PARAM_RENAME_RATE = 0.8  # of aliased tools (0.5 up to runs4): keys too are copied, not recalled
+# Aliases drawn from the corpus's identifiers when there is a pool (none in runs2-5). runs5 drew from the 32 words
+# below and affixed real names only; at step 1,386 it began a held-out tool's name right in 0/40 prompts under the
+# real name, 20/40 aliased: it had learned which few words follow `<tool_call>`, not to copy any name.
+POOL_ALIAS_SHARE = 0.6
 ALIAS_WORDS = ["alpha", "beta", "gamma", "delta", "kappa", "sigma", "omega", "zeta", "amber", "cobalt", "cedar",
                "ember", "falcon", "harbor", "lotus", "maple", "meadow", "onyx", "prism", "quartz", "raven", "topaz",
                "willow", "zephyr", "orbit", "pixel", "vector", "nova", "comet", "lark", "birch", "coral"]
@@ -74,15 +79,19 @@ def offered_tools(rng: Random, tool: Tool | None, pool: list[Tool], n_max: int =
     return [t.schema() for t in pick_offered(rng, tool, pool, n_max)]
 
 
-def alias_names(rng: Random, tools: list[Tool]) -> dict[str, str]:
-    """A distinct alias for each tool's name: most often two unrelated words (`cedar_orbit`), else the real name
-    with a prefix or suffix (`calc_gcd`, `gcd_v2`). Never a real tool's name."""
+def alias_names(rng: Random, tools: list[Tool], pool: Sequence[str] = ()) -> dict[str, str]:
+    """A distinct alias for each tool's name. With a `pool` of identifiers (the corpus's function names), most
+    often one of them (`POOL_ALIAS_SHARE`): names after `<tool_call>` then range over thousands of identifiers
+    like the ones users give their tools, and only copying finds the right one. Otherwise two unrelated words
+    (`cedar_orbit`), or the real name with a prefix or suffix (`calc_gcd`, `gcd_v2`). Never a real tool's name."""
     taken = {t.name for t in TOOLS}
     names: dict[str, str] = {}
     for t in tools:
         while True:
             style = rng.random()
-            if style < 0.6:
+            if pool and rng.random() < POOL_ALIAS_SHARE:
+                alias = rng.choice(pool)
+            elif style < 0.6:
                 alias = f"{rng.choice(ALIAS_WORDS)}_{rng.choice(ALIAS_WORDS)}"
             elif style < 0.8:
                 alias = f"{rng.choice(ALIAS_AFFIXES)}_{t.name}"
@@ -95,10 +104,10 @@ def alias_names(rng: Random, tools: list[Tool]) -> dict[str, str]:
     return names
 
 
-def renamed(rng: Random, tools: list[Tool]) -> list[Tool]:
-    """`tools` under their aliases; `PARAM_RENAME_RATE` of them also with their parameters renamed
-    (`PARAM_ALIASES`, or the real name with a digit), in the same order."""
-    names = alias_names(rng, tools)
+def renamed(rng: Random, tools: list[Tool], pool: Sequence[str] = ()) -> list[Tool]:
+    """`tools` under their aliases (`alias_names`); `PARAM_RENAME_RATE` of them also with their parameters
+    renamed (`PARAM_ALIASES`, or the real name with a digit), in the same order."""
+    names = alias_names(rng, tools, pool)
     out = []
     for t in tools:
         params = t.params
@@ -127,7 +136,7 @@ def answer_plan(tool: Tool, result: str) -> str:
 
 
 def tool_conversation(rng: Random, tool: Tool, phrasing: int, thinking: bool, pool: list[Tool],
-                      alias: bool = False) -> tuple[list[dict], list[dict], dict[str, Any]]:
+                      alias: bool = False, names: Sequence[str] = ()) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """(messages, tools, arguments) of one tool-use conversation, the result computed by the real function;
     with `alias`, every offered tool goes by an alias (`renamed`, parameters too for some) in the tool list, the
     call and the plan."""
@@ -137,7 +146,7 @@ def tool_conversation(rng: Random, tool: Tool, phrasing: int, thinking: bool, po
     shown = tool
     if alias:
         at = offered.index(tool)
-        offered = renamed(rng, offered)
+        offered = renamed(rng, offered, names)
         shown = offered[at]
     # The call and the plan use the names shown in the tool list; the request and the answer are worded with
     # the arguments' values, whatever their keys.
@@ -162,10 +171,11 @@ def code_plan(signature: str, doc: str) -> str:
 class ToolDocs:
     """Renders the tool-use documents; `template` is the GLM-5 ChatTemplate, `endoftext` closes a document."""
 
-    def __init__(self, template: Any, endoftext: str, seed: int = 0) -> None:
+    def __init__(self, template: Any, endoftext: str, seed: int = 0, alias_pool: Sequence[str] = ()) -> None:
         self.template = template
         self.endoftext = endoftext
         self.seed = seed
+        self.alias_pool = alias_pool  # identifiers aliases are drawn from (`alias_names`)
 
     def _doc(self, messages: list[dict], tools: list[dict] | None, kind: str, source: str, thinking: bool) -> dict:
         """The training record; the prompt is everything before the first assistant turn's output."""
@@ -188,7 +198,8 @@ class ToolDocs:
             phrasing = rng.randrange(len(tool.asks)) if heldout else rng.choice(train_phrasings(tool))
             thinking = rng.random() < 0.5
             alias = not heldout and rng.random() < ALIAS_RATE
-            messages, tools, _ = tool_conversation(rng, tool, phrasing, thinking, TRAIN_TOOLS, alias)
+            messages, tools, _ = tool_conversation(rng, tool, phrasing, thinking, TRAIN_TOOLS, alias,
+                                                   self.alias_pool)
             doc = self._doc(messages, tools, "tool", f"tool:{tool.name}:{phrasing}", thinking)
             yield {**doc, "called": messages[1]["tool_calls"][0]["function"]["name"]}
 
@@ -197,7 +208,7 @@ class ToolDocs:
         tool conversations, so an odd name is no sign that a call is due): the assistant answers directly."""
         offered = pick_offered(rng, None, TRAIN_TOOLS)
         if rng.random() < ALIAS_RATE:
-            offered = renamed(rng, offered)
+            offered = renamed(rng, offered, self.alias_pool)
         return self._doc(messages, [t.schema() for t in offered], "no_tool", source, thinking)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from model.build_tokenizer import ENDOFTEXT
-from model.corpus import MAX_PAIR_CODE_CHARS, build, iter_sources, split_of
+from model.corpus import MAX_PAIR_CODE_CHARS, build, identifier_pool, iter_sources, split_of
 
 FUNC = '''\
 def {name}(a, b=2):
@@ -158,3 +158,18 @@ def test_a_request_may_say_what_a_function_does_instead_of_its_name() -> None:
     assert "Write a function that copies the list x." in asked
     assert any("`dup`" in a for a in asked)
     assert not any(a.startswith("Write a function that") for a in (_request(fn, "C", f"k{i}") for i in range(60)))
+
+
+def test_tool_aliases_are_the_training_files_function_names(built: tuple[Path, dict]) -> None:
+    """Most aliases are public function names of the training files (model/tool_data.py, `alias_names`): never
+    a held-out file's, a private one, a skipped file's, or a real tool's name."""
+    out, stats = built
+    pool = identifier_pool(Path(stats["stdlib"]), 250)
+    assert {"open_box", "tiny", "long_one"} <= set(pool) and "leaked" not in pool and pool == tuple(sorted(pool))
+    assert not any(n.startswith("_") for n in pool)
+    for relpath, _ in iter_sources(Path(stats["stdlib"])):
+        name = f"f{Path(relpath).stem.removeprefix('mod')}"
+        if relpath.startswith(("mod", "pkg/mod")) and len(name) >= 3:
+            assert (name in pool) == (split_of(relpath, 250) == "train"), relpath
+    called = [d["called"] for d in read(out / "train.jsonl") if d["kind"] == "tool"]
+    assert 0.45 < sum(c in pool for c in called) / len(called) < 0.75  # POOL_ALIAS_SHARE = 0.6

@@ -7,6 +7,7 @@ import json
 import math
 import re
 from dataclasses import replace
+from random import Random
 
 import pytest
 
@@ -16,8 +17,10 @@ from model.tool_catalog import BY_NAME, HELDOUT_TOOLS, TOOLS, describe
 from model.tool_data import (
     ALIAS_RATE,
     PARAM_RENAME_RATE,
+    POOL_ALIAS_SHARE,
     TRAIN_TOOLS,
     ToolDocs,
+    alias_names,
     eval_prompts,
     heldout_phrasing,
     parse_tool_calls,
@@ -164,3 +167,11 @@ def test_parser_and_schema_check() -> None:
     assert not schema_valid({"a": 4}, tools[1]) and not schema_valid({"a": 4, "b": "6"}, tools[1])
     assert not schema_valid({"a": 4, "b": 6, "c": 1}, tools[1]) and not schema_valid({"a": True, "b": 6}, tools[1])
     assert parse_tool_calls("<tool_call>gcd<arg_key>a</arg_key>", tools) == []  # unfinished: no call
+
+
+def test_aliases_from_a_pool_of_identifiers_are_never_a_real_tools_name() -> None:
+    pool = ("radians", *(f"name_{i}" for i in range(40)))  # radians is a (held-out) tool's name
+    drawn = [a for i in range(300) for a in alias_names(Random(i), TRAIN_TOOLS[:3], pool).values()]
+    assert "radians" not in drawn and not {t.name for t in TRAIN_TOOLS} & set(drawn)
+    assert abs(sum(a in pool for a in drawn) / len(drawn) - POOL_ALIAS_SHARE) < 0.1
+    assert sum(a in pool for a in alias_names(Random(0), TRAIN_TOOLS[:3]).values()) == 0  # no pool: words, affixes
