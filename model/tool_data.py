@@ -12,13 +12,12 @@ by hash). Everything is seeded: the same seed gives the same documents on every 
 
 In `ALIAS_RATE` of the training documents (all of them) every offered tool goes by an alias (`alias_names`),
 mostly a function name of the training files, and `PARAM_RENAME_RATE` of those tools have their parameters renamed
-too. A model
-that only ever saw the real names learns each name as a word to recall (every run called a held-out tool by a
-training tool's name: 0% right); under an alias the only way to the right name, and key, is to read the tool
-list and copy it from the tool whose description matches the request. With real names in some documents
-(30% in runs4, 60% before) the model learns to tell the two kinds of list apart and recalls whenever the names
-are real ones, as every tool list a user sends is: runs3 called the held-out `radians` as `degrees` in 6 of 12
-prompts (degrees was offered in one) and wrote `x` for lcm's key `a`. So no training list shows a real name.
+too. A model that only ever saw the real names learns each name as a word to recall (every run called a held-out
+tool by a training tool's name: 0% right); under an alias the only way to the right name, and key, is to read the
+tool list and copy it from the tool whose description matches the request. With real names in some documents (30%
+in runs4, 60% before) the model learns to tell the two kinds of list apart and recalls whenever the names are real
+ones, as every tool list a user sends is: runs3 called the held-out `radians` as `degrees` in 6 of 12 prompts
+(degrees was offered in one) and wrote `x` for lcm's key `a`. So no training list shows a real name.
 """
 
 from __future__ import annotations
