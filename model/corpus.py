@@ -12,7 +12,8 @@ Sources and licences
 - Chat pairs derived from those same files with `ast` (so under the same licence): the user asks for a
   function or method in words (its docstring's first line, or its signature when it has none; for half of
   the module-level functions whose docstring starts with a common imperative, without naming it: "Write a
-  function that returns ...") and the assistant answers with the function's source in a ```python fence.
+  function that returns ...") and the assistant answers with the function's source in a ```python fence, its
+  docstring cut to the first paragraph.
   Pairs are deduplicated by source.
 - Tool-use conversations (model/tool_data.py), whose tool aliases are mostly the public function names of the
   training files (`identifier_pool`).
@@ -148,6 +149,37 @@ def _function_code(lines: list[str], fn: ast.FunctionDef | ast.AsyncFunctionDef)
     return code
 
 
+_OPEN_QUOTES = re.compile(r"^\s*[rRuU]?(\"\"\"|\'\'\')")
+
+
+def summary_docstring(code: str) -> str:
+    """`code` (one function) with its docstring cut to the first paragraph: a chat answer writes a short
+    docstring and then the code. runs2 and runs3 met "Write a function that ..." by copying the request into a
+    docstring and never closing it (the stdlib's docstrings run to many paragraphs); the raw code documents keep
+    them whole. Unchanged when the docstring is one paragraph or not triple-quoted."""
+    fn = ast.parse(code).body[0]
+    first = fn.body[0]
+    if not (isinstance(first, ast.Expr) and isinstance(getattr(first.value, "value", None), str)):
+        return code
+    lines = code.split("\n")
+    start, end = first.lineno - 1, first.end_lineno  # the docstring's lines: [start, end)
+    quote = _OPEN_QUOTES.match(lines[start])
+    if quote is None or "" not in (ln.strip() for ln in lines[start:end]):
+        return code
+    para = []
+    for ln in lines[start:end]:
+        if not ln.strip():
+            break
+        para.append(ln)
+    para[-1] = para[-1].rstrip() + quote.group(1)
+    short = "\n".join(lines[:start] + para + lines[end:])
+    try:
+        ast.parse(short)
+    except SyntaxError:  # e.g. a backslash or a quote left open at the cut
+        return code
+    return short
+
+
 def iter_functions(tree: ast.Module) -> Iterator[tuple[ast.FunctionDef | ast.AsyncFunctionDef, str | None]]:
     """Module-level functions and methods of module-level classes (nested helpers lack context)."""
     funcs = (ast.FunctionDef, ast.AsyncFunctionDef)
@@ -200,7 +232,7 @@ class Corpus:
             qualname = f"{cls}.{fn.name}" if cls else fn.name
             key = f"{relpath}:{qualname}"
             messages = [{"role": "user", "content": _request(fn, cls, key)},
-                        {"role": "assistant", "content": f"```python\n{code}\n```"}]
+                        {"role": "assistant", "content": f"```python\n{summary_docstring(code)}\n```"}]
             thinking = _pick("think:" + key, 5) < 2  # 40% with a plan, the rest with thinking off
             if thinking:
                 doc = (ast.get_docstring(fn) or "").strip().split("\n")[0].strip()

@@ -10,14 +10,14 @@ signature and docstring; with it off, the turn starts `<think></think>`, as the 
 Held out for evaluation: the whole tools in `HELDOUT_TOOLS`, and for each training tool one phrasing (chosen
 by hash). Everything is seeded: the same seed gives the same documents on every machine.
 
-In `ALIAS_RATE` of the training documents (all of them) every offered tool goes by an alias (`alias_names`),
-mostly a function name of the training files, and `PARAM_RENAME_RATE` of those tools have their parameters renamed
-too. A model that only ever saw the real names learns each name as a word to recall (every run called a held-out
-tool by a training tool's name: 0% right); under an alias the only way to the right name, and key, is to read the
-tool list and copy it from the tool whose description matches the request. With real names in some documents (30%
-in runs4, 60% before) the model learns to tell the two kinds of list apart and recalls whenever the names are real
-ones, as every tool list a user sends is: runs3 called the held-out `radians` as `degrees` in 6 of 12 prompts
-(degrees was offered in one) and wrote `x` for lcm's key `a`. So no training list shows a real name.
+In `ALIAS_RATE` of the training documents every offered tool goes by an alias (`alias_names`), mostly a function
+name of the training files, and `PARAM_RENAME_RATE` of those tools have their parameters renamed too: under an
+alias the only way to the right name, and key, is to read the tool list and copy it from the tool whose
+description matches the request. The other documents show the real names, which the model learns as words to
+recall: that calls the training tools right under the names users send, and calls a held-out tool by a training
+tool's name (runs3 called `radians` `degrees` in 6 of 12 prompts). Every list aliased (runs5, runs6) taught no
+copying at this scale: in GLM-5's tool JSON the name comes before its description, so copying it takes two hops
+(request -> description -> the name before it), and the model guessed the commonest alias words instead.
 """
 
 from __future__ import annotations
@@ -35,13 +35,16 @@ from .tool_catalog import HELDOUT_TOOLS, TOOLS, Tool
 TRAIN_TOOLS = [t for t in TOOLS if t.name not in HELDOUT_TOOLS]
 EVAL_TOOLS = [t for t in TOOLS if t.name in HELDOUT_TOOLS]
 MAX_DISTRACTORS = 3
-ALIAS_RATE = 1.0  # 0.4 in runs2/3, 0.7 in runs4; runs3 began a held-out tool's name right 5/40 under its real
-# name, 20/40 aliased
-PARAM_RENAME_RATE = 0.8  # of aliased tools (0.5 up to runs4): keys too are copied, not recalled
-# Aliases drawn from the corpus's identifiers when there is a pool (none in runs2-5). runs5 drew from the 32 words
-# below and affixed real names only; at step 1,386 it began a held-out tool's name right in 0/40 prompts under the
-# real name, 20/40 aliased: it had learned which few words follow `<tool_call>`, not to copy any name.
-POOL_ALIAS_SHARE = 0.6
+# In training documents. runs5 and runs6 aliased every list (1.0): neither learned to copy a name from the list
+# (at step 1,400 the model's top guesses after `<tool_call>` were the commonest alias words, "onyx", "coral",
+# offered or not) and a real name never followed `<tool_call>`, so the agent quick start's real tools went
+# uncalled. 0.4 (runs2, runs3, runs7): real names are recalled for the training tools, aliases keep some copying.
+ALIAS_RATE = 0.4
+PARAM_RENAME_RATE = 0.5  # of aliased tools (0.8 in runs5-6): keys too are copied, not recalled
+# Aliases drawn from the corpus's identifiers when there is a pool (none in runs2-5; 0.6 in runs6). The 32 words
+# below start few aliases: runs5 (only those and affixed real names) had learned which few words follow
+# `<tool_call>`, not to copy any name.
+POOL_ALIAS_SHARE = 0.8
 ALIAS_WORDS = ["alpha", "beta", "gamma", "delta", "kappa", "sigma", "omega", "zeta", "amber", "cobalt", "cedar",
                "ember", "falcon", "harbor", "lotus", "maple", "meadow", "onyx", "prism", "quartz", "raven", "topaz",
                "willow", "zephyr", "orbit", "pixel", "vector", "nova", "comet", "lark", "birch", "coral"]
