@@ -9,8 +9,10 @@ the GLM-5 rendering of the request and the right call, thinking off, goes throug
 position after `<tool_call>` and after each `<arg_value>`, is the model's top token the right one (the first
 token of the tool's name, of each argument's value)? Greedy generation (bench/model_card.py) needs every token
 right; this shows where copying stands long before it does, and which part (names or arguments) lags. Each
-prompt is also probed with its tools under fresh aliases (split `..._aliased`): there a right name is a name
-copied from the tool list.
+prompt is also probed with its tools under fresh aliases made of random syllables, names no training document
+used (split `..._aliased`): there a right name is a name copied from the tool list. The commonest wrong tokens
+at the name position are listed per split: a model that guesses names from a prior (runs6 put the alias words
+"onyx" and "coral" first, offered or not) shows it there.
 `--dense` evaluates with dense attention (before the sparse stage the indexer is untrained). Writes
 bench/results/tool_probe.json.
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from random import Random
 
@@ -29,7 +31,6 @@ from common import ROOT, meta, pin_threads, print_table, write_result
 from model.batch import ForwardBatch
 from model.network import GlmMoeDsaForCausalLM
 from model.tokenizer import Tokenizer
-from model.tool_data import ALIAS_WORDS
 
 
 def load(state: Path | None, model_dir: Path | None, tok: Tokenizer) -> tuple[GlmMoeDsaForCausalLM, int | None]:
@@ -46,20 +47,30 @@ def load(state: Path | None, model_dir: Path | None, tok: Tokenizer) -> tuple[Gl
     return model, saved["step"]
 
 
+SYLLABLES = ["ba", "ke", "zu", "vo", "mi", "ta", "lo", "ne", "ri", "pu", "sa", "gi", "do", "fe", "hu", "ja"]
+
+
+def fresh_name(rng: Random) -> str:
+    """Three or four random syllables ("zuvoki"): a name no training document gave a tool, unlike the alias
+    words of model/tool_data.py, which a model can learn to guess."""
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((3, 4))))
+
+
 def aliased(record: dict, rng: Random) -> dict:
-    """The record with every offered tool under a fresh two-word alias (`tool_data.ALIAS_WORDS`): the name
-    can then only be copied from the tool list, whatever the model remembers of the real names."""
+    """The record with every offered tool under a fresh name (`fresh_name`): the name can then only be copied
+    from the tool list, whatever the model remembers of the real names."""
     names: dict[str, str] = {}
     for t in record["tools"]:
-        while (alias := f"{rng.choice(ALIAS_WORDS)}_{rng.choice(ALIAS_WORDS)}") in names.values():
+        while (alias := fresh_name(rng)) in names.values():
             pass
         names[t["function"]["name"]] = alias
     tools = [{**t, "function": {**t["function"], "name": names[t["function"]["name"]]}} for t in record["tools"]]
     return {**record, "tools": tools, "tool": names[record["tool"]], "split": record["split"] + "_aliased"}
 
 
-def probe(model: GlmMoeDsaForCausalLM, tok: Tokenizer, record: dict) -> list[tuple[str, bool]]:
-    """(kind, right) for the name position and each argument's first value token of one record."""
+def probe(model: GlmMoeDsaForCausalLM, tok: Tokenizer, record: dict) -> list[tuple[str, bool, str]]:
+    """(kind, right, the model's top token) for the name position and each argument's first value token of one
+    record."""
     call = {"type": "function", "function": {"name": record["tool"], "arguments": record["arguments"]}}
     messages = [*record["messages"], {"role": "assistant", "content": "", "tool_calls": [call]}]
     ids = tok.encode(tok.apply_chat_template(messages, tools=record["tools"], add_generation_prompt=False,
@@ -70,9 +81,8 @@ def probe(model: GlmMoeDsaForCausalLM, tok: Tokenizer, record: dict) -> list[tup
     open_call, open_value = tok.token_to_id("<tool_call>"), tok.token_to_id("<arg_value>")
     turn = len(ids) - 1 - ids[::-1].index(tok.token_to_id("<|assistant|>"))
     first = ids.index(open_call, turn)  # the assistant's call (the system turn's instructions show a sample one)
-    out = [("name", bool(top[first] == ids[first + 1]))]
-    out += [("argument", bool(top[i] == ids[i + 1])) for i in range(first, len(ids) - 1) if ids[i] == open_value]
-    return out
+    at = [("name", first)] + [("argument", i) for i in range(first, len(ids) - 1) if ids[i] == open_value]
+    return [(kind, bool(top[i] == ids[i + 1]), tok.decode([int(top[i])])) for kind, i in at]
 
 
 def main() -> None:
@@ -96,6 +106,7 @@ def main() -> None:
         set_sparse(model, False)
     counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
     seen: dict[str, int] = defaultdict(int)
+    guesses: dict[str, Counter] = defaultdict(Counter)  # wrong top tokens at the name position, per split
     rng = Random(0)
     for line in (args.data / "tool_eval.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -103,14 +114,20 @@ def main() -> None:
             continue
         seen[record["split"]] += 1
         for r in (record, aliased(record, rng)):
-            for kind, right in probe(model, tok, r):
+            for kind, right, top in probe(model, tok, r):
                 counts[r["split"], kind][0] += right
                 counts[r["split"], kind][1] += 1
-    rows = [{"split": split, "position": kind, "right": r, "of": n, "accuracy": r / n}
+                if kind == "name" and not right:
+                    guesses[r["split"]][top] += 1
+    rows = [{"split": split, "position": kind, "right": r, "of": n, "accuracy": r / n,
+             "wrong_names": dict(guesses[split].most_common(5)) if kind == "name" else None}
             for (split, kind), (r, n) in sorted(counts.items())]
     print_table(f"Teacher-forced first token of the call's name and of each argument (step {step})",
                 [("split", "split", ""), ("position", "position", ""), ("right", "right", ""), ("of", "of", ""),
                  ("accuracy", "accuracy", ".3f")], rows)
+    for split, c in sorted(guesses.items()):
+        print(f"{split}: commonest wrong first tokens of the name: "
+              + ", ".join(f"{t!r} x{n}" for t, n in c.most_common(5)))
     write_result("tool_probe", rows, meta(args.threads, step=step, dense=args.dense,
                                           source=str(args.state or args.model)))
 

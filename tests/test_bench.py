@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -335,11 +336,17 @@ def test_tool_probe_reads_the_call_name_and_each_argument_value_position(tmp_pat
             nxt = torch.where((ids == value_open) & self.wrong_values, (nxt + 1) % tok.vocab_size, nxt)
             return torch.nn.functional.one_hot(nxt, tok.vocab_size).float()
 
-    right = tool_probe.probe(Oracle(False), tok, record)
+    def scores(r):
+        return [(kind, right) for kind, right, _ in tool_probe.probe(r[0], tok, r[1])]
+
+    right = scores((Oracle(False), record))
     assert right == [("name", True), ("argument", True), ("argument", True)]  # gcd(a, b)
-    assert tool_probe.probe(Oracle(True), tok, record) == [("name", True), ("argument", False), ("argument", False)]
-    renamed = tool_probe.aliased(record, random.Random(0))  # every offered tool under a fresh alias
+    assert scores((Oracle(True), record)) == [("name", True), ("argument", False), ("argument", False)]
+    wrong = tool_probe.probe(Oracle(True), tok, record)[1]  # the top token is reported: the value's id + 1
+    assert wrong[2] == tok.decode([tok.encode(str(record["arguments"]["a"]))[0] + 1])
+    renamed = tool_probe.aliased(record, random.Random(0))  # every offered tool under a fresh name
     names = [t["function"]["name"] for t in renamed["tools"]]
     assert renamed["tool"] in names and len(set(names)) == len(names) and "gcd" not in names
+    assert all(re.fullmatch(r"([bkzvmtlnrpsgdfhj][aeiou]){3,4}", n) for n in names)  # no word a model could guess
     assert renamed["split"] == record["split"] + "_aliased"
-    assert tool_probe.probe(Oracle(False), tok, renamed) == right
+    assert scores((Oracle(False), renamed)) == right
