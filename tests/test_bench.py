@@ -336,12 +336,12 @@ def test_tool_probe_reads_the_call_name_and_each_argument_value_position(tmp_pat
             nxt = torch.where((ids == value_open) & self.wrong_values, (nxt + 1) % tok.vocab_size, nxt)
             return torch.nn.functional.one_hot(nxt, tok.vocab_size).float()
 
-    def scores(r):
-        return [(kind, right) for kind, right, _ in tool_probe.probe(r[0], tok, r[1])]
+    def scores(model, r):
+        return [(kind, right) for kind, right, _ in tool_probe.probe(model, tok, r)]
 
-    right = scores((Oracle(False), record))
+    right = scores(Oracle(False), record)
     assert right == [("name", True), ("argument", True), ("argument", True)]  # gcd(a, b)
-    assert scores((Oracle(True), record)) == [("name", True), ("argument", False), ("argument", False)]
+    assert scores(Oracle(True), record) == [("name", True), ("argument", False), ("argument", False)]
     wrong = tool_probe.probe(Oracle(True), tok, record)[1]  # the top token is reported: the value's id + 1
     assert wrong[2] == tok.decode([tok.encode(str(record["arguments"]["a"]))[0] + 1])
     renamed = tool_probe.aliased(record, random.Random(0))  # every offered tool under a fresh name
@@ -349,4 +349,4 @@ def test_tool_probe_reads_the_call_name_and_each_argument_value_position(tmp_pat
     assert renamed["tool"] in names and len(set(names)) == len(names) and "gcd" not in names
     assert all(re.fullmatch(r"([bkzvmtlnrpsgdfhj][aeiou]){3,4}", n) for n in names)  # no word a model could guess
     assert renamed["split"] == record["split"] + "_aliased"
-    assert scores((Oracle(False), renamed)) == right
+    assert scores(Oracle(False), renamed) == right
