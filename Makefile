@@ -37,7 +37,7 @@ test-fast: lint
 # $(RUNS)/export. Resumable: run it again after an interruption and it continues from the last checkpoint.
 RUNS ?= runs
 $(RUNS)/data/train.jsonl: | $(VENV)/.runtime
-	$(PY) -m model.corpus --out $(RUNS)/data
+	$(PY) -m model.corpus --out $(RUNS)/data $(CORPUS_ARGS)
 $(RUNS)/tokenizer/tokenizer.json: $(RUNS)/data/train.jsonl
 	$(PY) -m model.build_tokenizer --corpus $(RUNS)/data --out $(RUNS)/tokenizer
 

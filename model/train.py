@@ -25,6 +25,7 @@ it is faster (CPUs with AMX or AVX512-BF16; on AVX2 alone bf16 is emulated and f
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from .batch import ForwardBatch
 from .config import ModelConfig
 from .indexer import Indexer
 from .loader import save_checkpoint
-from .moe import MoE
+from .moe import Experts, MoE
 from .network import GlmMoeDsaForCausalLM
 
 if TYPE_CHECKING:
@@ -112,6 +113,24 @@ class TrainArgs:
     # process runs up to 1.4x faster: glibc's heap fragments as a run ages (bench/README.md).
     restart_minutes: float = 10.0
     config_json: str | None = None  # override default_config (tests use a tiny one)
+    # Fit the run to a wall-clock budget (0: off): after BUDGET_PROBE_STEPS timed steps, `steps` becomes what the
+    # measured rate fits in this many minutes (with a margin: the sparse stage is slower). The report records the
+    # steps chosen; `--steps N` with that N repeats the run. For a lent GPU whose minutes are counted.
+    time_budget_minutes: float = 0.0
+    moe_impl: str = "auto"  # routed experts: auto | grouped | loop (model/moe.py)
+
+
+BUDGET_WARMUP_STEPS = 10  # not timed: CUDA and oneDNN initialise, kernels are chosen
+BUDGET_PROBE_STEPS = 30
+BUDGET_MARGIN = 0.85
+
+
+def budget_steps(a: TrainArgs, step: int, step_seconds: float, elapsed: float) -> int:
+    """The total steps that fit `a.time_budget_minutes` (measured from this process's first step), `step` steps
+    being done after `elapsed` seconds and each further one taking `step_seconds`; never fewer than `step + 1`
+    nor more than `a.steps`."""
+    left = a.time_budget_minutes * 60 * BUDGET_MARGIN - elapsed
+    return max(step + 1, min(a.steps, step + int(left / max(step_seconds, 1e-9))))
 
 
 def stage_of(step: int, a: TrainArgs) -> str:
@@ -331,6 +350,9 @@ def train(a: TrainArgs, after_save: Callable[[int], None] | None = None) -> dict
            else default_model_config(tok))
     model = GlmMoeDsaForCausalLM(cfg).to(device)
     init_weights(model, cfg.initializer_range, a.seed)
+    for m in model.modules():
+        if isinstance(m, Experts):
+            m.impl = a.moe_impl
     train_data = TokenStream.from_jsonl(Path(a.data) / "train.jsonl", tok, out / "train_tokens.pt")
     held = TokenStream.from_jsonl(Path(a.data) / "heldout.jsonl", tok, out / "heldout_tokens.pt")
 
@@ -367,7 +389,21 @@ def train(a: TrainArgs, after_save: Callable[[int], None] | None = None) -> dict
         report["recall_initial"] = indexer_recall(model, eval_tokens[:4])
     t0, tokens_seen = time.perf_counter(), 0
     last_save = t0
-    for step in range(start, a.steps):
+    probe_from = start + BUDGET_WARMUP_STEPS
+    budget = a.time_budget_minutes > 0 and "budget_steps" not in report
+    if "budget_steps" in report:  # resumed: the steps the budget chose keep the stages where they were
+        a.steps = report["budget_steps"]
+    for step in itertools.count(start):
+        if step >= a.steps:  # a.steps may shrink to the time budget on the way
+            break
+        if budget and step == probe_from:
+            probe_t0 = time.perf_counter()
+        if budget and step == probe_from + BUDGET_PROBE_STEPS:
+            per_step = (time.perf_counter() - probe_t0) / BUDGET_PROBE_STEPS
+            a.steps = budget_steps(a, step, per_step, time.perf_counter() - t0)
+            report["budget_steps"] = a.steps
+            print(f"time budget {a.time_budget_minutes} min: {per_step * 1000:.0f} ms a step -> {a.steps} steps",
+                  file=sys.stderr, flush=True)
         stage = stage_of(step, a)
         if stage == "sparse" and "recall_after_warmup" not in report:
             report["recall_after_warmup"] = indexer_recall(model, eval_tokens[:4])
@@ -443,6 +479,21 @@ def export(model: GlmMoeDsaForCausalLM, tokenizer_dir: str | Path, dest: str | P
     (dest / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
+def export_state(a: TrainArgs) -> int:
+    """Export the model of `a.out`'s last checkpoint to `a.export` (a run cut short, e.g. at a lent GPU's
+    deadline); returns the checkpoint's step."""
+    from .tokenizer import Tokenizer
+
+    st = torch.load(Path(a.out) / "train_state.pt", weights_only=False, map_location="cpu")
+    tok = Tokenizer.from_dir(a.tokenizer)
+    cfg = (ModelConfig.from_dict(json.loads(Path(a.config_json).read_text()), "default_config") if a.config_json
+           else default_model_config(tok))
+    model = GlmMoeDsaForCausalLM(cfg)
+    model.load_state_dict(st["model"])
+    export(model, a.tokenizer, a.export)
+    return st["step"]
+
+
 def restart(argv: list[str], step: int) -> None:
     """Replace this process by `python -m model.train ARGV --resume`, which continues from the checkpoint just
     written (same pid, environment and log file)."""
@@ -461,7 +512,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             kind = type(default) if default is not None else str
             ap.add_argument(flag, type=kind, default=default)
-    args = TrainArgs(**vars(ap.parse_args(argv)))
+    ap.add_argument("--export-only", action="store_true", help="export --out's last checkpoint to --export")
+    ns = vars(ap.parse_args(argv))
+    if ns.pop("export_only"):
+        args = TrainArgs(**ns)
+        if not args.export:
+            ap.error("--export-only needs --export")
+        print(f"exported the step-{export_state(args)} checkpoint to {args.export}", file=sys.stderr)
+        return 0
+    args = TrainArgs(**ns)
     started = time.monotonic()
 
     def restart_if_aged(step: int) -> None:

@@ -268,3 +268,42 @@ def test_system_turns_can_leave_the_loss_and_their_rows_the_heads():
     assert got["mtp"].item() != pytest.approx(everything["mtp"].item(), rel=1e-3)
     ones = losses(model, x, "dense", 0.3, weights=torch.ones(2, 11))
     assert ones["mtp"].item() == pytest.approx(everything["mtp"].item(), rel=1e-5)
+
+
+def test_budget_steps_fit_the_minutes_left_with_a_margin_and_stay_in_bounds():
+    from model.train import BUDGET_MARGIN, budget_steps
+
+    a = TrainArgs(steps=10_000, time_budget_minutes=10.0)
+    # 40 steps done in 20 s, 0.1 s a step: (600 * margin - 20) / 0.1 more
+    assert budget_steps(a, 40, 0.1, 20.0) == 40 + int((600 * BUDGET_MARGIN - 20) / 0.1)
+    assert budget_steps(a, 40, 1e-6, 20.0) == 10_000  # never more than --steps
+    assert budget_steps(a, 40, 0.1, 10_000.0) == 41  # over budget already: the next step ends it
+
+
+def test_a_time_budget_shortens_the_run_and_a_resume_keeps_its_steps(tmp_path, monkeypatch):
+    import model.train as train_module
+
+    monkeypatch.setattr(train_module, "BUDGET_WARMUP_STEPS", 1)
+    monkeypatch.setattr(train_module, "BUDGET_PROBE_STEPS", 2)
+    monkeypatch.setattr(train_module, "budget_steps", lambda a, step, per_step, elapsed: 9)
+    args = tiny_run(tmp_path, steps=1000, time_budget_minutes=1.0, export=None, moe_impl="loop")
+    report = train(args)
+    assert report["budget_steps"] == 9
+    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)
+    assert state["step"] == 9 and len(state["log"]) == 9
+    again = train(TrainArgs(**{**args.__dict__, "steps": 1000, "resume": True}))  # the budget is not re-measured
+    assert again["budget_steps"] == 9 and again["heldout"] == report["heldout"]
+
+
+def test_export_only_writes_the_last_checkpoint_of_a_run_cut_short(tmp_path):
+    from model.loader import load_model
+    from model.train import main
+
+    args = tiny_run(tmp_path, steps=8, save_every=4, export=None)
+    train(args)
+    argv = ["--data", args.data, "--tokenizer", args.tokenizer, "--out", args.out, "--config-json", args.config_json,
+            "--export", str(tmp_path / "cut"), "--export-only"]
+    assert main(argv) == 0
+    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)["model"]
+    got = load_model(tmp_path / "cut").state_dict()
+    assert torch.allclose(got["lm_head.weight"], state["lm_head.weight"].to(torch.bfloat16).float())
