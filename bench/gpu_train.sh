@@ -56,6 +56,27 @@ for name in ("train_tokens.pt", "heldout_tokens.pt"):
     with lzma.open(f"{src}/{name}.xz") as f:
         torch.save(torch.load(io.BytesIO(f.read())), f"{dst}/{name}")
 EOF
+# A run cut short (a crash, a spent lease) continues from its exported weights, carried in $CARRY/init (the parts
+# and meta.tar this script wrote): CONTINUE="STEP TOTAL" rebuilds the step-STEP checkpoint of a TOTAL-step run. Its
+# optimizer moments start afresh (only bf16 weights come back from a lent GPU).
+if [[ -n "${CONTINUE:-}" ]]; then
+  mkdir -p "$RUN/init" && tar -C "$RUN/init" -xf "$CARRY/init/meta.tar" && cat "$CARRY"/init/model.safetensors.part* \
+    > "$RUN/init/model.safetensors" || exit 1
+  "$PY" - "$RUN/init" "$RUN/train/train_state.pt" $CONTINUE <<'EOF' || exit 1
+import json, sys, torch
+from model.loader import load_model
+src, dst, step, total = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+model = load_model(src)
+before = json.load(open(f"{src}/report.json"))
+groups = [[p for n, p in model.named_parameters() if (".indexer." in n) == idx] for idx in (False, True)]
+opt = torch.optim.AdamW([{"params": g} for g in groups])
+report = {**before["report"], "budget_steps": total, "continued_at": step}
+torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": before["log_tail"],
+            "report": report, "seconds": before["seconds"], "bf16": True}, dst)
+print(f"continuing at step {step} of {total}")
+EOF
+  ARGS+=(--resume)
+fi
 train() {
   local left=$((DEADLINE - ($(date +%s) - START)))
   PYTHONUNBUFFERED=1 timeout "$left" "$PY" -m model.train --data "$CARRY/data" --tokenizer "$CARRY/tokenizer" \

@@ -126,7 +126,9 @@ class Indexer(nn.Module):
         qp, wp = fb.to_padded(q).float(), fb.to_padded(w)  # [B, Q, H, D], [B, Q, H]
         keys_t = keys.float().transpose(1, 2)  # [B, D, T]; fp32 models: no copy
         B, Q = qp.shape[:2]
-        if B * Q * self.n_heads * T <= ALL_HEADS_MAX_ELEMENTS:  # decode / verify: all heads in one matmul
+        # decode / verify, and training (the tiles write into reused buffers, which autograd cannot follow):
+        # all heads in one matmul
+        if B * Q * self.n_heads * T <= ALL_HEADS_MAX_ELEMENTS or (torch.is_grad_enabled() and qp.requires_grad):
             s = torch.maximum(torch.bmm(qp.flatten(1, 2), keys_t), relu_floor(T, qp.device))  # ReLU, ties broken
             s = s.view(B * Q, self.n_heads, T)
             scores = torch.bmm(wp.reshape(B * Q, 1, self.n_heads), s).view(B, Q, T)

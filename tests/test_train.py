@@ -307,3 +307,23 @@ def test_export_only_writes_the_last_checkpoint_of_a_run_cut_short(tmp_path):
     state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)["model"]
     got = load_model(tmp_path / "cut").state_dict()
     assert torch.allclose(got["lm_head.weight"], state["lm_head.weight"].to(torch.bfloat16).float())
+
+
+def test_the_indexer_trains_on_long_batches_that_inference_would_tile(monkeypatch):
+    """A batch past ALL_HEADS_MAX_ELEMENTS takes the tiled scorer at inference, whose reused buffers autograd
+    cannot follow (batch 64 x 512 on a GPU hit it): with gradients on, the indexer's loss must still backpropagate,
+    to the same gradients."""
+    from model import indexer as indexer_module
+
+    tokens = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(0))
+
+    def grads() -> dict[str, torch.Tensor]:
+        model = tiny_model()
+        losses(model, tokens, "warmup", 0.0)["total"].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if ".indexer." in n and p.grad is not None}
+
+    want = grads()
+    monkeypatch.setattr(indexer_module, "ALL_HEADS_MAX_ELEMENTS", 0)
+    got = grads()
+    assert want and want.keys() == got.keys()
+    assert all(torch.allclose(want[n], got[n]) for n in want)
