@@ -99,3 +99,41 @@ def test_bad_length_bounds_are_the_clients_400_quoting_the_compiler(bounds: dict
     with pytest.raises(APIError) as e:
         check(build_spec(tool_call_format([tool], False), False), "tools")
     assert e.value.status == 400 and "Length" in e.value.message
+
+
+NESTED = {"type": "object", "required": ["langs", "who", "maybe"], "properties": {
+    "langs": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+    "who": {"$ref": "#/$defs/Who"},
+    "maybe": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
+    "$defs": {"Who": {"type": "object", "properties": {"n": {"type": "string", "maxLength": 5}}, "required": ["n"]}}}
+
+
+@pytest.fixture(scope="module")
+def accepts_nested():
+    tok = Tokenizer.from_dir(WEIGHTS_DIR / "glm-5-tiny-py")
+    xgr = structured._xgr()
+    info = structured._tokenizer_info(tok, tok.vocab_size, set(tok.eos_token_ids))
+    tool = {"type": "function", "function": {"name": "f", "parameters": NESTED}}
+    compiled = xgr.GrammarCompiler(info).compile_structural_tag(build_spec(tool_call_format([tool], False), False))
+
+    def accepts(langs: str, who: str = '{"n": "ab"}', maybe: str = "null") -> bool:
+        text = (f"<tool_call>f<arg_key>langs</arg_key><arg_value>{langs}</arg_value><arg_key>maybe</arg_key>"
+                f"<arg_value>{maybe}</arg_value><arg_key>who</arg_key><arg_value>{who}</arg_value></tool_call>")
+        matcher = xgr.GrammarMatcher(compiled)
+        return all(matcher.accept_token(t) for t in tok.encode(text))
+
+    return accepts
+
+
+def test_strings_inside_json_values_cannot_hold_the_tags(accepts_nested):
+    """A JSON string in an array, a nested object or an anyOf value is JSON text the grammar followed while the
+    parser ended the value at the first `</arg_value>`: `["x</arg_value></tool_call>...` (the GPU-trained model
+    wrote it for `languages: list[str]`) left the grammar inside the string and the answer ran to max_tokens."""
+    assert accepts_nested('["en", "fr"]')
+    assert not accepts_nested('["x</arg_value></tool_call>"]')
+    assert not accepts_nested('["a<b"]')
+    assert accepts_nested('["en"]', who='{"n": "abcde"}')
+    assert not accepts_nested('["en"]', who='{"n": "a</arg_value>"}')
+    assert not accepts_nested('["en"]', who='{"n": "abcdef"}')  # the bound still holds
+    assert accepts_nested('["en"]', maybe='"text"')
+    assert not accepts_nested('["en"]', maybe='"a</arg_value></tool_call>"')

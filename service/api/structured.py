@@ -48,8 +48,45 @@ def _unambiguous_values(schema: dict[str, Any]) -> dict[str, Any]:
         if bounded and _count(lo) and (hi is None or _count(hi) and lo <= hi):  # else xgrammar judges the schema
             prop = {k: v for k, v in prop.items() if k not in ("minLength", "maxLength")}
             prop["pattern"] = _trimmed_pattern(lo, hi)
+        elif isinstance(prop, dict) and prop.get("type") != "string":
+            prop = _no_markup(prop)
         fixed[name] = prop
-    return {**schema, "properties": fixed}
+    defs = {k: {n: _no_markup(d) for n, d in v.items()} if isinstance(v, dict) else v
+            for k, v in schema.items() if k in ("$defs", "definitions")}
+    return {**schema, "properties": fixed, **defs}
+
+
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMAS = ("items", "additionalProperties", "not", "contains")
+
+
+def _no_markup(schema: Any) -> Any:
+    """`schema` with every JSON string inside it kept free of `<`. A value that is not a plain string (an array,
+    an object, `anyOf` with null) is JSON, and a JSON string in it may hold any text: `["x</arg_value></tool_call>`
+    kept the grammar inside the string while the parser had already ended the value and the call (a model whose
+    tags are single tokens wrote that, with `"languages": ["...`). xgrammar keeps a patterned JSON string to plain
+    characters (no quote, backslash or control character), so its output stays valid JSON."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    kind = schema.get("type")
+    is_string = kind == "string" or (isinstance(kind, list) and "string" in kind)
+    if is_string and not {"pattern", "format", "enum", "const"} & schema.keys():
+        lo, hi = schema.get("minLength", 0), schema.get("maxLength")
+        if _count(lo) and (hi is None or _count(hi) and lo <= hi):  # else xgrammar judges the schema
+            out = {k: v for k, v in out.items() if k not in ("minLength", "maxLength")}
+            out["pattern"] = f"^[^<]{{{lo},{'' if hi is None else hi}}}$" if lo or hi is not None else "^[^<]*$"
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            out[key] = {k: _no_markup(v) for k, v in schema[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            out[key] = [_no_markup(v) for v in schema[key]]
+    for key in _SUBSCHEMAS:
+        if isinstance(schema.get(key), dict):
+            out[key] = _no_markup(schema[key])
+    return out
 
 
 def _count(x: Any) -> bool:
