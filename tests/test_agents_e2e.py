@@ -34,9 +34,11 @@ ASK = [{"role": "user", "content": "What will the weather be in Paris for the ne
 
 
 class Person(BaseModel):
+    """Every string bounded: a grammar ends what it bounds, but an unbounded string ends only when the model closes
+    it, and a tiny model may not (the GPU-trained default model wrote one `languages` item until max_tokens)."""
     name: str = Field(max_length=20)
     age: int = Field(ge=0, le=130)
-    languages: list[str] = Field(max_length=3)
+    languages: list[Annotated[str, Field(max_length=12)]] = Field(max_length=3)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +176,9 @@ def test_langchain_structured_output(server, model, method):
 
 
 def test_langchain_structured_output_json_mode(server, model):
+    """json_mode sends no schema, so nothing bounds a string: the answer ends when the model closes its object.
+    Greedy, the shipped model does for this request (for "Reply in JSON: a person." it writes one key until
+    max_tokens); the client path, not the model's JSON, is what is tested here."""
     schema = {"title": "Anything", "type": "object", "properties": {}}
-    out = _chat_model(server, model).with_structured_output(schema, method="json_mode").invoke(
-        "Reply in JSON: a person.")
+    out = _chat_model(server, model).with_structured_output(schema, method="json_mode").invoke("Reply in JSON.")
     assert isinstance(out, dict)

@@ -95,8 +95,6 @@ GLM5_TAGS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", 
              "</arg_value>", "<tool_response>", "</tool_response>"]
 
 
-@pytest.mark.xfail(not speaks_glm5(DEFAULT), strict=True,
-                   reason="issue 19: the shipped checkpoint is the pre-GLM-5-tokens one until its successor ships")
 def test_it_speaks_glm5_tokens_and_template():
     """Issue 19: the shipped tokenizer has GLM-5's tags as single tokens and ships GLM-5's chat template, which
     renders tools, calls and observations in GLM-5's format and opens `<think>` (or `<think></think>`)."""
