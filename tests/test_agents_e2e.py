@@ -2,8 +2,8 @@
 accumulated by the SDK, `parse` with pydantic), the openai-agents SDK running a Python function tool, and
 langchain-openai (`bind_tools`, `with_structured_output` by json_schema, function_calling and json_mode).
 
-The shipped model was never taught to call tools; forced tool calls and structured outputs still come back
-well-formed because the grammar decides which tokens it may pick. Every call's arguments are validated against
+Forced tool calls and structured outputs come back well-formed whatever the shipped model would write, because
+the grammar decides which tokens it may pick. Every call's arguments are validated against
 the tool's schema with jsonschema (an oracle no one here wrote).
 """
 
@@ -124,7 +124,7 @@ def test_openai_agents_runs_a_function_tool(server, model):
     set_tracing_disabled(True)
     calls: list[tuple[str, int]] = []
 
-    # Bounded like WEATHER: a model never taught to close a value (the shipped one, greedy) may otherwise write an
+    # Bounded like WEATHER: a model that does not close a value (a small one, greedy) may otherwise write an
     # unbounded string until max_tokens, and a truncated call cannot validate.
     @function_tool
     def get_weather(city: Annotated[str, Field(max_length=24)], days: Annotated[int, Field(ge=1, le=7)]) -> str:

@@ -70,7 +70,7 @@ async def plan_chat(req: ChatCompletionRequest, prompt: str, tokenizer: Any, too
     if forced:
         # Forced calls are written in GLM's syntax whatever the template says, so they are always parsed.
         # Several calls only when the request says parallel_tool_calls: true. A forced answer otherwise holds
-        # exactly one call: models not trained on tools (the shipped one) would chain calls until max_tokens.
+        # exactly one call: small models (the shipped 4-layer one of old) chained calls until max_tokens.
         parallel = req.parallel_tool_calls is True and req.tool_choice == "required"
         fmt, param = structured.tool_call_format(forced, parallel=parallel), "tools"
         plan.tools = req.tools
