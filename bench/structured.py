@@ -1,12 +1,15 @@
 """Structured outputs: tok/s of 8 concurrent json_schema requests vs the same requests unconstrained.
 
-    python bench/structured.py [--model DIR] [--concurrency 8] [--max-tokens 160] [--repeats 3] [--k 0 2]
+    python bench/structured.py [--model DIR] [--concurrency 8] [--max-tokens 320] [--repeats 3] [--k 0 2]
                                [--threads 2]
 
 The shipped model by default, in-process (no HTTP), greedy. The schema asks for an object holding 12 short strings,
 so a constrained answer runs to ~100+ tokens and the per-token cost of the grammar (filling each row's bitmask,
 masking the logits, advancing the matcher) dominates, not the one-off compile (cached after the first run). The
-unconstrained run uses the same prompts and max_tokens with ignore_eos. tok/s = output tokens / wall time of the
+unconstrained run uses the same prompts, each making as many tokens as its constrained answer made (ignore_eos), so
+the two loops do the same work and thin out alike as answers end (before, every free request ran to max_tokens,
+and a model that closed its JSON early lost to the tail, not to the grammar). max_tokens 320 lets every answer
+end: 12 strings of up to 24 characters. tok/s = output tokens / wall time of the
 closed loop; the median over `repeats`, the two kinds interleaved. With `--k 2` the same pair runs with fixed K MTP
 speculative decoding, where constrained rows draft nothing (so the ratio there also shows what drafting buys the
 free rows). Target (issue 15): constrained >= 0.85x unconstrained at K = 0. Writes bench/results/structured.json.
@@ -31,26 +34,28 @@ SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "minItems"
           "required": ["items"], "additionalProperties": False}
 
 
-def run(engine, prompts: list[list[int]], params) -> tuple[float, int, list[str]]:
-    """A closed loop: every prompt in flight at once (concurrency = len(prompts)); (seconds, tokens, texts)."""
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{time.perf_counter_ns()}-{i}", p, params)
-    texts: dict[str, str] = {}
-    tokens = 0
+def run(engine, prompts: list[list[int]], params: list) -> tuple[float, list[int], list[str]]:
+    """A closed loop: every prompt in flight at once (concurrency = len(prompts)), prompt i with params[i];
+    (seconds, tokens per prompt, texts)."""
+    ids = [f"r{time.perf_counter_ns()}-{i}" for i in range(len(prompts))]
+    for rid, p, sp in zip(ids, prompts, params, strict=True):
+        engine.add_request(rid, p, sp)
+    texts = dict.fromkeys(ids, "")
+    tokens = dict.fromkeys(ids, 0)
     t0 = time.perf_counter()
     while engine.has_unfinished():
         for out in engine.step():
             for o in out.outputs:
-                tokens += len(o.token_ids)
-                texts[out.request_id] = texts.get(out.request_id, "") + o.text
-    return time.perf_counter() - t0, tokens, list(texts.values())
+                tokens[out.request_id] += len(o.token_ids)
+                texts[out.request_id] += o.text
+    return time.perf_counter() - t0, [tokens[r] for r in ids], [texts[r] for r in ids]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path)
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=160)
+    ap.add_argument("--max-tokens", type=int, default=320)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--k", type=int, nargs="+", default=[0])
     ap.add_argument("--threads", type=int, default=DEFAULT_THREADS)
@@ -76,18 +81,25 @@ def main(argv: list[str] | None = None) -> int:
         asks = ["Name twelve Python modules.", "List twelve files.", "Twelve colours, please.", "Twelve words."]
         prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": asks[i % len(asks)] + " " * i}]))
                    for i in range(args.concurrency)]
-        kinds = {"free": SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True),
-                 "json_schema": SamplingParams(temperature=0.0, max_tokens=args.max_tokens, structured=spec)}
-        for params in kinds.values():  # warm-up: xgrammar import, grammar compile, first-step allocations
-            run(engine, prompts[:2], SamplingParams(**{**params.__dict__, "max_tokens": 8}))
-        speeds: dict[str, list[float]] = {name: [] for name in kinds}
+        constrained = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, structured=spec)
+        n = len(prompts)
+        for params in (SamplingParams(temperature=0.0, max_tokens=8), constrained):  # warm-up: xgrammar import,
+            run(engine, prompts[:2], [SamplingParams(**{**params.__dict__, "max_tokens": 8})] * 2)  # compile, allocs
+        speeds: dict[str, list[float]] = {"free": [], "json_schema": []}
         last: dict[str, tuple[int, list[str]]] = {}
         for _ in range(args.repeats):
-            for name, params in kinds.items():
-                seconds, tokens, texts = run(engine, prompts, params)
-                speeds[name].append(tokens / seconds)
-                last[name] = (tokens, texts)
-                print(f"  K={k} {name}: {tokens / seconds:.1f} tok/s ({tokens} tokens)", flush=True)
+            # The constrained answers end where their grammar does; each free request then makes exactly as many
+            # tokens (ignore_eos), so both loops do the same work and thin out alike at the tail.
+            seconds, counts, texts = run(engine, prompts, [constrained] * n)
+            runs = {"json_schema": (seconds, counts, texts)}
+            free = [SamplingParams(temperature=0.0, max_tokens=max(1, c), ignore_eos=True) for c in counts]
+            runs["free"] = run(engine, prompts, free)
+            for name in ("free", "json_schema"):
+                seconds, counts, texts = runs[name]
+                speeds[name].append(sum(counts) / seconds)
+                last[name] = (sum(counts), texts)
+                print(f"  K={k} {name}: {sum(counts) / seconds:.1f} tok/s ({sum(counts)} tokens)", flush=True)
+        kinds = ("free", "json_schema")
         free = statistics.median(speeds["free"])
         for name in kinds:
             tokens, texts = last[name]
