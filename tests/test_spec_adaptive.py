@@ -111,8 +111,10 @@ def test_deferred_mtp_entries_equal_always_drafting(engine_ckpt, plain, draft_in
 def test_a_k_drafts_adaptively_by_default(engine_ckpt, plain):
     from service.engine.config import EngineConfig
 
-    assert EngineConfig.num_speculative_tokens == 0  # off unless asked for (bench/README.md: not yet a sure win)
-    engine = make_engine(engine_ckpt, num_speculative_tokens=2, speculative_policy=EngineConfig.speculative_policy)
+    # On by default: adaptive, up to 2 drafts (bench/README.md, "MTP on by default": never a loss on the shipped model)
+    assert (EngineConfig.num_speculative_tokens, EngineConfig.speculative_policy) == (2, "adaptive")
+    engine = make_engine(engine_ckpt, num_speculative_tokens=EngineConfig.num_speculative_tokens,
+                         speculative_policy=EngineConfig.speculative_policy)
     assert isinstance(engine.spec.policy, AdaptivePolicy) and engine.num_speculative_tokens == 2
     assert run(engine) == plain
     assert engine.stats().spec_num_drafts > 0  # it measured depth 0 first, then climbed

@@ -17,12 +17,12 @@ class EngineConfig:
     kv_cache_tokens: int | None = None  # None: sized from kv_cache_memory_fraction
     kv_cache_memory_fraction: float = 0.2  # of free device memory (CPU: of available RAM)
     block_size: int = 16
-    # MTP speculative decoding (checkpoints with an MTP layer): up to K drafts per step, the depth chosen each
-    # step from measured acceptance and step cost ("adaptive"), or always K ("fixed"); K = 0: off. Off by
-    # default: on the shipped model a draft costs about as much as it gains on this CPU, and the adaptive policy
-    # measured 0.95x / 0.97x / 0.84x of K = 0 at batch 1 / 8 / 32 (bench/speculative.py --ab), so drafting is
-    # opted into with --num-speculative-tokens K (2 leaves the adaptive policy room and bounds a wrong pick).
-    num_speculative_tokens: int = 0
+    # MTP speculative decoding (checkpoints with an MTP layer; others ignore it): up to K drafts per step, the
+    # depth chosen each step from measured acceptance and step cost ("adaptive"), or always K ("fixed"); K = 0:
+    # off. On by default with K = 2 (room for the policy, a bound on a wrong pick): on the shipped 8-layer model
+    # adaptive K <= 2 measured 1.12x / 1.03x / 1.08x of K = 0 at batch 1 / 8 / 32, greedy tokens identical
+    # (bench/speculative.py --ab; bench/README.md, "MTP on by default").
+    num_speculative_tokens: int = 2
     speculative_policy: str = "adaptive"  # adaptive | fixed
     quantization: str | None = None  # "fp8": block-quantize a bf16/fp32 checkpoint at load
     enable_prefix_caching: bool = True
