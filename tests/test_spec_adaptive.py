@@ -203,3 +203,14 @@ def test_fill_cache_writes_what_the_full_mtp_layer_writes(engine_ckpt):
         full, filled = (c.read(store, mtp_layer, slots) for c in caches)
         assert full.abs().sum() > 0 and torch.allclose(full, filled, atol=1e-6), store
     assert caches[1].read(Store.LATENT, 0, slots).abs().sum() == 0  # the main layers' entries stay untouched
+
+
+def test_the_default_draft_depth_is_ignored_by_a_checkpoint_without_an_mtp_layer(tmp_path):
+    """Speculation is on by default, so every checkpoint meets it: one without MTP weights serves plainly."""
+    from service.engine.config import EngineConfig
+    from tests.engine_fixtures import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "no_mtp", mtp=False)
+    engine = make_engine(path, num_speculative_tokens=EngineConfig.num_speculative_tokens,
+                         speculative_policy=EngineConfig.speculative_policy)
+    assert engine.spec is None and engine.num_speculative_tokens == 0
