@@ -133,6 +133,13 @@ def budget_steps(a: TrainArgs, step: int, step_seconds: float, elapsed: float) -
     return max(step + 1, min(a.steps, step + int(left / max(step_seconds, 1e-9))))
 
 
+def run_config(a: TrainArgs, tok: Tokenizer) -> ModelConfig:
+    """The model config of run `a`: `--config-json` when given, else `default_config` for the tokenizer."""
+    if a.config_json:
+        return ModelConfig.from_dict(json.loads(Path(a.config_json).read_text()), "default_config")
+    return default_model_config(tok)
+
+
 def stage_of(step: int, a: TrainArgs) -> str:
     s1 = int(a.steps * a.dense_frac)
     s2 = s1 + max(1, int(a.steps * a.indexer_warmup_frac))
@@ -346,8 +353,7 @@ def train(a: TrainArgs, after_save: Callable[[int], None] | None = None) -> dict
     from .tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(a.tokenizer)
-    cfg = (ModelConfig.from_dict(json.loads(Path(a.config_json).read_text()), "default_config") if a.config_json
-           else default_model_config(tok))
+    cfg = run_config(a, tok)
     model = GlmMoeDsaForCausalLM(cfg).to(device)
     init_weights(model, cfg.initializer_range, a.seed)
     for m in model.modules():
@@ -486,8 +492,7 @@ def export_state(a: TrainArgs) -> int:
 
     st = torch.load(Path(a.out) / "train_state.pt", weights_only=False, map_location="cpu")
     tok = Tokenizer.from_dir(a.tokenizer)
-    cfg = (ModelConfig.from_dict(json.loads(Path(a.config_json).read_text()), "default_config") if a.config_json
-           else default_model_config(tok))
+    cfg = run_config(a, tok)
     model = GlmMoeDsaForCausalLM(cfg)
     model.load_state_dict(st["model"])
     export(model, a.tokenizer, a.export)
