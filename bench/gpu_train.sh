@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Train the default model on a lent GPU in one call (bench/README.md, "Training on a GPU"). The corpus is built
+# Train the default model on a lent GPU in one call (bench/README.md, "Training the default model on a GPU"). The
+# corpus is built
 # here (it is derived from this interpreter's stdlib; the GPU machine's Python differs), tokenized, and packed:
 #   make runs-gpu/tokenizer/tokenizer.json RUNS=runs-gpu CORPUS_ARGS="--tool-docs 48000"   # corpus, tokenizer
-#   bash bench/gpu_train.sh --prepare runs-gpu   # tokenizes, packs into .gpu_carry (about 6 MB)
+#   bash bench/gpu_train.sh --prepare runs-gpu   # tokenizes, packs into .gpu_carry (about 4 MB)
 # then, on the GPU machine, with .gpu_carry carried:
 #   bash bench/gpu_train.sh              # trains to a wall-clock budget, exports, splits the weights into $OUT
 #   bash bench/gpu_train.sh --cpu-smoke  # the same script on the CPU, a few tiny steps (checks it end to end)
@@ -17,7 +18,7 @@ CARRY="${GPU_CARRY:-.gpu_carry}"
 if [[ "${1:-}" == --prepare ]]; then
   RUNS="${2:?--prepare RUNS}"
   rm -rf "$CARRY" && mkdir -p "$CARRY/data" && cp -r "$RUNS/tokenizer" "$CARRY/tokenizer"
-  # int16 ids (vocabulary <= 8K) and xz: 22M tokens are 89 MB as saved, 6 MB packed
+  # int16 ids (vocabulary <= 8K) and xz: 22M tokens are 89 MB as saved, 4 MB packed
   exec "$PY" - "$RUNS" "$CARRY" <<'EOF'
 import lzma, sys, io, torch
 from model.tokenizer import Tokenizer
