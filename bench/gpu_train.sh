@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Train the default model on a lent GPU in one call (bench/README.md, "Training the default model on a GPU"). The
-# corpus is built
-# here (it is derived from this interpreter's stdlib; the GPU machine's Python differs), tokenized, and packed:
+# Train the default model on a lent GPU in one call (bench/README.md, "Training the default model on a GPU").
+# The corpus is built here (it derives from this interpreter's stdlib; the GPU machine's Python differs),
+# tokenized, and packed:
 #   make runs-gpu/tokenizer/tokenizer.json RUNS=runs-gpu CORPUS_ARGS="--tool-docs 48000"   # corpus, tokenizer
 #   bash bench/gpu_train.sh --prepare runs-gpu   # tokenizes, packs into .gpu_carry (about 4 MB)
 # then, on the GPU machine, with .gpu_carry carried:
