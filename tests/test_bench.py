@@ -350,3 +350,36 @@ def test_tool_probe_reads_the_call_name_and_each_argument_value_position(tmp_pat
     assert all(re.fullmatch(r"([bkzvmtlnrpsgdfhj][aeiou]){3,4}", n) for n in names)  # no word a model could guess
     assert renamed["split"] == record["split"] + "_aliased"
     assert scores(Oracle(False), renamed) == right
+
+
+@pytest.mark.slow
+def test_gpu_train_prepares_trains_and_exports_on_the_cpu(tmp_path):
+    """bench/gpu_train.sh end to end on the CPU (--cpu-smoke): a small corpus and tokenizer, the packed carry, a
+    few tiny steps, and weights split into parts that join into a checkpoint glm-serve loads, with the tokenizer."""
+    import subprocess
+
+    from model.loader import load_model
+
+    root = BENCH.parent
+    runs, carry, out = tmp_path / "runs", tmp_path / "carry", tmp_path / "out"
+    py = [sys.executable, "-m"]
+    subprocess.run([*py, "model.corpus", "--out", str(runs / "data"), "--tool-docs", "40"], cwd=root, check=True,
+                   capture_output=True)
+    subprocess.run([*py, "model.build_tokenizer", "--corpus", str(runs / "data"), "--out", str(runs / "tokenizer")],
+                   cwd=root, check=True, capture_output=True)
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CARRY": str(carry), "OUT": str(out),
+           "RUN_DIR": str(tmp_path / "run")}
+    script = str(BENCH / "gpu_train.sh")
+    subprocess.run(["bash", script, "--prepare", str(runs)], cwd=root, env=env, check=True, capture_output=True)
+    assert (carry / "train_tokens.pt.xz").exists() and (carry / "tokenizer" / "tokenizer.json").exists()
+    proc = subprocess.run(["bash", script, "--cpu-smoke"], cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parts = sorted(out.glob("model.safetensors.part*"))
+    assert len(parts) >= 2  # 34 MB of bf16 weights in parts of at most 15 MB
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"".join(p.read_bytes() for p in parts))
+    subprocess.run(["tar", "-C", str(model_dir), "-xf", str(out / "meta.tar")], check=True)
+    model = load_model(model_dir)
+    assert model.has_mtp and (model_dir / "tokenizer.json").exists()
+    assert json.loads((model_dir / "report.json").read_text())["step"] == 12
