@@ -75,6 +75,8 @@ class LLMEngine:
         self.spec = None
         if self.proposer is not None:
             self.spec = SpecDecode(self.proposer, make_policy(config.speculative_policy, k), self.block_manager)
+            log.info("MTP speculative decoding on: up to %d drafts a step, %s (--num-speculative-tokens 0: off)",
+                     k, config.speculative_policy)
             # A drafting sequence reuses cached blocks only with their MTP entries.
             self.block_manager.needs_mtp = self.spec.eligible
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
