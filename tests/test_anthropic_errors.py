@@ -52,6 +52,12 @@ CASES = [
         {"type": "tool_use", "id": "t", "name": "f", "input": "{}"}]}]), 400, "invalid_request_error"),
     ("tool-result-no-id", MSGS, user({"type": "tool_result", "content": "x"}), 400, "invalid_request_error"),
     ("system-image", MSGS, msg(system=[{"type": "image", "source": {}}]), 400, "invalid_request_error"),
+    # schemathesis: a block 'type' that is an object or a list is unhashable; it was a 500 (stop 35)
+    ("system-type-object", MSGS, msg(system=[{"type": {}, "text": ""}]), 400, "invalid_request_error"),
+    ("system-type-list", COUNT, {"messages": USER, "system": [{"type": [], "text": ""}]}, 400,
+     "invalid_request_error"),
+    ("tool-result-type-object", MSGS, user({"type": "tool_result", "tool_use_id": "t", "content": [
+        {"type": {}, "text": "x"}]}), 400, "invalid_request_error"),
     ("temperature-above-one", MSGS, msg(temperature=1.5), 400, "invalid_request_error"),
     ("top-p-zero", MSGS, msg(top_p=0), 400, "invalid_request_error"),
     ("top-k-negative", MSGS, msg(top_k=-1), 400, "invalid_request_error"),

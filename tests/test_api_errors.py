@@ -89,6 +89,16 @@ CASES = [
      400, None, None),
     ("bad-json-schema", "POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "nonsense"}}}), 400, "response_format.json_schema.schema", "invalid_grammar"),
+    # schemathesis (stop 35): a non-boolean strict was accepted, on both routes
+    ("strict-not-bool", "POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {}, "strict": {}}}), 400, "response_format.json_schema.strict", None),
+    ("name-not-string", "POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+        "name": {}, "schema": {}}}), 400, "response_format.json_schema.name", None),
+    ("tool-strict-not-bool", "POST", CHAT, chat(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {}, "strict": {}}}]), 400, None, None),
+    ("response-format-no-type", "POST", COMP, comp(response_format={}), 400, "response_format.type", None),
+    ("completion-strict-not-bool", "POST", COMP, comp(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {}, "strict": "yes"}}), 400, "response_format.json_schema.strict", None),
     ("bad-regex", "POST", COMP, comp(structured_outputs={"regex": "([a-"}), 400, "structured_outputs.regex",
      "invalid_grammar"),
     ("bad-grammar", "POST", CHAT, chat(structured_outputs={"grammar": "root ::= missing"}), 400,
@@ -96,6 +106,9 @@ CASES = [
     ("empty-choice", "POST", CHAT, chat(structured_outputs={"choice": []}), 400, "structured_outputs.choice", None),
     ("json-object-not-bool", "POST", COMP, comp(structured_outputs={"json_object": -173}), 400,
      "structured_outputs.json_object", None),
+    ("json-object-zero", "POST", COMP, comp(structured_outputs={"json_object": 0}), 400,
+     "structured_outputs.json_object", None),
+    ("regex-zero", "POST", CHAT, chat(structured_outputs={"regex": 0}), 400, "structured_outputs.regex", None),
     ("tool-choice-required", "POST", CHAT, chat(tool_choice="required"), 400, None, None),
     ("response-format-schema", "POST", CHAT, chat(response_format={"type": "json_schema"}), 400, None, None),
     ("template-kwargs-clash", "POST", CHAT, chat(chat_template_kwargs={"messages": []}), 400,

@@ -51,7 +51,7 @@ def _text_blocks(blocks: list[Any], where: str) -> str:
     texts = []
     for i, b in enumerate(blocks):
         kind = b.get("type") if isinstance(b, dict) else None
-        if kind in _UNREAD:
+        if isinstance(kind, str) and kind in _UNREAD:  # a dict or list 'type' is not hashable: the next check
             raise ValueError(f"{where}[{i}]: {_UNREAD[kind]} blocks are not supported (this server reads text only)")
         if kind != "text" or not isinstance(b.get("text"), str):
             raise ValueError(f"{where}[{i}] must be a text block {{'type': 'text', 'text': ...}}")

@@ -56,7 +56,7 @@ async def create_completion(request: Request) -> Response:
         ctx.check_token_ids(list(req.logit_bias_ids), "logit_bias")
         ctx.check_token_ids(req.allowed_token_ids or [], "allowed_token_ids")
         bad_words, spec = await completion_constraints(req, ctx.need_tokenizer("bad_words and structured outputs")) \
-            if req.bad_words or req.structured_outputs or req.response_format else ([], None)
+            if req.bad_words or req.structured_outputs or req.response_format is not None else ([], None)
         params = [req.sampling_params(mt, req.logprobs, prompt_logprobs, ctx.sampling_defaults, bad_words, spec)
                   for mt in max_tokens]
         response_id = new_id("cmpl")

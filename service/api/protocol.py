@@ -44,8 +44,8 @@ _LOGIT_BIAS = {"type": "object", "maxProperties": MAX_LOGIT_BIAS, "propertyNames
 _TOOL = {"type": "object", "required": ["type", "function"], "properties": {
     "type": {"const": "function"},
     "function": {"type": "object", "required": ["name"], "properties": {
-        "name": {"type": "string", "minLength": 1}, "description": {"type": "string"},
-        "parameters": {"type": "object"}, "strict": {"type": ["boolean", "null"]}}}}}
+        "name": {"type": "string", "minLength": 1}, "description": {"type": ["string", "null"]},
+        "parameters": {"type": ["object", "null"]}, "strict": {"type": ["boolean", "null"]}}}}}
 _TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto", "required"]}, {
     "type": "object", "required": ["type", "function"], "properties": {
         "type": {"const": "function"}, "function": {"type": "object", "required": ["name"],
@@ -56,10 +56,13 @@ _RESPONSE_FORMAT = {"anyOf": [
         "type": {"const": "json_schema"},
         "json_schema": {"type": "object", "properties": {"name": {"type": "string"}, "schema": {"type": "object"},
                                                          "strict": {"type": ["boolean", "null"]}}}}}]}
-_STRUCTURED_OUTPUTS = {"type": "object", "maxProperties": 1, "properties": {
-    "json": {"type": ["object", "string"]}, "regex": {"type": "string"},
-    "choice": {"type": "array", "minItems": 1, "items": {"type": "string"}},
-    "grammar": {"type": "string", "minLength": 1}, "json_object": {"type": "boolean"}}}
+# vLLM's StructuredOutputsParams: one of these given; a null (or json_object false) is a field not given, so a
+# serialized params object with its other fields null is read as the one it sets.
+_STRUCTURED_OUTPUTS = {"type": "object", "properties": {
+    "json": {"type": ["object", "string", "null"]}, "regex": {"type": ["string", "null"]},
+    "choice": {"anyOf": [{"type": "array", "minItems": 1, "items": {"type": "string"}}, {"type": "null"}]},
+    "grammar": {"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]},
+    "json_object": {"type": ["boolean", "null"]}}}
 _TOP_LOGPROBS_RULE = {"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"minimum": 1}}},
                       "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}}
 
@@ -287,6 +290,10 @@ class ChatCompletionRequest(_SamplingRequest):
                 raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}")
             if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
                 raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+            if fn.get("strict") is not None and not isinstance(fn["strict"], bool):
+                raise ValueError(f"tools[{i}].function.strict must be a boolean")
+            if fn.get("description") is not None and not isinstance(fn["description"], str):
+                raise ValueError(f"tools[{i}].function.description must be a string")
             names.append(fn["name"])
         choice = self.tool_choice
         if isinstance(choice, dict):

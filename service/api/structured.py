@@ -130,7 +130,9 @@ def response_format_spec(response_format: dict[str, Any] | None,
     """The format asked for by `response_format` or vLLM's `structured_outputs` (None: free text), and the
     request field to blame in a 400."""
     so = structured_outputs or {}
-    given = [k for k in ("json", "regex", "choice", "grammar", "json_object") if so.get(k) not in (None, False)]
+    # Identity, not equality: 0 == False, and a 0 given for a regex must be the client's 400, not "not given".
+    given = [k for k in ("json", "regex", "choice", "grammar", "json_object")
+             if so.get(k) is not None and so.get(k) is not False]
     if len(given) > 1:
         raise bad_request(f"structured_outputs: give only one of json, regex, choice, grammar; got {given}.",
                           param="structured_outputs")
@@ -168,9 +170,9 @@ def response_format_spec(response_format: dict[str, Any] | None,
                               param="structured_outputs.grammar")
         syntax = "ebnf" if "::=" in value else "lark"  # vLLM accepts both
         return {"type": "grammar", "grammar": value, "syntax": syntax}, "structured_outputs.grammar"
-    if not response_format:
+    if response_format is None:
         return None, "response_format"
-    kind = response_format.get("type")
+    kind = response_format.get("type")  # {} too is a 400 below: OpenAI requires the type
     if kind == "text":
         return None, "response_format"
     if kind == "json_object":
@@ -180,6 +182,12 @@ def response_format_spec(response_format: dict[str, Any] | None,
         if not isinstance(spec, dict):
             raise bad_request("response_format.json_schema must be an object with a 'schema'.",
                               param="response_format.json_schema")
+        if "name" in spec and not isinstance(spec["name"], str):
+            raise bad_request("response_format.json_schema.name must be a string.",
+                              param="response_format.json_schema.name")
+        if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+            raise bad_request("response_format.json_schema.strict must be a boolean.",
+                              param="response_format.json_schema.strict")
         schema = spec.get("schema", {"type": "object"})  # OpenAI allows a name alone: any object
         if not isinstance(schema, dict | bool):
             raise bad_request("response_format.json_schema.schema must be a JSON schema object.",
