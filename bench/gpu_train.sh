@@ -9,7 +9,7 @@
 #   bash bench/gpu_train.sh --cpu-smoke  # the same script on the CPU, a few tiny steps (checks it end to end)
 # Installs nothing. Back here: cat model.safetensors.part* > model.safetensors, beside the carried tokenizer.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 PY="${PYTHON:-}"
 if [[ -z "$PY" ]]; then
   if [[ -x .venv/bin/python ]] && .venv/bin/python -c "import torch" 2>/dev/null; then PY=.venv/bin/python; else PY=python3; fi
@@ -63,7 +63,8 @@ EOF
 if [[ -n "${CONTINUE:-}" ]]; then
   mkdir -p "$RUN/init" && tar -C "$RUN/init" -xf "$CARRY/init/meta.tar" && cat "$CARRY"/init/model.safetensors.part* \
     > "$RUN/init/model.safetensors" || exit 1
-  "$PY" - "$RUN/init" "$RUN/train/train_state.pt" $CONTINUE <<'EOF' || exit 1
+  read -r CONT_STEP CONT_TOTAL <<< "$CONTINUE"
+  "$PY" - "$RUN/init" "$RUN/train/train_state.pt" "$CONT_STEP" "$CONT_TOTAL" <<'EOF' || exit 1
 import json, sys, torch
 from model.loader import load_model
 src, dst, step, total = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
