@@ -83,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
                    for i in range(args.concurrency)]
         constrained = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, structured=spec)
         n = len(prompts)
-        for params in (SamplingParams(temperature=0.0, max_tokens=8), constrained):  # warm-up: xgrammar import,
-            run(engine, prompts[:2], [SamplingParams(**{**params.__dict__, "max_tokens": 8})] * 2)  # compile, allocs
-        speeds: dict[str, list[float]] = {"free": [], "json_schema": []}
+        # warm-up: xgrammar import, grammar compile, first-step allocations
+        for params in (SamplingParams(temperature=0.0, max_tokens=8), SamplingParams(**{**constrained.__dict__,
+                                                                                       "max_tokens": 8})):
+            run(engine, prompts[:2], [params] * 2)
+        kinds = ("free", "json_schema")
+        speeds: dict[str, list[float]] = {name: [] for name in kinds}
         last: dict[str, tuple[int, list[str]]] = {}
         for _ in range(args.repeats):
             # The constrained answers end where their grammar does; each free request then makes exactly as many
@@ -94,12 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             runs = {"json_schema": (seconds, counts, texts)}
             free = [SamplingParams(temperature=0.0, max_tokens=max(1, c), ignore_eos=True) for c in counts]
             runs["free"] = run(engine, prompts, free)
-            for name in ("free", "json_schema"):
+            for name in kinds:
                 seconds, counts, texts = runs[name]
                 speeds[name].append(sum(counts) / seconds)
                 last[name] = (sum(counts), texts)
                 print(f"  K={k} {name}: {sum(counts) / seconds:.1f} tok/s ({sum(counts)} tokens)", flush=True)
-        kinds = ("free", "json_schema")
         free = statistics.median(speeds["free"])
         for name in kinds:
             tokens, texts = last[name]

@@ -111,7 +111,7 @@ def test_deferred_mtp_entries_equal_always_drafting(engine_ckpt, plain, draft_in
 def test_a_k_drafts_adaptively_by_default(engine_ckpt, plain):
     from service.engine.config import EngineConfig
 
-    # On by default: adaptive, up to 2 drafts (bench/README.md, "MTP on by default": never a loss on the shipped model)
+    # On by default: adaptive, up to 2 drafts (bench/README.md, "MTP on by default": the A/B on the shipped model)
     assert (EngineConfig.num_speculative_tokens, EngineConfig.speculative_policy) == (2, "adaptive")
     engine = make_engine(engine_ckpt, num_speculative_tokens=EngineConfig.num_speculative_tokens,
                          speculative_policy=EngineConfig.speculative_policy)
