@@ -3,7 +3,7 @@
     python bench/bf16_linear.py [--threads 1] [--repeats 4] [--model DIR]
 
 products: each dense weight shape of the shipped model and its LM head at 1, 4, 16, 64 rows: float32 as served
-(`linear`, or the reordered copy for the head from 8 rows), bf16 F.linear (torch's own oneDNN call, which reorders
+(`linear`, or the reordered copy for the head), bf16 F.linear (torch's own oneDNN call, which reorders
 the weight each time) and bf16 through a reordered copy (what the wrapper would do for any weight; it serves only
 weights of PACK_MIN_ELEMENTS and more, i.e. the head); hot medians. engine: LLMEngine in bf16 on the shipped
 model, closed loops of 32 greedy tokens at C = 1 and 16, the head's reordered path on and off in one process,

@@ -70,9 +70,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 # MKL also repacks the weight of every small-M GEMM it runs; for a tall weight such as the 8192x256 LM head that
 # copy costs more than the product. oneDNN with the weight reordered once skips it: measured 1 thread, hot,
-# 16 rows 1.77 -> 0.65 ms, 4 rows 0.61 -> 0.19 ms. Small weights stay on F.linear (oneDNN adds ~12 us a call).
+# 16 rows 1.77 -> 0.65 ms, 4 rows 0.61 -> 0.19 ms (Xeon). From one row up: on a 2-core AMD EPYC, MKL's cost grows
+# with every row (1 / 2 / 3 rows 113 / 203 / 304 us hot) where oneDNN's stays flat (93 / 94 / 96 us), so an MTP
+# verify step's 2-3 rows per sequence and the draft head gain most (bench/README.md, "The LM head through oneDNN
+# from one row"); on the Xeon below 8 rows it was level. Small weights stay on F.linear (oneDNN adds ~8-12 us a call).
 PACK_MIN_ELEMENTS = 1 << 20
-PACK_MIN_ROWS = 8  # below, `linear`'s W @ x^T reads the cold head as fast (engine runs: 4 rows level, 8 +3%, 16 +7%)
 PACK_BATCH_HINT = 16  # the M oneDNN tunes the layout for; any M >= 8 measured the same
 
 
@@ -98,7 +100,7 @@ def _onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
         return False
     try:
         w = torch.linspace(-1, 1, 128, dtype=dtype).view(16, 8)  # no RNG
-        x = torch.linspace(1, -2, 8 * PACK_MIN_ROWS, dtype=dtype).view(-1, 8)
+        x = torch.linspace(1, -2, 64, dtype=dtype).view(-1, 8)
         y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT),
                                                None, "none", [], "")
         return bool(torch.allclose(y.float(), F.linear(x, w).float(), atol=1e-4 if dtype == torch.float32 else 5e-2))
@@ -111,7 +113,7 @@ class PrepackedLinear:
 
     The copy is rebuilt whenever the weight is another tensor or was modified in place (an optimizer step), and
     never used where autograd needs the product (training) or off CPU, where plain `linear` runs. Large weights
-    only; in float32 from 8 rows up, in bfloat16 from one row (BF16_PACK_NOTE).
+    only, from one row up (float32: PACK_MIN_ELEMENTS above; bfloat16: BF16_PACK_NOTE).
     """
 
     def __init__(self) -> None:
@@ -125,10 +127,9 @@ class PrepackedLinear:
             return False
         if weight.numel() < PACK_MIN_ELEMENTS or x.numel() == 0:
             return False
-        if x.dtype == torch.bfloat16:  # from one row up: BF16_PACK_NOTE
+        if x.dtype == torch.bfloat16:  # BF16_PACK_NOTE
             return _onednn_bf16_available()
-        return (x.dtype == torch.float32 and x.numel() >= PACK_MIN_ROWS * x.shape[-1]
-                and _onednn_linear_available())
+        return x.dtype == torch.float32 and _onednn_linear_available()
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not self.applies(x, weight):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from model import layers
-from model.layers import PACK_MIN_ELEMENTS, PACK_MIN_ROWS, SMALL_BATCH_ROWS, PrepackedLinear, Rotary, linear
+from model.layers import PACK_MIN_ELEMENTS, SMALL_BATCH_ROWS, PrepackedLinear, Rotary, linear
 
 CONFIG = Path(__file__).parents[1] / "model/weights/glm-5-tiny-py/config.json"
 
@@ -36,14 +36,15 @@ def test_linear_equals_f_linear(rows, pad_single, bias, wx, monkeypatch):
     torch.testing.assert_close(linear(x3, w, b, pad_single=pad_single), F.linear(x3, w, b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, PACK_MIN_ROWS - 1, PACK_MIN_ROWS, 16, 33, 300])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16, 33, 300])
 def test_prepacked_linear_equals_f_linear(rows):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(PACK_MIN_ELEMENTS // 128, 128, generator=g)
     x, b = torch.randn(rows, 128, generator=g), torch.randn(w.shape[0], generator=g)
     head = PrepackedLinear()
     with torch.inference_mode():
-        assert head.applies(x, w) == (rows >= PACK_MIN_ROWS and torch.backends.mkldnn.is_available())
+        assert head.applies(x, w) == torch.backends.mkldnn.is_available()  # from one row up
+        assert not head.applies(x, w[:64]) and not head.applies(x[:0], w)  # small weight, no rows
         torch.testing.assert_close(head(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(head(x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
         x3 = x.view(1, rows, 128)[:, :, :]
@@ -56,7 +57,7 @@ def test_prepacked_linear_follows_the_weight():
     products (training) never go through it."""
     g = torch.Generator().manual_seed(0)
     w = torch.nn.Parameter(torch.randn(PACK_MIN_ELEMENTS // 64, 64, generator=g))
-    x = torch.randn(PACK_MIN_ROWS * 2, 64, generator=g)
+    x = torch.randn(16, 64, generator=g)
     head = PrepackedLinear()
     with torch.no_grad():
         head(x, w)

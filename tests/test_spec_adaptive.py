@@ -205,6 +205,29 @@ def test_fill_cache_writes_what_the_full_mtp_layer_writes(engine_ckpt):
     assert caches[1].read(Store.LATENT, 0, slots).abs().sum() == 0  # the main layers' entries stay untouched
 
 
+def test_fused_catch_up_drafts_from_what_write_then_draft_computes(engine_ckpt, monkeypatch, plain):
+    """A drafting sequence's few new positions go through the whole MTP layer with its last one (`fuse_rows`):
+    the first draft's input equals that of writing those entries first and running the layer on the last
+    position alone, so every step drafts the same tokens, and output stays plain decoding's."""
+    inputs: dict[int, list[torch.Tensor]] = {}
+    draft = MTPProposer._draft
+
+    def recording(self, seqs, z, max_model_len):
+        inputs[self.fuse_rows].append(z.clone())
+        return draft(self, seqs, z, max_model_len)
+
+    monkeypatch.setattr(MTPProposer, "_draft", recording)
+    default = MTPProposer.fuse_rows
+    for fuse in (default, 0):
+        monkeypatch.setattr(MTPProposer, "fuse_rows", fuse)
+        inputs[fuse] = []
+        assert run(scripted_engine(engine_ckpt, [3], max_num_seqs=3)) == plain
+    fused, apart = inputs[default], inputs[0]
+    assert default >= 4 and len(fused) == len(apart) > 10
+    for a, b in zip(fused, apart, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_the_default_draft_depth_is_ignored_by_a_checkpoint_without_an_mtp_layer(tmp_path):
     """Speculation is on by default, so every checkpoint meets it: one without MTP weights serves plainly."""
     from service.engine.config import EngineConfig

@@ -7,8 +7,9 @@ Conventions (reference §3.8, GLM's NextN):
   MTP layer catches up over exactly the positions the main model newly validated, so both caches always
   cover the same positions (while the policy drafts nothing, the catch-up is deferred and batched, see
   MTPProposer); a preempted sequence recomputes both. An entry depends only on the layer's input, so the
-  catch-up only writes entries (`mtp_fill_cache`: no attention, no MoE), except at the last position of a
-  sequence that drafts, where the layer's output is the first draft's input.
+  catch-up only writes entries (`mtp_fill_cache`: no attention, no MoE), except for a sequence that drafts: its
+  last position's output is the first draft's input, and its few new positions of a verify step run through the
+  whole layer together with that one (one forward instead of two).
 - Draft step 1 reads the MTP output at the last valid position; step k > 1 feeds the previous step's output
   (already `shared_head.norm`-ed, like the main model's output) and the previous draft, at the next position.
   Those speculative MTP entries lie past the valid length and are overwritten by the next catch-up.
@@ -144,6 +145,9 @@ class MTPProposer:
     """
 
     defer_rows = 32  # per sequence; a flush of 32 rows costs about one MTP run of a decode step (CPU, batch 1)
+    # A drafting sequence with at most this many new positions runs them all through the MTP layer at once (its
+    # attention and MoE for a few extra rows cost less than a separate write-only pass and its batch set-up).
+    fuse_rows = 4
 
     def __init__(self, model: GlmMoeDsaForCausalLM, cache: KVCache, sampler: Sampler, block_manager: BlockManager,
                  device: torch.device, num_speculative_tokens: int) -> None:
@@ -181,7 +185,8 @@ class MTPProposer:
         rows = [r for seq, start, row in new for r in range(row, row + seq.num_computed_tokens - start)]
         mine = hidden[torch.tensor(rows, device=dev)].split([seq.num_computed_tokens - start for seq, start, _ in new])
         fill = _Rows()  # positions whose MTP entries are only written
-        last = _Rows()  # the last position of each sequence that drafts: the MTP layer's output is needed there
+        last = _Rows()  # positions through the whole MTP layer: up to each drafting sequence's last, whose output
+        # is the first draft's input
         drafting = []
         for (seq, start, _), h in zip(new, mine, strict=True):
             end = seq.num_computed_tokens
@@ -196,7 +201,9 @@ class MTPProposer:
             hs = torch.cat(seq.mtp_hidden) if len(seq.mtp_hidden) > 1 else seq.mtp_hidden[0]
             seq.mtp_hidden = []
             drafts = self.depth > 0 and end == seq.num_tokens - 1 and self.draft_budget(seq, max_model_len) > 0
-            split = end - 1 if drafts else end
+            # A drafting sequence's few new positions (a verify step's accepted drafts and bonus) go through the
+            # MTP layer in one forward with its last one; a long deferred run is only written (cheaper per row).
+            split = (first if end - first <= self.fuse_rows else end - 1) if drafts else end
             if split > first:
                 fill.add(seq, first, split, hs[: split - first])
             if drafts:
@@ -210,6 +217,9 @@ class MTPProposer:
             self.model.mtp_fill_cache(fill.ids(dev), torch.cat(fill.hidden), fill.batch(self))
         if drafting:
             z = self.model.mtp(last.ids(dev), torch.cat(last.hidden), last.batch(self))
+            if z.shape[0] > len(drafting):  # fused catch-up rows: keep each sequence's last
+                ends = torch.tensor([b - a for a, b in last.spans], device=dev).cumsum(0) - 1
+                z = z.index_select(0, ends)
             self._draft(drafting, z, max_model_len)
 
     def _draft(self, seqs: list[Sequence], z: torch.Tensor, max_model_len: int) -> None:
