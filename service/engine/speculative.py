@@ -8,8 +8,8 @@ Conventions (reference §3.8, GLM's NextN):
   cover the same positions (while the policy drafts nothing, the catch-up is deferred and batched, see
   MTPProposer); a preempted sequence recomputes both. An entry depends only on the layer's input, so the
   catch-up only writes entries (`mtp_fill_cache`: no attention, no MoE), except for a sequence that drafts: its
-  last position's output is the first draft's input, and its few new positions of a verify step run through the
-  whole layer together with that one (one forward instead of two).
+  last position's output is the first draft's input, and in a small batch the few new positions of a verify step
+  run through the whole layer together with that one (one forward instead of two).
 - Draft step 1 reads the MTP output at the last valid position; step k > 1 feeds the previous step's output
   (already `shared_head.norm`-ed, like the main model's output) and the previous draft, at the next position.
   Those speculative MTP entries lie past the valid length and are overwritten by the next catch-up.
@@ -145,8 +145,9 @@ class MTPProposer:
     """
 
     defer_rows = 32  # per sequence; a flush of 32 rows costs about one MTP run of a decode step (CPU, batch 1)
-    # A drafting sequence with at most this many new positions runs them all through the MTP layer at once (its
-    # attention and MoE for a few extra rows cost less than a separate write-only pass and its batch set-up).
+    # When the drafting sequences have at most this many new positions before their last ones in all (a small
+    # batch's verify step), those go through the MTP layer with the last ones: attention and MoE for a few extra
+    # rows cost less than a separate write-only pass and its batch set-up. In a big batch they would cost more.
     fuse_rows = 4
 
     def __init__(self, model: GlmMoeDsaForCausalLM, cache: KVCache, sampler: Sampler, block_manager: BlockManager,
@@ -200,18 +201,21 @@ class MTPProposer:
                 continue  # deferred
             hs = torch.cat(seq.mtp_hidden) if len(seq.mtp_hidden) > 1 else seq.mtp_hidden[0]
             seq.mtp_hidden = []
-            drafts = self.depth > 0 and end == seq.num_tokens - 1 and self.draft_budget(seq, max_model_len) > 0
-            # A drafting sequence's few new positions (a verify step's accepted drafts and bonus) go through the
-            # MTP layer in one forward with its last one; a long deferred run is only written (cheaper per row).
-            split = (first if end - first <= self.fuse_rows else end - 1) if drafts else end
-            if split > first:
-                fill.add(seq, first, split, hs[: split - first])
-            if drafts:
-                last.add(seq, split, end, hs[split - first :])
-                drafting.append(seq)
+            if self.depth > 0 and end == seq.num_tokens - 1 and self.draft_budget(seq, max_model_len) > 0:
+                drafting.append((seq, first, end, hs))
+            elif end > first:
+                fill.add(seq, first, end, hs)
             if seq.num_mtp_tokens == first:  # valid MTP entries reach num_computed_tokens (prefix caching reads it)
                 seq.num_mtp_tokens = end
                 self.block_manager.mtp_written(seq, first)
+        # The drafting sequences' positions before their last go through the whole MTP layer with it when they are
+        # few in all (one forward instead of two: op overhead dominates a small batch), else they are only written.
+        fuse = sum(end - first - 1 for _, first, end, _ in drafting) <= self.fuse_rows
+        for seq, first, end, hs in drafting:
+            split = first if fuse else end - 1
+            if split > first:
+                fill.add(seq, first, split, hs[: split - first])
+            last.add(seq, split, end, hs[split - first :])
         # Entries first: the drafting rows attend to them.
         if fill.seqs:
             self.model.mtp_fill_cache(fill.ids(dev), torch.cat(fill.hidden), fill.batch(self))
@@ -220,7 +224,7 @@ class MTPProposer:
             if z.shape[0] > len(drafting):  # fused catch-up rows: keep each sequence's last
                 ends = torch.tensor([b - a for a, b in last.spans], device=dev).cumsum(0) - 1
                 z = z.index_select(0, ends)
-            self._draft(drafting, z, max_model_len)
+            self._draft(last.seqs, z, max_model_len)
 
     def _draft(self, seqs: list[Sequence], z: torch.Tensor, max_model_len: int) -> None:
         dev = self.device
