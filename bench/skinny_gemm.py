@@ -3,8 +3,10 @@
 
     python bench/skinny_gemm.py [--model DIR] [--threads 1] [--repeats 3] [--max-tokens 64] [--name skinny_gemm]
 
-1. Hot medians (us) of both ways for each linear shape of the model at 1, 2, 4 and 8 rows (1 row: W @ x^T on the
-   row duplicated to two, the LM head's `pad_single`), fp32 and bf16, and what the once-per-process timing decided.
+1. Hot medians (us) of both ways for each linear shape of the model at 1, 2, 3, 4 and 8 rows (1 row: W @ x^T on
+   the row duplicated to two, the LM head's `pad_single`), fp32 and bf16, and what the once-per-process timing
+   decided; beside them the oneDNN product on a copy of the weight reordered once (`PrepackedLinear`, what the LM
+   head runs; bf16 only on a CPU with bf16 units).
 2. Greedy closed loops at batch 1 on held-out code prompts, K = 0 and K = 1 (MTP, fixed), alternating between
    "W @ x^T always" (the rule before: it was measured on an AMD EPYC) and "timed" (this CPU's choice), medians of
    `--repeats`; tok/s and the ratio. Greedy tokens are compared too.
@@ -56,14 +58,20 @@ def micro(cfg) -> list[dict]:
     for dtype in (torch.float32, torch.bfloat16):
         for name, (o, i) in shapes(cfg).items():
             w = torch.randn(o, i, generator=g).to(dtype)
-            for r in (1, 2, 4, 8):
+            packable = layers._onednn_linear_available(dtype) and (
+                dtype == torch.float32 or layers._onednn_bf16_available())
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, layers.PACK_BATCH_HINT) if packable else None
+            for r in (1, 2, 3, 4, 8):
                 x = torch.randn(r, i, generator=g).to(dtype)
                 xx = x.expand(2, -1).contiguous() if r == 1 else x
                 calls = 20 if o * i > 1 << 20 else 200
                 a = hot_us(lambda: F.linear(x, w), calls)  # noqa: B023
                 b = hot_us(lambda: torch.mm(w, xx.t())[:, :r].t().contiguous(), calls)  # noqa: B023
+                # what PrepackedLinear runs for the LM head (oneDNN, the weight reordered once)
+                c = hot_us(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),  # noqa: B023
+                           calls) if packed is not None else None
                 rows_out.append({"dtype": str(dtype).removeprefix("torch."), "weight": name, "shape": f"{o}x{i}",
-                                 "rows": r, "f_linear_us": a, "wx_us": b, "wx_speedup": a / b})
+                                 "rows": r, "f_linear_us": a, "wx_us": b, "wx_speedup": a / b, "packed_us": c})
     return rows_out
 
 
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(f"F.linear vs W @ x^T, hot medians, {threads} thread(s); W @ x^T chosen: {decided}",
                 [("dtype", "dtype", ""), ("weight", "weight", ""), ("shape", "out x in", ""), ("rows", "rows", "d"),
                  ("f_linear_us", "F.linear us", ".1f"), ("wx_us", "W@x^T us", ".1f"),
-                 ("wx_speedup", "W@x^T speed-up", ".2fx")], table)
+                 ("wx_speedup", "W@x^T speed-up", ".2fx"), ("packed_us", "oneDNN reordered us", ".1f")], table)
     ab = engine_ab(model, args)
     print_table(f"engine, batch 1, greedy, {args.prompts} code prompts x {args.max_tokens} tokens, medians of "
                 f"{args.repeats}", [("k", "K", "d"), ("wx_always_tok_s", "W@x^T always tok/s", ".1f"),

@@ -72,9 +72,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # copy costs more than the product. oneDNN with the weight reordered once skips it: measured 1 thread, hot,
 # 16 rows 1.77 -> 0.65 ms, 4 rows 0.61 -> 0.19 ms (Xeon). From one row up: on a 2-core AMD EPYC, MKL's cost grows
 # with every row (1 / 2 / 3 rows 113 / 203 / 304 us hot) where oneDNN's stays flat (93 / 94 / 96 us), so an MTP
-# verify step's 2-3 rows per sequence and the draft head gain most (bench/README.md, "The LM head through oneDNN
-# from one row"); on the Xeon below 8 rows it was level. Small weights stay on F.linear (oneDNN adds ~8-12 us a call).
-PACK_MIN_ELEMENTS = 1 << 20
+# verify step's 2-3 rows per sequence and the draft head gain most (bench/README.md, "The LM head from one row");
+# on the Xeon below 8 rows it was level. Small weights stay on F.linear (oneDNN adds ~8-12 us a call).
+PACK_MIN_ELEMENTS = 1 << 19  # an 8192 x 64 head: 16 rows 182 -> 79 us, 64 rows 598 -> 260 us (EPYC); 1 row level
 PACK_BATCH_HINT = 16  # the M oneDNN tunes the layout for; any M >= 8 measured the same
 
 
