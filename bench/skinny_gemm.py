@@ -58,8 +58,7 @@ def micro(cfg) -> list[dict]:
     for dtype in (torch.float32, torch.bfloat16):
         for name, (o, i) in shapes(cfg).items():
             w = torch.randn(o, i, generator=g).to(dtype)
-            packable = layers._onednn_linear_available(dtype) and (
-                dtype == torch.float32 or layers._onednn_bf16_available())
+            packable = layers._onednn_linear_available() if dtype == torch.float32 else layers._onednn_bf16_available()
             packed = torch.ops.mkldnn._reorder_linear_weight(w, layers.PACK_BATCH_HINT) if packable else None
             for r in (1, 2, 3, 4, 8):
                 x = torch.randn(r, i, generator=g).to(dtype)
