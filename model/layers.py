@@ -123,7 +123,9 @@ class PrepackedLinear:
 
     @staticmethod
     def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-        if x.device.type != "cpu" or x.dtype != weight.dtype or (torch.is_grad_enabled() and weight.requires_grad):
+        # oneDNN's op has no autograd kernel: no gradient would reach the weight, nor x through a frozen weight
+        if x.device.type != "cpu" or x.dtype != weight.dtype or (
+                torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)):
             return False
         if weight.numel() < PACK_MIN_ELEMENTS or x.numel() == 0:
             return False

@@ -69,6 +69,11 @@ def test_prepacked_linear_follows_the_weight():
     assert y.requires_grad
     y.sum().backward()
     torch.testing.assert_close(w.grad, x.sum(0).expand_as(w))
+    # A frozen weight (the tied head under an MTP-only fine-tune): the gradient must still reach the input
+    frozen = w.detach()
+    xg = x.clone().requires_grad_()
+    head(xg, frozen).sum().backward()
+    torch.testing.assert_close(xg.grad, frozen.sum(0).expand_as(x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 64])
