@@ -7,6 +7,7 @@
 # then, on the GPU machine, with .gpu_carry carried:
 #   bash bench/gpu_train.sh              # trains to a wall-clock budget, exports, splits the weights into $OUT
 #   bash bench/gpu_train.sh --cpu-smoke  # the same script on the CPU, a few tiny steps (checks it end to end)
+#   MTP=1 bash bench/gpu_train.sh        # only the shipped model's MTP layer, towards the main model (below)
 # Installs nothing. Back here: cat model.safetensors.part* > model.safetensors, beside the carried tokenizer.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -57,6 +58,18 @@ for name in ("train_tokens.pt", "heldout_tokens.pt"):
     with lzma.open(f"{src}/{name}.xz") as f:
         torch.save(torch.load(io.BytesIO(f.read())), f"{dst}/{name}")
 EOF
+# MTP=1: fine-tune only the MTP layer of the shipped model (model/train_mtp.py) instead, to a time budget; back
+# come its tensors alone (mtp.safetensors, a few MB) and report.json. Here: python -m model.train_mtp --merge.
+if [[ "${MTP:-0}" == 1 ]]; then
+  if [[ $SMOKE == 1 ]]; then M_ARGS=(--device cpu --batch 2 --seq-len 160 --steps 4 --eval-sequences 4)
+  else M_ARGS=(--device cuda --batch 64 --steps 100000 --time-budget-s "${MTP_BUDGET_S:-450}"); fi
+  PYTHONUNBUFFERED=1 timeout $((DEADLINE - ($(date +%s) - START))) "$PY" -m model.train_mtp --tokens "$RUN/train" \
+    --model "${MTP_MODEL:-model/weights/glm-5-tiny-py}" --out "$RUN/mtp" "${M_ARGS[@]}" 2>&1 | tee "$OUT_DIR/train_mtp.log"
+  rc=${PIPESTATUS[0]}
+  cp "$RUN/mtp/mtp.safetensors" "$RUN/mtp/report.json" "$OUT_DIR/" 2>/dev/null
+  echo "train_mtp rc $rc, $(($(date +%s) - START)) s in all"
+  exit "$rc"
+fi
 # A run cut short (a crash, a spent lease) continues from its exported weights, carried in $CARRY/init (the parts
 # and meta.tar this script wrote): CONTINUE="STEP TOTAL" rebuilds the step-STEP checkpoint of a TOTAL-step run. Its
 # optimizer moments start afresh (only bf16 weights come back from a lent GPU).

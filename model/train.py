@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .attn_supervision import parse_heads, supervision_losses
 from .batch import ForwardBatch
@@ -302,7 +303,7 @@ def indexer_recall(model: GlmMoeDsaForCausalLM, tokens: torch.Tensor) -> float:
     return float(torch.stack(recalls).mean())
 
 
-def balance_experts(model: GlmMoeDsaForCausalLM, step_size: float) -> None:
+def balance_experts(model: nn.Module, step_size: float) -> None:
     for m in model.modules():
         if isinstance(m, MoE) and m.last_load is not None:
             load = m.last_load.float()
