@@ -1,5 +1,5 @@
 """Speculative decoding with the MTP layer: tokens/s and acceptance for K = 0..4, batch 1 and 8, code and prose;
-and with `--ab`, adaptive MTP (`--num-speculative-tokens 2`, depth 0..2 per step) against `--num-speculative-tokens 0`.
+and with `--ab`, adaptive MTP (`--num-speculative-tokens 3`, depth 0..3 per step) against `--num-speculative-tokens 0`.
 
     python bench/speculative.py [--model DIR] [--k 0 1 2 3 4] [--batch 1 8] [--prompt-set code prose]
                                 [--prompts 8] [--prompt-tokens 64] [--max-tokens 128] [--repeats 5] [--threads 2]
@@ -185,7 +185,7 @@ AB_COLUMNS = [("prompt_set", "prompts", ""), ("batch", "B", "d"), ("config", "co
               ("depths", "steps at depth 0..K", ""), ("accept_rate", "acc rate", ".1%"), ("same", "same", ""),
               ("steady_ms", "steady ms/step by depth", ""), ("policy_ms", "policy's ms", ""),
               ("k0_ms_per_step", "K=0 ms/step", ".1f"), ("error", "error", "")]
-AB_K = 2  # --ab: adaptive depth up to 2 (`--num-speculative-tokens 2`)
+AB_K = 3  # --ab: adaptive depth up to 3 (`--num-speculative-tokens 3`, the default configuration)
 AB_TARGETS = {1: 1.25}  # other batch sizes: 0.98 (never a loss)
 
 
@@ -217,16 +217,22 @@ def step_costs(engine, batch: int) -> dict:
             "other_steps": len(other), "other_ms": 1000 * statistics.median(other) if other else None}
 
 
+def adaptive_name(k: int) -> str:
+    return "adaptive" if k == AB_K else f"adaptive<={k}"
+
+
 def run_ab(model: Path, batch: int, sets: dict[str, list[list[int]]], max_tokens: int, repeats: int,
-           vary: bool = False) -> list[dict]:
-    """Adaptive MTP (K <= AB_K) against K = 0 at one batch size, per prompt set; with `vary`, each prompt has
-    its own max_tokens (`varied_lengths`), the same for both engines."""
+           vary: bool = False, ks: tuple[int, ...] = (AB_K,)) -> list[dict]:
+    """Adaptive MTP (K <= each of `ks`) against K = 0 at one batch size, per prompt set, taking turns; with
+    `vary`, each prompt has its own max_tokens (`varied_lengths`), the same for every engine."""
     rows = []
     for name, prompts in sets.items():
         lengths = varied_lengths(len(prompts), max_tokens) if vary else max_tokens
-        engines = {"adaptive": make_engine(model, AB_K, batch, prompts, lengths, policy="adaptive"),
-                   "K=0": make_engine(model, 0, batch, prompts, lengths)}
-        engines["adaptive"].spec.trace = []  # every step's (batch, depths, seconds): what the policy saw
+        engines = {adaptive_name(k): make_engine(model, k, batch, prompts, lengths, policy="adaptive") for k in ks}
+        engines["K=0"] = make_engine(model, 0, batch, prompts, lengths)
+        for config, engine in engines.items():
+            if config != "K=0":
+                engine.spec.trace = []  # every step's (batch, depths, seconds): what the policy saw
         before = {c: (stats_tuple(e), depth_steps(e)) for c, e in engines.items()}
         k0_steps: list[float] = []
         speeds: dict[str, list[float]] = {c: [] for c in engines}
@@ -247,7 +253,7 @@ def run_ab(model: Path, batch: int, sets: dict[str, list[list[int]]], max_tokens
             row.update(config=config, depth_steps=steps,
                        depths=" ".join(f"{n / max(1, sum(steps)):.2f}" for n in steps) if steps else "-",
                        same=f"{sum(a == b for a, b in zip(tokens[config], tokens['K=0'], strict=True))}/{len(prompts)}")
-            if config == "adaptive":
+            if config != "K=0":
                 row["target"] = AB_TARGETS.get(batch, 0.98)
                 row.update(step_costs(engine, batch))
                 row["k0_ms_per_step"] = 1000 * statistics.median(k0_steps)
@@ -262,18 +268,19 @@ def main_ab(args: argparse.Namespace, model: Path, threads: int) -> int:
     for batch in batches:
         n = max(args.prompts, args.waves * batch)
         sets = load_sets(args, model, n)
-        rows += run_ab(model, batch, sets, args.max_tokens, args.repeats, args.vary_lengths)
-    misses = [r for r in rows if r["config"] == "adaptive" and (r["speedup"] < r["target"]
+        rows += run_ab(model, batch, sets, args.max_tokens, args.repeats, args.vary_lengths, tuple(args.ab_k))
+    misses = [r for r in rows if r["config"] != "K=0" and (r["speedup"] < r["target"]
                                                                or r["same"].split("/")[0] != r["same"].split("/")[1])]
-    summary = {"targets": {str(b): AB_TARGETS.get(b, 0.98) for b in batches},
-               "met": not misses, "by_batch": {f"{r['prompt_set']} B={r['batch']}": round(r["speedup"], 3)
-                                               for r in rows if r["config"] == "adaptive"}}
+    by_batch = {f"{r['prompt_set']} B={r['batch']}{r['config'].removeprefix('adaptive')}": round(r["speedup"], 3)
+                for r in rows if r["config"] != "K=0"}
+    summary = {"targets": {str(b): AB_TARGETS.get(b, 0.98) for b in batches}, "met": not misses, "by_batch": by_batch}
     m = meta(threads, model=str(model), prompt_sets=list(dict.fromkeys(r["prompt_set"] for r in rows)),
              prompts=args.prompts, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, repeats=args.repeats,
              vary_lengths=args.vary_lengths)
     per_request = (f"{args.max_tokens // 2}-{3 * args.max_tokens // 2} tokens per request (varied)" if args.vary_lengths
                    else f"{args.max_tokens} tokens per request")
-    print_table(f"Adaptive MTP (K <= {AB_K}) vs --num-speculative-tokens 0: greedy, closed loop of B, "
+    depths = " / ".join(map(str, args.ab_k))
+    print_table(f"Adaptive MTP (K <= {depths}) vs --num-speculative-tokens 0: greedy, closed loop of B, "
                 f"{per_request}, {threads} threads, medians of {args.repeats}; load "
                 f"{os.getloadavg()[0]:.2f}", AB_COLUMNS, rows)
     print(f"targets (>= 1.25x at B=1, >= 0.98x elsewhere, tokens identical): {'met' if not misses else 'MISSED'}")
@@ -306,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="random token ids instead of text (one set, named 'random')")
     ap.add_argument("--ab", action="store_true", help="the default configuration vs K = 0 at --batch (default "
                     "1 8 32) instead of the K sweep")
+    ap.add_argument("--ab-k", type=int, nargs="+", default=[AB_K], help="--ab: the adaptive engines' largest "
+                    f"depths, each against K = 0 in the same run (default {AB_K}, the default configuration's)")
     ap.add_argument("--waves", type=int, default=4, help="--ab: prompts per closed loop = waves x batch (at least)")
     ap.add_argument("--vary-lengths", action="store_true", help="--ab: each request's max_tokens uniform in "
                     "[max-tokens / 2, 3 max-tokens / 2] (seeded, the same for both configurations)")

@@ -162,22 +162,31 @@ def test_in_process_benchmarks_write_tables_and_json(tiny_ckpt, tmp_path, capsys
     assert [r["context"] for r in d["rows"]] == [12, 20] and all(r["sparse_decode_ms"] > 0 for r in d["rows"])
     assert d["rows"][0]["read_share"] == pytest.approx(8 / 12)  # tiny index_topk = 8
 
-    # The issue-18 A/B: the default configuration (adaptive MTP, K = 2) against K = 0.
+    # The issue-18 A/B: the default configuration (adaptive MTP, K = 3) against K = 0.
     assert speculative.main(["--model", str(tiny_ckpt), "--ab", "--batch", "1", "3", "--prompts", "2", "--waves", "2",
                              "--prompt-set", "code", "--prompt-tokens", "6", "--max-tokens", "6", "--repeats", "1",
                              *out]) == 0
     ab = json.loads((tmp_path / "speculative_ab.json").read_text())
-    assert [(r["batch"], r["config"], r["k"]) for r in ab["rows"]] == [(1, "adaptive", 2), (1, "K=0", 0),
-                                                                        (3, "adaptive", 2), (3, "K=0", 0)]
+    assert [(r["batch"], r["config"], r["k"]) for r in ab["rows"]] == [(1, "adaptive", 3), (1, "K=0", 0),
+                                                                        (3, "adaptive", 3), (3, "K=0", 0)]
     assert all(r["same"] == f"{2 * r['batch']}/{2 * r['batch']}" and r["tok_s"] > 0 for r in ab["rows"])
-    assert len(ab["rows"][0]["depth_steps"]) == 3 and sum(ab["rows"][0]["depth_steps"]) > 0
+    assert len(ab["rows"][0]["depth_steps"]) == 4 and sum(ab["rows"][0]["depth_steps"]) > 0
     adaptive = ab["rows"][0]  # its step trace: every step recorded, steady ones timed per depth
     assert adaptive["trace_steps"] == sum(adaptive["depth_steps"])  # every step after the warm-up
-    assert len(adaptive["steady_steps"]) == 3 and 0 < sum(adaptive["steady_steps"]) <= adaptive["trace_steps"]
-    assert adaptive["steady_ms"].count(" ") == 2 and adaptive["k0_ms_per_step"] > 0
+    assert len(adaptive["steady_steps"]) == 4 and 0 < sum(adaptive["steady_steps"]) <= adaptive["trace_steps"]
+    assert adaptive["steady_ms"].count(" ") == 3 and adaptive["k0_ms_per_step"] > 0
     assert ab["summary"]["targets"] == {"1": 1.25, "3": 0.98}
     assert all(len(r["speedup_runs"]) == 1 for r in ab["rows"]) and ab["rows"][1]["speedup"] == 1.0
-    assert "Adaptive MTP (K <= 2) vs --num-speculative-tokens 0" in capsys.readouterr().out
+    assert "Adaptive MTP (K <= 3) vs --num-speculative-tokens 0" in capsys.readouterr().out
+    # --ab-k: adaptive engines of several largest depths against the same K = 0, in one run
+    assert speculative.main(["--model", str(tiny_ckpt), "--ab", "--ab-k", "2", "3", "--batch", "1", "--prompts", "2",
+                             "--prompt-set", "code", "--prompt-tokens", "6", "--max-tokens", "6", "--repeats", "1",
+                             "--name", "ab_k", *out]) == 0
+    abk = json.loads((tmp_path / "ab_k.json").read_text())
+    assert [(r["config"], r["k"], len(r["depth_steps"])) for r in abk["rows"]] == [
+        ("adaptive<=2", 2, 3), ("adaptive", 3, 4), ("K=0", 0, 0)]  # K = 0 counts no depths
+    assert set(abk["summary"]["by_batch"]) == {"code B=1<=2", "code B=1"}
+    assert "Adaptive MTP (K <= 2 / 3)" in capsys.readouterr().out
 
     import profile_engine
 

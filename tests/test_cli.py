@@ -44,7 +44,7 @@ def test_defaults():
     s = parse_settings([])
     assert (s.host, s.port, s.device, s.dtype, s.api_key, s.cors_origins) == ("127.0.0.1", 8000, "auto", "auto", [],
                                                                               [])
-    assert s.log_format == "text" and s.log_prompts is False and s.num_speculative_tokens == 2
+    assert s.log_format == "text" and s.log_prompts is False and s.num_speculative_tokens == 3
     assert s.speculative_policy == "adaptive"  # with K > 0, the depth is chosen per step
 
 

@@ -111,11 +111,11 @@ def test_deferred_mtp_entries_equal_always_drafting(engine_ckpt, plain, draft_in
 def test_a_k_drafts_adaptively_by_default(engine_ckpt, plain):
     from service.engine.config import EngineConfig
 
-    # On by default: adaptive, up to 2 drafts (bench/README.md, "MTP on by default": the A/B on the shipped model)
-    assert (EngineConfig.num_speculative_tokens, EngineConfig.speculative_policy) == (2, "adaptive")
+    # On by default: adaptive, up to 3 drafts (bench/README.md, "Adaptive depth up to 3": the A/B on the shipped model)
+    assert (EngineConfig.num_speculative_tokens, EngineConfig.speculative_policy) == (3, "adaptive")
     engine = make_engine(engine_ckpt, num_speculative_tokens=EngineConfig.num_speculative_tokens,
                          speculative_policy=EngineConfig.speculative_policy)
-    assert isinstance(engine.spec.policy, AdaptivePolicy) and engine.num_speculative_tokens == 2
+    assert isinstance(engine.spec.policy, AdaptivePolicy) and engine.num_speculative_tokens == 3
     assert run(engine) == plain
     assert engine.stats().spec_num_drafts > 0  # it measured depth 0 first, then climbed
     assert make_engine(engine_ckpt, num_speculative_tokens=0).spec is None

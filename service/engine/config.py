@@ -19,10 +19,11 @@ class EngineConfig:
     block_size: int = 16
     # MTP speculative decoding (checkpoints with an MTP layer; others ignore it): up to K drafts per step, the
     # depth chosen each step from measured acceptance and step cost ("adaptive"), or always K ("fixed"); K = 0:
-    # off. On by default with K = 2 (room for the policy, a bound on a wrong pick): on the shipped 8-layer model
-    # adaptive K <= 2 measured 1.12x / 1.03x / 1.08x of K = 0 at batch 1 / 8 / 32 on code, 0.98x / 1.05x / 0.95x
-    # on prose, greedy tokens identical (bench/speculative.py --ab; bench/README.md, "MTP on by default").
-    num_speculative_tokens: int = 2
+    # off. On by default with K = 3 (room for the policy, a bound on a wrong pick): on the shipped 8-layer model
+    # adaptive K <= 3 measured 1.24x / 1.09x / 1.02x of K = 0 at batch 1 / 8 / 32 on code, 1.33x / 1.09x / 0.97x
+    # on prose, against 1.07x / 1.14x / 1.05x and 1.21x / 1.10x / 0.96x for K <= 2 in the same runs; greedy tokens
+    # identical (bench/speculative.py --ab --ab-k 2 3; bench/README.md, "Adaptive depth up to 3").
+    num_speculative_tokens: int = 3
     speculative_policy: str = "adaptive"  # adaptive | fixed
     quantization: str | None = None  # "fp8": block-quantize a bf16/fp32 checkpoint at load
     enable_prefix_caching: bool = True
