@@ -59,6 +59,9 @@ class ForwardBatch:
     # attended in groups of similar query length instead (`groups`, each a ForwardBatch over some of the
     # sequences, whose `token_index` gives its tokens' rows in this flat batch); token-wise work stays flat.
     allow_groups: bool = True
+    # Pad the key view to this many keys (>= every context length): a CUDA graph's fixed shape
+    # (service/engine/cuda_graphs.py); None: the longest context.
+    key_len: int | None = None
     groups: list[ForwardBatch] | None = field(init=False, default=None)
     token_index: torch.Tensor | None = field(init=False, default=None)
 
@@ -90,6 +93,10 @@ class ForwardBatch:
             self.key_slots = None
         else:
             T = max(self.context_lens)
+            if self.key_len is not None:
+                if self.key_len < T:
+                    raise ValueError(f"key_len {self.key_len} is shorter than a context of {T}")
+                T = self.key_len
             bs = self.cache.block_size
             t = torch.arange(T, device=device)
             ctx = torch.tensor(self.context_lens, device=device)
@@ -122,6 +129,18 @@ class ForwardBatch:
                                allow_groups=False)
             sub.token_index = tok
             self.groups.append(sub)
+
+    # The tensors a forward reads that change from step to step for a fixed shape (batch, query length, keys); the
+    # others (q_index, q_valid, flat_to_padded, k_pos) follow from the shape alone.
+    STEP_TENSORS = ("positions", "slot_mapping", "block_tables", "q_pos", "key_slots", "k_valid")
+
+    def refill(self, other: ForwardBatch) -> None:
+        """Copy `other`'s step tensors into this batch's own, in place (a CUDA graph replays reads of these very
+        tensors); `other` has the same shape. Masks cached from the old values are dropped."""
+        for name in self.STEP_TENSORS:
+            getattr(self, name).copy_(getattr(other, name))
+        for name in ("masked_out", "attend_mask"):
+            self.__dict__.pop(name, None)
 
     @property
     def num_seqs(self) -> int:

@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     speculative_policy: Literal["adaptive", "fixed"] = Field(
         _ENGINE["speculative_policy"], description="adaptive: each step drafts 0..K tokens, the depth with the "
         "most tokens/s by measured acceptance and step time at the running batch size; fixed: always K")
+    enforce_eager: bool = Field(_ENGINE["enforce_eager"], description="CUDA: run every step eagerly instead of "
+                                "replaying CUDA graphs for decode and verify steps")
     enable_prefix_caching: bool = Field(_ENGINE["enable_prefix_caching"], description="reuse the cache of prompt "
                                         "prefixes seen before (automatic prefix caching)")
     prefix_caching_hash_algo: Literal["builtin", "sha256"] = Field(

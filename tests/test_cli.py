@@ -28,7 +28,7 @@ SAMPLE_ENV = {"model": "/tmp/m", "served_model_name": "glm", "host": "0.0.0.0", 
               "max_queue_size": "3", "retry_after": "7", "quantization": "fp8",
               "request_timeout": "60", "max_request_body_bytes": "2048", "api_key": "k1,k2",
               "cors_origins": "https://a,https://b", "shutdown_timeout": "12.5", "log_level": "debug",
-              "log_format": "json", "log_prompts": "true", "enable_prefix_caching": "false",
+              "log_format": "json", "log_prompts": "true", "enable_prefix_caching": "false", "enforce_eager": "true",
               "prefix_caching_hash_algo": "sha256", "enable_auto_tool_choice": "true",
               "tool_call_parser": "glm45", "reasoning_parser": "glm45", "responses_store_size": "16",
               "responses_store_ttl": "90.5"}

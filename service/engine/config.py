@@ -26,6 +26,8 @@ class EngineConfig:
     num_speculative_tokens: int = 3
     speculative_policy: str = "adaptive"  # adaptive | fixed
     quantization: str | None = None  # "fp8": block-quantize a bf16/fp32 checkpoint at load
+    # CUDA: decode and verify steps replay per-shape CUDA graphs (cuda_graphs.py) unless this is set (vLLM's flag)
+    enforce_eager: bool = False
     enable_prefix_caching: bool = True
     prefix_caching_hash_algo: str = "builtin"  # builtin | sha256 (see prefix_cache.py)
     seed: int = 0

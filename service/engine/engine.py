@@ -23,7 +23,7 @@ from model.tokenizer import Tokenizer
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .model_runner import ModelRunner, StepResult, num_cache_blocks, resolve_device_dtype
+from .model_runner import ModelRunner, StepResult, graph_mode, num_cache_blocks, resolve_device_dtype
 from .outputs import CompletionOutput, EngineStats, RequestOutput
 from .sampling_params import SamplingParams, validate_request
 from .scheduler import Scheduler, SchedulerOutput
@@ -66,7 +66,8 @@ class LLMEngine:
             log.info("the checkpoint has no MTP layer: speculative decoding is off")
             k = 0
         self.num_speculative_tokens = k
-        self.runner = ModelRunner(model, num_blocks, config.block_size, device, dtype, generator, k)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, device, dtype, generator, k,
+                                  graph_mode(config, device), config.max_num_seqs, max_len)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                           config.prefix_caching_hash_algo)
         runner = self.runner

@@ -44,6 +44,14 @@ def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtyp
     return torch.device(device), dtype
 
 
+def graph_mode(config: EngineConfig, device: torch.device) -> str | None:
+    """"capture": decode and verify steps replay CUDA graphs (cuda_graphs.py). Not on the CPU, not with
+    `enforce_eager`, and not with tensor parallelism (the other ranks follow rank 0's model calls one by one)."""
+    if device.type != "cuda" or config.enforce_eager or config.tensor_parallel_size > 1:
+        return None
+    return "capture"
+
+
 def _free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -80,14 +88,23 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: GlmMoeDsaForCausalLM, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype, generator: torch.Generator | None = None, num_speculative_tokens: int = 0
-                 ) -> None:
+                 dtype: torch.dtype, generator: torch.Generator | None = None, num_speculative_tokens: int = 0,
+                 graphs: str | None = None, max_num_seqs: int = 1, max_model_len: int = 0) -> None:
+        """graphs: "capture" replays uniform steps from CUDA graphs (cuda_graphs.py), "emulate" runs the same
+        padding and refills eagerly (tests on the CPU), None runs every step eagerly."""
         self.model = model
         self.num_speculative_tokens = num_speculative_tokens
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
-        self.cache = KVCache(model.config, num_blocks, block_size, dtype, device)
+        # With graphs, one block more than the block manager hands out: the scratch block idle rows write.
+        self.cache = KVCache(model.config, num_blocks + (graphs is not None), block_size, dtype, device)
+        self.graphs = None
+        if graphs is not None:
+            from .cuda_graphs import GraphRunner
+
+            self.graphs = GraphRunner(model, self.cache, num_blocks, max_num_seqs, max_model_len,
+                                      capture=graphs == "capture")
         self.sampler = Sampler(generator)  # unseeded rows draw from the engine's seeded generator
         if device.type == "cpu":  # time the skinny-product paths now (~0.1 s), not in the first request's step
             for tall in (False, True):
@@ -134,6 +151,10 @@ class ModelRunner:
 
     def forward(self, input_ids: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         """Normed hidden states [N, H]; writes this step's tokens into every main layer's cache."""
+        if self.graphs is not None:
+            hidden = self.graphs.run(input_ids, fb)
+            if hidden is not None:
+                return hidden
         return self.model(input_ids, fb)
 
     @torch.inference_mode()
