@@ -106,3 +106,17 @@ def test_a_bucket_that_disagrees_with_eager_on_its_first_step_runs_eagerly(engin
     assert graphs.replays == 1 and "disagrees with the eager forward" in caplog.text  # that one prefill
     monkeypatch.setattr(engine_mod, "graph_mode", lambda config, device: None)
     assert got == generate(make_engine(engine_ckpt, max_num_seqs=8))
+
+
+def test_graphs_only_on_cuda_without_enforce_eager_or_tensor_parallelism(engine_ckpt):
+    import torch
+
+    from service.engine.config import EngineConfig
+    from service.engine.model_runner import graph_mode
+
+    cfg = EngineConfig(model=engine_ckpt)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert graph_mode(cfg, cuda) == "capture" and graph_mode(cfg, cpu) is None
+    assert graph_mode(EngineConfig(model=engine_ckpt, enforce_eager=True), cuda) is None
+    assert graph_mode(EngineConfig(model=engine_ckpt, tensor_parallel_size=2), cuda) is None
+    assert make_engine(engine_ckpt).runner.graphs is None  # the CPU: eager, and no scratch block
