@@ -6,8 +6,9 @@ service/engine/ and, when installed, transformers; no web stack, no installs, no
 1. copy bandwidth: device-to-device copy of 1 GiB ((read + write) bytes / time), the yardstick for MBU;
 2. correctness: the default model (shipped weights, else random default config) on CUDA against CPU, fp32:
    max |logit diff| on a prompt longer than index_topk (DSA active) and greedy tokens of the engine; bf16 drift;
-3. decode tokens/s, engine on CUDA bf16 at batch 1 and 32 (128-token prompts, 128 new tokens, greedy): total
-   output tokens/s and the median steady decode step;
+3. decode tokens/s, engine on CUDA bf16 at batch 1 and 32 (128-token prompts, 128 new tokens, greedy; the
+   engine's defaults, so CUDA graphs and, for a checkpoint with an MTP layer, adaptive MTP): total output
+   tokens/s and the median steady decode step;
 4. the same with transformers generate() on the GPU (padded batch, bf16);
 5. model bandwidth utilisation: (active weight bytes + cache bytes read) per decode step / step time / copy
    bandwidth; active weights count the experts a batch of B is expected to touch (uniform routing);
