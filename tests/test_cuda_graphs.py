@@ -8,6 +8,7 @@ import pytest
 
 from model.batch import ForwardBatch
 from service.engine.cuda_graphs import GraphRunner, next_pow2
+from service.engine.model_runner import StepInputs
 from service.engine.sampling_params import SamplingParams
 from tests.engine_fixtures import make_engine, prompts, run_engine
 
@@ -73,14 +74,13 @@ def test_buckets_keep_contexts_the_indexer_leaves_dense_dense(engine_ckpt, emula
     topk = engine.model_config.index_topk
     assert topk in g.key_sizes and g.key_sizes[-1] == g.max_keys
     assert [next_pow2(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
-    cache = engine.runner.cache
 
-    def batch(q: list[int], ctx: list[int]) -> ForwardBatch:
+    def batch(q: list[int], ctx: list[int]) -> StepInputs:
         import torch
 
         n = sum(q)
-        return ForwardBatch(torch.zeros(n, dtype=torch.long), q, ctx, torch.zeros(len(q), 64, dtype=torch.long),
-                            torch.zeros(n, dtype=torch.long), cache)
+        return StepInputs(torch.zeros(n, dtype=torch.long), q, ctx, torch.zeros(len(q), 64, dtype=torch.long),
+                          torch.zeros(n, dtype=torch.long))
 
     assert g.bucket_of(batch([1, 1, 1], [5, topk, 3])) == (4, 1, topk)
     assert g.bucket_of(batch([3, 3], [topk + 1, 20])) == (2, 3, 32)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,9 @@ from model.batch import ForwardBatch
 from model.indexer import relu_floor
 from model.kv_cache import KVCache
 from model.network import GlmMoeDsaForCausalLM
+
+if TYPE_CHECKING:
+    from .model_runner import StepInputs
 
 WARMUP_RUNS = 2
 log = logging.getLogger("glm_serve.engine")
@@ -80,19 +84,19 @@ class GraphRunner:
         # once for the longest context now.
         relu_floor(self.max_keys, self.device)
 
-    def bucket_of(self, fb: ForwardBatch) -> tuple[int, int, int] | None:
-        """(padded batch, Q, padded keys), or None for a step that runs eagerly."""
-        if fb.cache is not self.cache or fb.groups is not None or not fb.uniform or fb.collect is not None:
+    def bucket_of(self, step: StepInputs) -> tuple[int, int, int] | None:
+        """(padded batch, Q, padded keys), or None for a step that runs eagerly (new-token counts differ)."""
+        B, Q, T = step.num_seqs, step.query_lens[0], max(step.context_lens)
+        if min(step.query_lens) != Q or max(step.query_lens) != Q:
             return None
-        B, Q, T = fb.num_seqs, fb.query_lens[0], max(fb.context_lens)
         if B > self.max_batch or Q > self.cache.block_size or T > self.max_keys:
             return None
         return next_pow2(B), Q, next(s for s in self.key_sizes if s >= T)
 
-    def run(self, input_ids: torch.Tensor, fb: ForwardBatch) -> torch.Tensor | None:
+    def run(self, input_ids: torch.Tensor, step: StepInputs) -> torch.Tensor | None:
         """The hidden states [N, H] of the step (this step's tokens written into every main layer's cache), or
         None when the step is not one a graph serves."""
-        key = self.bucket_of(fb)
+        key = self.bucket_of(step)
         if key is None:
             return None
         bucket = self.buckets.get(key)
@@ -103,7 +107,7 @@ class GraphRunner:
         N = input_ids.shape[0]
         bucket.ids[:N].copy_(input_ids)
         bucket.ids[N:].zero_()
-        bucket.fb.refill(self._padded(fb, *key))
+        bucket.fb.refill(self._padded(step, *key))
         if bucket.graph is not None:
             bucket.graph.replay()
             out = bucket.out
@@ -111,7 +115,8 @@ class GraphRunner:
             out = self.model(bucket.ids, bucket.fb)
         hidden = out[:N].clone()  # the next replay of any bucket may write over `out` (one shared memory pool)
         if not bucket.checked:  # the first step both ways (the eager run rewrites the same cache entries)
-            eager = self.model(input_ids, fb)
+            eager = self.model(input_ids, ForwardBatch(step.positions, step.query_lens, step.context_lens,
+                                                       step.block_tables, step.slot_mapping, self.cache))
             if not matches(hidden, eager):
                 bucket.broken = True
                 log.warning("CUDA graph bucket %s disagrees with the eager forward: it runs eagerly", key)
@@ -120,18 +125,18 @@ class GraphRunner:
         self.replays += 1
         return hidden
 
-    def _padded(self, fb: ForwardBatch, Bc: int, Q: int, Tc: int) -> ForwardBatch:
-        """`fb` as a batch of Bc sequences and Tc keys: idle rows at positions 0..Q-1 in the scratch block."""
-        B, bs, dev = fb.num_seqs, self.cache.block_size, fb.positions.device
+    def _padded(self, step: StepInputs, Bc: int, Q: int, Tc: int) -> ForwardBatch:
+        """`step` as a batch of Bc sequences and Tc keys: idle rows at positions 0..Q-1 in the scratch block."""
+        B, bs, dev = step.num_seqs, self.cache.block_size, step.positions.device
         pad = Bc - B
         W = Tc // bs
         tables = torch.full((Bc, W), self.scratch, dtype=torch.long, device=dev)
-        w = min(W, fb.block_tables.shape[1])
-        tables[:B, :w] = fb.block_tables[:, :w]
+        w = min(W, step.block_tables.shape[1])
+        tables[:B, :w] = step.block_tables[:, :w]
         idle = torch.arange(Q, device=dev).repeat(pad)
-        positions = torch.cat([fb.positions, idle])
-        slots = torch.cat([fb.slot_mapping, self.scratch * bs + idle])
-        return ForwardBatch(positions, [Q] * Bc, fb.context_lens + [Q] * pad, tables, slots, self.cache,
+        positions = torch.cat([step.positions, idle])
+        slots = torch.cat([step.slot_mapping, self.scratch * bs + idle])
+        return ForwardBatch(positions, [Q] * Bc, step.context_lens + [Q] * pad, tables, slots, self.cache,
                             allow_groups=False, key_len=Tc)
 
     def _build(self, Bc: int, Q: int, Tc: int) -> _Bucket:

@@ -74,6 +74,21 @@ def num_cache_blocks(config: EngineConfig, model: GlmMoeDsaForCausalLM, max_mode
 
 
 @dataclass
+class StepInputs:
+    """One step's flat batch on the device: ForwardBatch's arguments, before its per-step tensors are built."""
+
+    positions: torch.Tensor  # [N]
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: torch.Tensor  # [B, W]
+    slot_mapping: torch.Tensor  # [N]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+
+@dataclass
 class StepResult:
     """New tokens, in target order: (sequence, token ids, their logprob entries if asked). A plain step gives
     one token per sequence; a verify step gives the accepted drafts plus one more."""
@@ -110,8 +125,8 @@ class ModelRunner:
             for tall in (False, True):
                 skinny_wx_pays(dtype, tall)
 
-    def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, ForwardBatch]:
-        """Token ids [N] and the ForwardBatch of one step.
+    def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, StepInputs]:
+        """Token ids [N] and the flat inputs of one step (ForwardBatch's arguments, built into one by `forward`).
 
         Python touches each sequence once (its start, length, table and new token ids); positions and slots
         are expanded per token by tensor ops, so a step's Python does not grow with prefill chunk lengths and a
@@ -142,25 +157,24 @@ class ModelRunner:
         def dev(x: torch.Tensor) -> torch.Tensor:
             return x.to(self.device, non_blocking=True)
 
-        fb = ForwardBatch(
-            positions=dev(positions), query_lens=query_lens,
-            context_lens=[s + n for s, n in zip(starts, query_lens, strict=True)],
-            block_tables=dev(block_tables), slot_mapping=dev(slots), cache=self.cache,
-        )
-        return dev(torch.tensor(ids, dtype=torch.long)), fb
+        step = StepInputs(dev(positions), query_lens, [s + n for s, n in zip(starts, query_lens, strict=True)],
+                          dev(block_tables), dev(slots))
+        return dev(torch.tensor(ids, dtype=torch.long)), step
 
-    def forward(self, input_ids: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        """Normed hidden states [N, H]; writes this step's tokens into every main layer's cache."""
+    def forward(self, input_ids: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        """Normed hidden states [N, H]; writes this step's tokens into every main layer's cache. A step a CUDA
+        graph serves never builds its own ForwardBatch (the graph's padded one is refilled instead)."""
         if self.graphs is not None:
-            hidden = self.graphs.run(input_ids, fb)
+            hidden = self.graphs.run(input_ids, step)
             if hidden is not None:
                 return hidden
-        return self.model(input_ids, fb)
+        return self.model(input_ids, ForwardBatch(step.positions, step.query_lens, step.context_lens,
+                                                  step.block_tables, step.slot_mapping, self.cache))
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepResult:
-        input_ids, fb = self.prepare(scheduled)
-        hidden = self.forward(input_ids, fb)
+        input_ids, step = self.prepare(scheduled)
+        hidden = self.forward(input_ids, step)
         result = self.sample(scheduled, hidden)
         result.hidden = hidden
         return result
