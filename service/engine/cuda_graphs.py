@@ -70,13 +70,14 @@ class GraphRunner:
         bs = cache.block_size
         self.max_batch = next_pow2(max_batch)
         self.max_keys = -(-max_len // bs) * bs
+        sizes, n = {self.max_keys}, bs
+        while n < self.max_keys:  # a block, doubling
+            sizes.add(n)
+            n *= 2
         topk = model.config.index_topk
-        sizes = {min(self.max_keys, max(bs, next_pow2(n))) for n in (1 << i for i in range(32)) if n < 2 * max_len}
-        if topk and topk < self.max_keys and topk % bs == 0:
+        if topk < self.max_keys and topk % bs == 0:
             sizes.add(topk)
-        self.key_sizes = sorted(s for s in sizes if s % bs == 0) or [self.max_keys]
-        if self.key_sizes[-1] != self.max_keys:
-            self.key_sizes.append(self.max_keys)
+        self.key_sizes = sorted(sizes)
         self.buckets: dict[tuple[int, int, int], _Bucket] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.replays = 0  # steps served from a bucket (stats, tests)
@@ -144,14 +145,14 @@ class GraphRunner:
         bucket's (every context Tc), so the decisions the forward takes on them hold for every step it serves;
         its tensors are idle rows until a step refills them."""
         dev = self.device
-        fb = self._idle_batch(Bc, Q, Tc, [Tc] * Bc)
+        fb = self._idle_batch(Bc, Q, Tc)
         ids = torch.zeros(Bc * Q, dtype=torch.long, device=dev)
         bucket = _Bucket(ids, fb)
         if not self.capture:
             return bucket
         try:
             self._capture(bucket, Bc, Q, Tc)
-        except Exception as e:  # noqa: BLE001 - an op that cannot be captured: this shape stays eager
+        except Exception as e:  # an op that cannot be captured: this shape stays eager
             log.warning("CUDA graph capture of bucket %s failed (%s: %s): it runs eagerly", (Bc, Q, Tc),
                         type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
             bucket.broken = True
@@ -163,7 +164,7 @@ class GraphRunner:
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_RUNS):  # eager: lazily built constants (rotation patterns, kernel checks) now
-                self.model(ids, self._idle_batch(Bc, Q, Tc, [Tc] * Bc))
+                self.model(ids, self._idle_batch(Bc, Q, Tc))
         torch.cuda.current_stream(dev).wait_stream(side)
         torch.cuda.synchronize(dev)
         graph = torch.cuda.CUDAGraph()
@@ -171,10 +172,10 @@ class GraphRunner:
             bucket.out = self.model(ids, fb)
         bucket.graph = graph
 
-    def _idle_batch(self, Bc: int, Q: int, Tc: int, context_lens: list[int]) -> ForwardBatch:
-        """A batch of Bc idle rows (positions 0..Q-1 in the scratch block) with the given host-side lengths."""
+    def _idle_batch(self, Bc: int, Q: int, Tc: int) -> ForwardBatch:
+        """A batch of Bc idle rows (positions 0..Q-1 in the scratch block) whose host-side contexts are all Tc."""
         dev, bs = self.device, self.cache.block_size
         idle = torch.arange(Q, device=dev).repeat(Bc)
         tables = torch.full((Bc, Tc // bs), self.scratch, dtype=torch.long, device=dev)
-        return ForwardBatch(idle, [Q] * Bc, context_lens, tables, self.scratch * bs + idle, self.cache,
+        return ForwardBatch(idle, [Q] * Bc, [Tc] * Bc, tables, self.scratch * bs + idle, self.cache,
                             allow_groups=False, key_len=Tc)
