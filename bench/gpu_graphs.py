@@ -24,35 +24,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gpu_bench import run_engine  # noqa: E402
+
 from service.engine import engine as engine_mod  # noqa: E402
 from service.engine.config import EngineConfig  # noqa: E402
 from service.engine.engine import LLMEngine  # noqa: E402
-from service.engine.sampling_params import SamplingParams  # noqa: E402
 
 MODEL = ROOT / "model" / "weights" / "glm-5-tiny-py"
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def run(engine: LLMEngine, prompts: list[list[int]], new: int) -> tuple[float, list[float], list[list[int]]]:
     """(seconds, step seconds, tokens per request) of a closed batch of greedy requests."""
-    params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
-    out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
-    dev = engine.runner.device.type
-    steps = []
-    t0 = time.perf_counter()
-    while engine.has_unfinished():
-        t = time.perf_counter()
-        for o in engine.step():
-            out[o.request_id] += o.outputs[0].token_ids if o.outputs else []
-        sync(dev)
-        steps.append(time.perf_counter() - t)
-    return time.perf_counter() - t0, steps, [out[str(i)] for i in range(len(prompts))]
+    t = time.perf_counter()
+    steps, tokens = run_engine(engine, prompts, new)
+    return time.perf_counter() - t, steps, tokens
 
 
 def make(device: str, dtype: str, eager: bool, k: int | None, batch: int, max_len: int) -> LLMEngine:

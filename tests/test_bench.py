@@ -395,3 +395,21 @@ def test_gpu_train_prepares_trains_and_exports_on_the_cpu(tmp_path):
     model = load_model(model_dir)
     assert model.has_mtp and (model_dir / "tokenizer.json").exists()
     assert json.loads((model_dir / "report.json").read_text())["step"] == 12
+
+
+def test_gpu_graphs_smoke_compares_emulated_graphs_with_eager(tmp_path, monkeypatch):
+    """bench/gpu_graphs.py (run by gpu.sh on a GPU) on the CPU: the graph runner emulated against --enforce-eager
+    on the shipped model, tokens identical, every configuration timed."""
+    import json
+
+    import gpu_graphs
+
+    import service.engine.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "graph_mode", engine_mod.graph_mode)  # the smoke swaps it: restored after
+    assert gpu_graphs.main(["--cpu-smoke", "--out-dir", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "gpu_graphs-smoke.json").read_text())
+    assert [(r["k"], r["same"]) for r in res["tokens_fp32"]] == [(0, "4/4"), ("default", "4/4")]
+    assert all(r["buckets"] for r in res["tokens_fp32"])
+    assert [(r["batch"], r["k"]) for r in res["speed"]] == [(1, 0), (1, "default"), (4, 0), (4, "default")]
+    assert all(r["eager_tok_s"] > 0 and r["graph_tok_s"] > 0 and r["buckets"] > 0 for r in res["speed"])
