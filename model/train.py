@@ -509,15 +509,20 @@ def restart(argv: list[str], step: int) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "model.train", *args])
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.splitlines()[0])
-    for name, default in asdict(TrainArgs()).items():
+def add_flags(ap: argparse.ArgumentParser, args: object) -> None:
+    """One flag per field of the dataclass instance `args` (`--steps N`; booleans as switches)."""
+    for name, default in asdict(args).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(default, bool):
             ap.add_argument(flag, action="store_true")
         else:
             kind = type(default) if default is not None else str
             ap.add_argument(flag, type=kind, default=default)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.splitlines()[0])
+    add_flags(ap, TrainArgs())
     ap.add_argument("--export-only", action="store_true", help="export --out's last checkpoint to --export")
     ns = vars(ap.parse_args(argv))
     if ns.pop("export_only"):

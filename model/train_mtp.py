@@ -34,7 +34,7 @@ from .batch import ForwardBatch
 from .loader import hf_state_dict, load_model
 from .network import GlmMoeDsaForCausalLM
 from .tokenizer import Tokenizer
-from .train import balance_experts, mtp_batch, pick_device, system_turn_weights
+from .train import add_flags, balance_experts, mtp_batch, pick_device, system_turn_weights
 from .train_data import TokenStream
 
 
@@ -228,12 +228,7 @@ def merge(model_dir: str | Path, mtp_file: str | Path, dest: str | Path) -> list
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m model.train_mtp", description=__doc__.splitlines()[0])
-    for name, default in asdict(MTPArgs()).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            ap.add_argument(flag, action="store_true")
-        else:
-            ap.add_argument(flag, type=type(default), default=default)
+    add_flags(ap, MTPArgs())
     ap.add_argument("--merge", help="an mtp.safetensors to put into --model, written to --export")
     ap.add_argument("--export", help="with --merge: the new checkpoint's directory")
     ns = vars(ap.parse_args(argv))
