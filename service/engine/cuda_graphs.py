@@ -116,8 +116,7 @@ class GraphRunner:
             out = self.model(bucket.ids, bucket.fb)
         hidden = out[:N].clone()  # the next replay of any bucket may write over `out` (one shared memory pool)
         if not bucket.checked:  # the first step both ways (the eager run rewrites the same cache entries)
-            eager = self.model(input_ids, ForwardBatch(step.positions, step.query_lens, step.context_lens,
-                                                       step.block_tables, step.slot_mapping, self.cache))
+            eager = self.model(input_ids, step.batch(self.cache))
             if not matches(hidden, eager):
                 bucket.broken = True
                 log.warning("CUDA graph bucket %s disagrees with the eager forward: it runs eagerly", key)

@@ -87,6 +87,11 @@ class StepInputs:
     def num_seqs(self) -> int:
         return len(self.query_lens)
 
+    def batch(self, cache: KVCache) -> ForwardBatch:
+        """The ForwardBatch of the eager forward over `cache`."""
+        return ForwardBatch(self.positions, self.query_lens, self.context_lens, self.block_tables,
+                            self.slot_mapping, cache)
+
 
 @dataclass
 class StepResult:
@@ -168,8 +173,7 @@ class ModelRunner:
             hidden = self.graphs.run(input_ids, step)
             if hidden is not None:
                 return hidden
-        return self.model(input_ids, ForwardBatch(step.positions, step.query_lens, step.context_lens,
-                                                  step.block_tables, step.slot_mapping, self.cache))
+        return self.model(input_ids, step.batch(self.cache))
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> StepResult:
