@@ -29,23 +29,24 @@ COLUMNS = [("batch", "B", "d"), ("compile_s", "first call s", ".1f"), ("max_abs_
            ("eager_over_compiled", "eager/compiled", ".2fx"), ("ratios", "per pair", "")]
 
 
-def decode_inputs(model_dir: Path, batch: int):
+def decode_inputs(model_dir: Path, batch: int, prompt_tokens: int = 128):
     """(model, input ids, ForwardBatch) of one decode step of `batch` sequences after their prefill."""
     from service.engine.config import EngineConfig
     from service.engine.engine import LLMEngine
     from service.engine.sampling_params import SamplingParams
 
-    engine = LLMEngine.from_config(EngineConfig(model=model_dir, device="cpu", max_num_seqs=batch, max_model_len=300,
-                                                kv_cache_tokens=batch * 320, num_speculative_tokens=0))
+    engine = LLMEngine.from_config(EngineConfig(model=model_dir, device="cpu", max_num_seqs=batch,
+                                                max_model_len=prompt_tokens + 32,
+                                                kv_cache_tokens=batch * (prompt_tokens + 64), num_speculative_tokens=0))
     seen = {}
     forward = engine.runner.forward
 
-    def capture(ids, fb):
-        seen["step"] = (ids, fb)
-        return forward(ids, fb)
+    def capture(ids, step):
+        seen["step"] = (ids, step.batch(engine.runner.cache))
+        return forward(ids, step)
 
     engine.runner.forward = capture
-    for i, p in enumerate(random_prompts(batch, 128, engine.model_config.vocab_size, seed=batch)):
+    for i, p in enumerate(random_prompts(batch, prompt_tokens, engine.model_config.vocab_size, seed=batch)):
         engine.add_request(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     for _ in range(4):  # the prefill, then decode steps
         engine.step()

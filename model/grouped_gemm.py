@@ -52,12 +52,19 @@ def op() -> Callable[..., torch.Tensor] | None:
 def applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether x [M, H] through stacked expert weights w1 [E, 2I, H] and w2 [E, H, I] (used transposed) can take
     the grouped GEMM: one dtype the device runs it in, and rows of H and of I that keep 16-byte strides."""
-    if not (x.dtype == w1.dtype == w2.dtype and w1.is_contiguous() and w2.is_contiguous()):
+    if not (x.dtype == w1.dtype == w2.dtype and _stacked(w1) and _stacked(w2)):
         return False  # FP8 stacks (block scales beside them) land here: they take the per-expert loop
     size = x.element_size()
-    if (w1.shape[-1] * size) % ALIGN_BYTES or (w2.shape[-1] * size) % ALIGN_BYTES:
+    # Rows of x (H) and of the hidden activations (I); a transposed stack's rows are its output features.
+    rows = [w1.shape[-1], w2.shape[-1]] + [w.shape[-2] for w in (w1, w2) if not w.is_contiguous()]
+    if any((n * size) % ALIGN_BYTES for n in rows):
         return False
     return works(x.device.type, x.device.index, x.dtype)
+
+
+def _stacked(w: torch.Tensor) -> bool:
+    """[E, N, K] stored contiguous, or with each expert's matrix stored transposed (model/cpu_layout.py)."""
+    return w.is_contiguous() or w.transpose(-1, -2).is_contiguous()
 
 
 @functools.cache

@@ -49,15 +49,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            ) -> torch.Tensor:
     """F.linear, computed as (W @ x^T)^T for 2..SMALL_BATCH_ROWS rows on a CPU where that pays
     (`skinny_wx_pays`). `pad_single` also sends one row that way (duplicated to two), for very tall weights
-    such as the LM head."""
+    such as the LM head. A weight stored transposed (model/cpu_layout.py) always takes F.linear: that is the
+    layout it was stored for."""
     if weight.dtype == fp8.FP8:  # a kept FP8 weight: block-scaled matmul, else dequantized for this product
         y = fp8.fp8_linear(x, weight, bias)
         if y is not None:
             return y
         weight = fp8.dequantize_weight(weight, x.dtype)
     rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if (x.device.type != "cpu" or rows > SMALL_BATCH_ROWS or rows == 0 or (rows == 1 and not pad_single)
-            or not skinny_wx_pays(x.dtype, rows == 1 or weight.shape[0] >= TALL_ROWS)):
+    tall = rows == 1 or weight.shape[0] >= TALL_ROWS
+    if (x.device.type != "cpu" or weight.stride(-2) == 1 or rows > SMALL_BATCH_ROWS or rows == 0
+            or (rows == 1 and not pad_single) or not skinny_wx_pays(x.dtype, tall)):
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
     if rows == 1:

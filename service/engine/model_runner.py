@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from model import cpu_layout
 from model.batch import ForwardBatch
 from model.kv_cache import KVCache
 from model.layers import skinny_wx_pays
@@ -129,6 +130,8 @@ class ModelRunner:
         if device.type == "cpu":  # time the skinny-product paths now (~0.1 s), not in the first request's step
             for tall in (False, True):
                 skinny_wx_pays(dtype, tall)
+            if cpu_layout.applies(model):  # float32: weights stored for x @ W^T from memory (model/cpu_layout.py)
+                cpu_layout.set_transposed(model)
 
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, StepInputs]:
         """Token ids [N] and the flat inputs of one step (ForwardBatch's arguments, built into one by `forward`).
