@@ -55,6 +55,9 @@ class MLAttention(nn.Module):
         self.kv_a_proj_with_mqa = ReplicatedLinear(H, cfg.latent_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=1e-6)
         self.kv_b_proj = ColumnParallelLinear(cfg.kv_lora_rank, nh * (self.nope + self.v_dim))
+        # The absorbed attention reads it per head through bmm, slower from a transposed layout at GLM-5's
+        # kv_lora_rank of 512 (model/cpu_layout.py)
+        self.kv_b_proj.keep_layout = True
         self.o_proj = RowParallelLinear(nh * self.v_dim, H, bias=bias)
         self.indexer = Indexer(cfg, layer) if cfg.use_indexer and cfg.has_own_indexer(layer) else None
 

@@ -3,16 +3,20 @@
 A decode step reads every weight once, and a model bigger than the last-level cache (the shipped one is 67 MB in
 float32) reads them from memory. MKL reads a [out, in] weight given to `F.linear` (x @ W^T, W^T a transposed
 operand) markedly slower from memory than the same product with W^T stored contiguous ([in, out]). On the 2-core
-AMD EPYC, 1 thread, caches flushed before each call, 1 / 2 / 16 rows: 640x256 62.2 / 63.6 / 115.9 us as stored vs
-42.5 / 52.5 / 104.3 us transposed; the routed experts' grouped GEMM (12 x 320x256 then 12 x 256x160, top-2) at
-1 / 2 / 16 tokens 126 / 178 / 566 vs 100 / 115 / 429 us. With the weights in cache the linears are level, so a
-once-per-process timing could not choose; the engine decodes the shipped model 1.10-1.19x faster at batch 1-16
+AMD EPYC, 1 thread, caches flushed before each call, 1 / 2 / 16 rows: 640x256 70.5 / 72.2 / 118.4 us as stored vs
+52.0 / 59.1 / 108.9 us transposed; the routed experts' grouped GEMM (12 x 320x256 then 12 x 256x160, top-2) at
+1 / 2 / 16 tokens 125 / 166 / 622 vs 100 / 120 / 510 us. With the weights in cache the linears are about level, so
+a once-per-process timing could not choose; the engine decodes the shipped model 1.09-1.15x faster at batch 1-16
 (bench/cpu_layout.py, bench/README.md). bfloat16 goes through oneDNN, where the layout made no difference (within
 10% either way), so only float32 is re-strided.
 
 The parameter stays a [out, in] tensor (a transposed view of the [in, out] storage): loading, tensor-parallel
 sharding and every reader see the same shape; `F.linear` and torch's grouped GEMM take either layout. The LM head
-and the embedding it is tied to keep theirs (the head goes through its own reordered oneDNN copy).
+and the embedding it is tied to keep theirs (the head goes through its own reordered oneDNN copy), and so does
+`kv_b_proj` (`_Linear.keep_layout`): the absorbed attention reads it per head through bmm, which ran slower on
+the transposed layout at GLM-5's kv_lora_rank of 512 (4 heads, one row, cold: 26 -> 46 us and 41 -> 56 us for
+its two products; the decode forward of the DeepSeek-V3-shaped bench checkpoint 4.86 ms with it transposed,
+4.45 without, 4.75 with nothing transposed).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def set_transposed(model: nn.Module, on: bool = True) -> int:
     Call only where `applies`."""
     changed = 0
     for module in model.modules():
-        if isinstance(module, _Linear):
+        if isinstance(module, _Linear) and not module.keep_layout:
             tensors = [module.weight]
         elif isinstance(module, Experts):
             tensors = [module.gate_up_proj, module.down_proj]

@@ -153,6 +153,10 @@ def _version(t: torch.Tensor) -> int:
 
 
 class _Linear(nn.Linear):
+    # Keep the stored [out, in] layout at CPU inference (model/cpu_layout.py): for a weight something other than
+    # F.linear also reads as a matrix.
+    keep_layout = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def _stacks_and_weights(model: torch.nn.Module) -> list[torch.Tensor]:
     out = []
     for m in model.modules():
-        if isinstance(m, _Linear):
+        if isinstance(m, _Linear) and not m.keep_layout:
             out.append(m.weight)
         elif isinstance(m, Experts):
             out += [m.gate_up_proj, m.down_proj]
@@ -41,6 +41,8 @@ def test_set_transposed_keeps_values_and_the_forward(engine_ckpt):
     tensors = _stacks_and_weights(model)
     assert n == len(tensors) > 0
     assert all(not t.is_contiguous() and t.transpose(-1, -2).is_contiguous() for t in tensors)
+    kept = [layer.self_attn.kv_b_proj.weight for layer in model.model.layers]  # read per head by bmm too
+    assert kept and all(w.is_contiguous() for w in kept)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
