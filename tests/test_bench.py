@@ -410,7 +410,9 @@ def test_gpu_graphs_smoke_compares_emulated_graphs_with_eager(tmp_path, monkeypa
     assert gpu_graphs.main(["--cpu-smoke", "--out-dir", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "gpu_graphs-smoke.json").read_text())
     assert [(r["k"], r["same"]) for r in res["tokens_fp32"]] == [(0, "4/4"), ("default", "4/4")]
-    assert all(r["buckets"] for r in res["tokens_fp32"])
+    assert all(r["buckets"] and not r["broken"] for r in res["tokens_fp32"])
+    assert [bool(r["draft_buckets"]) for r in res["tokens_fp32"]] == [False, True]  # drafts replay with MTP on
+    assert all(0.0 <= r["drafted_graphs"] <= 1.0 for r in res["speed"])
     assert [(r["batch"], r["k"]) for r in res["speed"]] == [(1, 0), (1, "default"), (4, 0), (4, "default")]
     assert all(r["eager_tok_s"] > 0 and r["graph_tok_s"] > 0 and r["buckets"] > 0 for r in res["speed"])
 

@@ -8,8 +8,8 @@ import pytest
 
 from model.batch import ForwardBatch
 from service.engine.cuda_graphs import GraphRunner, next_pow2
-from service.engine.model_runner import StepInputs
 from service.engine.sampling_params import SamplingParams
+from service.engine.step_inputs import StepInputs
 from tests.engine_fixtures import make_engine, prompts, run_engine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -56,6 +56,13 @@ def test_graph_steps_give_the_eager_tokens(engine_ckpt, emulated, monkeypatch, k
     assert any(T <= 8 for _, _, T in keys) and any(T > 8 for _, _, T in keys)  # dense and DSA-sparse buckets
     if k:
         assert k + 1 in {Q for _, Q, _ in keys}
+        # The MTP layer's draft steps took graphs of their own: one row per sequence, each bucket checked.
+        drafts = engine.proposer.graphs
+        assert drafts is not None and drafts.mtp and drafts.replays > 0
+        assert {Q for _, Q, _ in drafts.buckets} == {1} and all(b.checked and not b.broken
+                                                                for b in drafts.buckets.values())
+    else:
+        assert engine.runner.draft_graphs is None
 
 
 def test_the_scratch_block_is_outside_the_block_managers_reach(engine_ckpt, emulated):
@@ -120,3 +127,29 @@ def test_graphs_only_on_cuda_without_enforce_eager_or_tensor_parallelism(engine_
     assert graph_mode(EngineConfig(model=engine_ckpt, enforce_eager=True), cuda) is None
     assert graph_mode(EngineConfig(model=engine_ckpt, tensor_parallel_size=2), cuda) is None
     assert make_engine(engine_ckpt).runner.graphs is None  # the CPU: eager, and no scratch block
+
+
+def test_a_draft_bucket_with_stale_hidden_inputs_runs_eagerly(engine_ckpt, emulated, monkeypatch, caplog):
+    """The MTP step's second static input (the state each draft continues) is checked like the ids: a bucket whose
+    forward reads a stale one (here: zeros, as a graph would that never saw the refill) is caught on its first
+    step and stays eager, with a warning, and the tokens are the eager ones."""
+    import torch
+
+    import service.engine.engine as engine_mod
+
+    engine = make_engine(engine_ckpt, num_speculative_tokens=2, max_num_seqs=8)
+    drafts = engine.proposer.graphs
+    real = drafts._forward
+
+    def stale(ids, hidden, fb):
+        if any(hidden is b.hidden for b in drafts.buckets.values()):
+            hidden = torch.zeros_like(hidden)
+        return real(ids, hidden, fb)
+
+    monkeypatch.setattr(drafts, "_forward", stale)
+    with caplog.at_level("WARNING", logger="glm_serve.engine"):
+        got = generate(engine)
+    assert drafts.buckets and all(b.broken for b in drafts.buckets.values()) and drafts.replays == 0
+    assert "disagrees with the eager forward" in caplog.text
+    monkeypatch.setattr(engine_mod, "graph_mode", lambda config, device: None)
+    assert got == generate(make_engine(engine_ckpt, num_speculative_tokens=2, max_num_seqs=8))

@@ -13,6 +13,10 @@ outside it; later steps refill its input tensors in place and replay it. Trust i
 runs both ways and keeps the graph only if its hidden states match the eager forward's (`matches`); a capture
 that fails or disagrees leaves that bucket eager for good, with a warning. Prefill chunks and mixed batches run
 eagerly. vLLM's CUDA graphs, in this engine's terms.
+
+The MTP layer's draft steps take graphs of their own (`mtp=True`: one row per sequence, the previous step's
+output a second static input): a draft depth is one decoder layer plus the head, as launch-bound on a GPU as a
+main layer, and drafts that cost eager launches against a verify step that replays could never pay.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from model.kv_cache import KVCache
 from model.network import GlmMoeDsaForCausalLM
 
 if TYPE_CHECKING:
-    from .model_runner import StepInputs
+    from .step_inputs import StepInputs
 
 WARMUP_RUNS = 2
 log = logging.getLogger("glm_serve.engine")
@@ -43,6 +47,7 @@ def next_pow2(n: int) -> int:
 class _Bucket:
     ids: torch.Tensor  # [B * Q] static input ids
     fb: ForwardBatch  # static metadata, refilled each step
+    hidden: torch.Tensor | None  # [B, H] static MTP input (the state each draft continues), MTP buckets only
     out: torch.Tensor | None = None  # static hidden states [B * Q, H] (set by the capture)
     graph: torch.cuda.CUDAGraph | None = None
     checked: bool = False  # its first step matched the eager forward
@@ -59,11 +64,12 @@ def matches(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 class GraphRunner:
     """The forward of uniform steps through per-bucket CUDA graphs. `capture=False` runs each bucket's forward
-    eagerly on its static, refilled inputs instead: the same padding and refills, testable on the CPU."""
+    eagerly on its static, refilled inputs instead: the same padding and refills, testable on the CPU. `mtp`: the
+    MTP layer's draft step (`model.mtp`, one row per sequence) instead of the main forward."""
 
     def __init__(self, model: GlmMoeDsaForCausalLM, cache: KVCache, scratch_block: int, max_batch: int,
-                 max_len: int, *, capture: bool = True) -> None:
-        self.model, self.cache = model, cache
+                 max_len: int, *, capture: bool = True, mtp: bool = False) -> None:
+        self.model, self.cache, self.mtp = model, cache, mtp
         self.device = cache.latent[0].device
         self.scratch = scratch_block
         self.capture = capture
@@ -88,15 +94,20 @@ class GraphRunner:
     def bucket_of(self, step: StepInputs) -> tuple[int, int, int] | None:
         """(padded batch, Q, padded keys), or None for a step that runs eagerly (new-token counts differ)."""
         B, Q, T = step.num_seqs, step.query_lens[0], max(step.context_lens)
-        if min(step.query_lens) != Q or max(step.query_lens) != Q:
+        if min(step.query_lens) != Q or max(step.query_lens) != Q or (self.mtp and Q != 1):
             return None
         if B > self.max_batch or Q > self.cache.block_size or T > self.max_keys:
             return None
         return next_pow2(B), Q, next(s for s in self.key_sizes if s >= T)
 
-    def run(self, input_ids: torch.Tensor, step: StepInputs) -> torch.Tensor | None:
-        """The hidden states [N, H] of the step (this step's tokens written into every main layer's cache), or
-        None when the step is not one a graph serves."""
+    def _forward(self, ids: torch.Tensor, hidden: torch.Tensor | None, fb: ForwardBatch) -> torch.Tensor:
+        return self.model.mtp(ids, hidden, fb) if self.mtp else self.model(ids, fb)
+
+    def run(self, input_ids: torch.Tensor, step: StepInputs, hidden: torch.Tensor | None = None
+            ) -> torch.Tensor | None:
+        """The hidden states [N, H] of the step (this step's tokens written into every main layer's cache; with
+        `mtp`, the MTP layer's output for `hidden` and its entries written), or None when the step is not one a
+        graph serves."""
         key = self.bucket_of(step)
         if key is None:
             return None
@@ -108,22 +119,25 @@ class GraphRunner:
         N = input_ids.shape[0]
         bucket.ids[:N].copy_(input_ids)
         bucket.ids[N:].zero_()
+        if bucket.hidden is not None:
+            bucket.hidden[:N].copy_(hidden)
+            bucket.hidden[N:].zero_()
         bucket.fb.refill(self._padded(step, *key))
         if bucket.graph is not None:
             bucket.graph.replay()
             out = bucket.out
         else:
-            out = self.model(bucket.ids, bucket.fb)
-        hidden = out[:N].clone()  # the next replay of any bucket may write over `out` (one shared memory pool)
+            out = self._forward(bucket.ids, bucket.hidden, bucket.fb)
+        result = out[:N].clone()  # the next replay of any bucket may write over `out` (one shared memory pool)
         if not bucket.checked:  # the first step both ways (the eager run rewrites the same cache entries)
-            eager = self.model(input_ids, step.batch(self.cache))
-            if not matches(hidden, eager):
+            eager = self._forward(input_ids, hidden, step.batch(self.cache))
+            if not matches(result, eager):
                 bucket.broken = True
                 log.warning("CUDA graph bucket %s disagrees with the eager forward: it runs eagerly", key)
                 return eager
             bucket.checked = True
         self.replays += 1
-        return hidden
+        return result
 
     def _padded(self, step: StepInputs, Bc: int, Q: int, Tc: int) -> ForwardBatch:
         """`step` as a batch of Bc sequences and Tc keys: idle rows at positions 0..Q-1 in the scratch block."""
@@ -146,7 +160,8 @@ class GraphRunner:
         dev = self.device
         fb = self._idle_batch(Bc, Q, Tc)
         ids = torch.zeros(Bc * Q, dtype=torch.long, device=dev)
-        bucket = _Bucket(ids, fb)
+        hidden = self._hidden(Bc) if self.mtp else None
+        bucket = _Bucket(ids, fb, hidden)
         if not self.capture:
             return bucket
         try:
@@ -163,13 +178,18 @@ class GraphRunner:
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_RUNS):  # eager: lazily built constants (rotation patterns, kernel checks) now
-                self.model(ids, self._idle_batch(Bc, Q, Tc))
+                self._forward(ids, bucket.hidden, self._idle_batch(Bc, Q, Tc))
         torch.cuda.current_stream(dev).wait_stream(side)
         torch.cuda.synchronize(dev)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            bucket.out = self.model(ids, fb)
+            bucket.out = self._forward(ids, bucket.hidden, fb)
         bucket.graph = graph
+
+    def _hidden(self, Bc: int) -> torch.Tensor:
+        """A static [Bc, H] MTP input in the model's dtype (zeros: idle rows)."""
+        w = self.model.model.embed_tokens.weight
+        return torch.zeros(Bc, w.shape[1], dtype=w.dtype, device=self.device)
 
     def _idle_batch(self, Bc: int, Q: int, Tc: int) -> ForwardBatch:
         """A batch of Bc idle rows (positions 0..Q-1 in the scratch block) whose host-side contexts are all Tc."""

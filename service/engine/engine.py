@@ -71,8 +71,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                           config.prefix_caching_hash_algo)
         runner = self.runner
-        self.proposer = MTPProposer(runner.model, runner.cache, runner.sampler, self.block_manager, device, k) \
-            if k else None
+        self.proposer = MTPProposer(runner.model, runner.cache, runner.sampler, self.block_manager, device, k,
+                                    runner.draft_graphs) if k else None
         self.spec = None
         if self.proposer is not None:
             self.spec = SpecDecode(self.proposer, make_policy(config.speculative_policy, k), self.block_manager)

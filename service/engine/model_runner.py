@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from model import cpu_layout
-from model.batch import ForwardBatch
 from model.kv_cache import KVCache
 from model.layers import skinny_wx_pays
 from model.network import GlmMoeDsaForCausalLM
@@ -26,6 +25,7 @@ from .outputs import TokenLogprob
 from .sampler import Sampler, SamplingState, argmax_rows, compute_logprobs
 from .sequence import Sequence, SequenceGroup
 from .speculative import Verified, verify_drafts
+from .step_inputs import StepInputs
 
 
 def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
@@ -75,26 +75,6 @@ def num_cache_blocks(config: EngineConfig, model: GlmMoeDsaForCausalLM, max_mode
 
 
 @dataclass
-class StepInputs:
-    """One step's flat batch on the device: ForwardBatch's arguments, before its per-step tensors are built."""
-
-    positions: torch.Tensor  # [N]
-    query_lens: list[int]
-    context_lens: list[int]
-    block_tables: torch.Tensor  # [B, W]
-    slot_mapping: torch.Tensor  # [N]
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.query_lens)
-
-    def batch(self, cache: KVCache) -> ForwardBatch:
-        """The ForwardBatch of the eager forward over `cache`."""
-        return ForwardBatch(self.positions, self.query_lens, self.context_lens, self.block_tables,
-                            self.slot_mapping, cache)
-
-
-@dataclass
 class StepResult:
     """New tokens, in target order: (sequence, token ids, their logprob entries if asked). A plain step gives
     one token per sequence; a verify step gives the accepted drafts plus one more."""
@@ -126,6 +106,11 @@ class ModelRunner:
 
             self.graphs = GraphRunner(model, self.cache, num_blocks, max_num_seqs, max_model_len,
                                       capture=graphs == "capture")
+        # The MTP layer's draft steps, with graphs of their own (handed to the MTPProposer).
+        self.draft_graphs = None
+        if graphs is not None and num_speculative_tokens and model.has_mtp:
+            self.draft_graphs = GraphRunner(model, self.cache, num_blocks, max_num_seqs, max_model_len,
+                                            capture=graphs == "capture", mtp=True)
         self.sampler = Sampler(generator)  # unseeded rows draw from the engine's seeded generator
         if device.type == "cpu":  # time the skinny-product paths now (~0.1 s), not in the first request's step
             for tall in (False, True):

@@ -23,16 +23,21 @@ Conventions (reference §3.8, GLM's NextN):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from model.batch import ForwardBatch, KVCache
+from model.batch import KVCache
 from model.network import GlmMoeDsaForCausalLM
 
 from .block_manager import BlockManager
 from .outputs import TokenLogprob
 from .sampler import Sampler, SamplingState, compute_logprobs
 from .sequence import Sequence
+from .step_inputs import StepInputs
+
+if TYPE_CHECKING:
+    from .cuda_graphs import GraphRunner
 
 
 @dataclass
@@ -151,8 +156,10 @@ class MTPProposer:
     fuse_rows = 4
 
     def __init__(self, model: GlmMoeDsaForCausalLM, cache: KVCache, sampler: Sampler, block_manager: BlockManager,
-                 device: torch.device, num_speculative_tokens: int) -> None:
+                 device: torch.device, num_speculative_tokens: int, graphs: GraphRunner | None = None) -> None:
+        """graphs: the MTP layer's draft steps (one row per sequence) through CUDA graphs (cuda_graphs.py)."""
         self.model = model
+        self.graphs = graphs
         self.cache = cache
         self.sampler = sampler
         self.block_manager = block_manager
@@ -210,7 +217,8 @@ class MTPProposer:
                 self.block_manager.mtp_written(seq, first)
         # The drafting sequences' positions before their last go through the whole MTP layer with it when they are
         # few in all (one forward instead of two: op overhead dominates a small batch), else they are only written.
-        fuse = sum(end - first - 1 for _, first, end, _ in drafting) <= self.fuse_rows
+        # With graphs never: the last rows alone are a uniform step that replays.
+        fuse = self.graphs is None and sum(end - first - 1 for _, first, end, _ in drafting) <= self.fuse_rows
         for seq, first, end, hs in drafting:
             split = first if fuse else end - 1
             if split > first:
@@ -218,9 +226,9 @@ class MTPProposer:
             last.add(seq, split, end, hs[split - first :])
         # Entries first: the drafting rows attend to them.
         if fill.seqs:
-            self.model.mtp_fill_cache(fill.ids(dev), torch.cat(fill.hidden), fill.batch(self))
+            self.model.mtp_fill_cache(fill.ids(dev), torch.cat(fill.hidden), fill.batch(self).batch(self.cache))
         if drafting:
-            z = self.model.mtp(last.ids(dev), torch.cat(last.hidden), last.batch(self))
+            z = self._mtp(last.ids(dev), torch.cat(last.hidden), last.batch(self))
             if z.shape[0] > len(drafting):  # fused catch-up rows: keep each sequence's last
                 ends = torch.tensor([b - a for a, b in last.spans], device=dev).cumsum(0) - 1
                 z = z.index_select(0, ends)
@@ -247,9 +255,10 @@ class MTPProposer:
                 z = z[torch.tensor([row for _, row in keep], device=dev)]
                 pos = [seqs[i].num_computed_tokens + step - 1 for i in active]
                 slots = [slot for i, p in zip(active, pos, strict=True) for slot in seqs[i].slots([p], self.block_size)]
-                fb = self._batch([seqs[i] for i in active], pos, [1] * len(active), [p + 1 for p in pos], slots)
+                step_inputs = self._batch([seqs[i] for i in active], pos, [1] * len(active), [p + 1 for p in pos],
+                                          slots)
                 prev = torch.tensor([seqs[i].draft_token_ids[-1] for i in active], device=dev)
-                z = self.model.mtp(prev, z, fb)
+                z = self._mtp(prev, z, step_inputs)
             batch = [seqs[i] for i in active]
             logits = self.model.mtp_logits(z)
             if all(s.params.argmax_only for s in batch):
@@ -263,13 +272,18 @@ class MTPProposer:
                 seqs[i].draft_token_ids.append(tokens[j])
                 seqs[i].draft_probs.append(q[j])
 
+    def _mtp(self, ids: torch.Tensor, hidden: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        """The MTP layer on `hidden` at `step`'s positions: replayed from a graph where one serves the step."""
+        out = self.graphs.run(ids, step, hidden) if self.graphs is not None else None
+        return out if out is not None else self.model.mtp(ids, hidden, step.batch(self.cache))
+
     def _batch(self, seqs: list[Sequence], positions: list[int], qlens: list[int], ctx: list[int],
-               slots: list[int]) -> ForwardBatch:
+               slots: list[int]) -> StepInputs:
         dev = self.device
         width = max(len(s.block_table) for s in seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
-        return ForwardBatch(t(positions), qlens, ctx, t(tables), t(slots), self.cache)
+        return StepInputs(t(positions), qlens, ctx, t(tables), t(slots))
 
 
 class _Rows:
@@ -290,7 +304,7 @@ class _Rows:
         return torch.tensor([t for s, (a, b) in zip(self.seqs, self.spans, strict=True)
                              for t in s.token_ids(a + 1, b + 1)], device=device)
 
-    def batch(self, proposer: MTPProposer) -> ForwardBatch:
+    def batch(self, proposer: MTPProposer) -> StepInputs:
         positions = [p for a, b in self.spans for p in range(a, b)]
         slots = [x for s, (a, b) in zip(self.seqs, self.spans, strict=True) for x in s.slots(range(a, b),
                                                                                               proposer.block_size)]
