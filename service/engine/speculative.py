@@ -226,9 +226,9 @@ class MTPProposer:
             last.add(seq, split, end, hs[split - first :])
         # Entries first: the drafting rows attend to them.
         if fill.seqs:
-            self.model.mtp_fill_cache(fill.ids(dev), torch.cat(fill.hidden), fill.batch(self).batch(self.cache))
+            self.model.mtp_fill_cache(fill.ids(dev), torch.cat(fill.hidden), fill.inputs(self).batch(self.cache))
         if drafting:
-            z = self._mtp(last.ids(dev), torch.cat(last.hidden), last.batch(self))
+            z = self._mtp(last.ids(dev), torch.cat(last.hidden), last.inputs(self))
             if z.shape[0] > len(drafting):  # fused catch-up rows: keep each sequence's last
                 ends = torch.tensor([b - a for a, b in last.spans], device=dev).cumsum(0) - 1
                 z = z.index_select(0, ends)
@@ -304,7 +304,7 @@ class _Rows:
         return torch.tensor([t for s, (a, b) in zip(self.seqs, self.spans, strict=True)
                              for t in s.token_ids(a + 1, b + 1)], device=device)
 
-    def batch(self, proposer: MTPProposer) -> StepInputs:
+    def inputs(self, proposer: MTPProposer) -> StepInputs:
         positions = [p for a, b in self.spans for p in range(a, b)]
         slots = [x for s, (a, b) in zip(self.seqs, self.spans, strict=True) for x in s.slots(range(a, b),
                                                                                               proposer.block_size)]
