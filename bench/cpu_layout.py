@@ -22,7 +22,7 @@ import checkpoints
 import torch
 import torch.nn.functional as F
 from common import RESULTS, meta, pin_threads, print_table, write_result
-from engine_runs import closed_loop, prompt_set
+from engine_runs import alternate
 
 from model import cpu_layout
 
@@ -83,31 +83,9 @@ def _row(name: str, shape: str, rows: int, stored, transposed, calls: int, flush
 
 
 def engine_ab(model: Path, args) -> list[dict]:
-    from service.engine.config import EngineConfig
-    from service.engine.engine import LLMEngine
-
-    out = []
-    for k in (0, None):  # K = 0, then the default (adaptive MTP when the checkpoint has an MTP layer)
-        for batch in args.batch:
-            spec = {} if k is None else {"num_speculative_tokens": k}
-            engine = LLMEngine.from_config(EngineConfig(model=model, device="cpu", dtype="float32", max_num_seqs=batch,
-                                                        kv_cache_tokens=batch * 512, **spec))
-            prompts = prompt_set("code", model, max(args.prompts, 2 * batch), args.prompt_tokens)
-            rates: dict[bool, list[float]] = {False: [], True: []}
-            tokens: dict[bool, list] = {}
-            for rep in range(args.repeats + 1):  # the first round warms up
-                for on in (True, False) if rep % 2 else (False, True):
-                    cpu_layout.set_transposed(engine.runner.model, on)
-                    run = closed_loop(engine, prompts, args.max_tokens, batch, prefix=f"{on}{rep}-")
-                    if rep:
-                        rates[on].append(run.output_tokens / run.seconds)
-                    tokens[on] = run.tokens
-            stored, transposed = statistics.median(rates[False]), statistics.median(rates[True])
-            out.append({"k": "default" if k is None else k, "batch": batch, "stored_tok_s": stored,
-                        "transposed_tok_s": transposed, "ratio": transposed / stored,
-                        "per_repeat": " ".join(f"{b / a:.2f}" for a, b in zip(rates[False], rates[True], strict=True)),
-                        "same_tokens": tokens[False] == tokens[True]})
-    return out
+    rows = alternate(model, lambda engine, on: cpu_layout.set_transposed(engine.runner.model, on), args.batch,
+                     args.prompts, args.prompt_tokens, args.max_tokens, args.repeats)
+    return [{**r, "stored_tok_s": r.pop("off_tok_s"), "transposed_tok_s": r.pop("on_tok_s")} for r in rows]
 
 
 def main(argv: list[str] | None = None) -> int:

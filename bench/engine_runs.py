@@ -71,6 +71,42 @@ def closed_loop(engine, prompts: list[list[int]], max_tokens: int | list[int], c
                      [first.get(r, float("nan")) for r in order])
 
 
+def alternate(model: Path, set_mode, batches: list[int], prompts: int, prompt_tokens: int, max_tokens: int,
+              repeats: int) -> list[dict]:
+    """A/B of two modes of one engine (`set_mode(engine, on)`) on `model`: per K (0, then the default: adaptive
+    MTP where the checkpoint has an MTP layer) and batch B, greedy closed loops of B on held-out code prompts, the
+    modes alternating (a warm-up round first); median tok/s of each ("off_tok_s", "on_tok_s"), their ratio, the
+    per-repeat ratios and whether the greedy tokens are the same."""
+    import statistics
+
+    from service.engine.config import EngineConfig
+    from service.engine.engine import LLMEngine
+
+    out = []
+    for k in (0, None):
+        for batch in batches:
+            spec = {} if k is None else {"num_speculative_tokens": k}
+            engine = LLMEngine.from_config(EngineConfig(model=model, device="cpu", dtype="float32", max_num_seqs=batch,
+                                                        kv_cache_tokens=batch * 512, **spec))
+            texts = prompt_set("code", model, max(prompts, 2 * batch), prompt_tokens)
+            rates: dict[bool, list[float]] = {False: [], True: []}
+            tokens: dict[bool, list] = {}
+            for rep in range(repeats + 1):
+                for on in (True, False) if rep % 2 else (False, True):
+                    set_mode(engine, on)
+                    run = closed_loop(engine, texts, max_tokens, batch, prefix=f"{on}{rep}-")
+                    if rep:
+                        rates[on].append(run.output_tokens / run.seconds)
+                    tokens[on] = run.tokens
+            off, on = statistics.median(rates[False]), statistics.median(rates[True])
+            out.append({"k": "default" if k is None else k, "batch": batch, "off_tok_s": off, "on_tok_s": on,
+                        "ratio": on / off,
+                        "per_repeat": " ".join(f"{b / a:.2f}" for a, b in zip(rates[False], rates[True], strict=True)),
+                        "same_tokens": tokens[False] == tokens[True]})
+            set_mode(engine, True)
+    return out
+
+
 def random_prompts(n: int, length: int, vocab: int, seed: int = 0, low: int = 16) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(low, vocab) for _ in range(length)] for _ in range(n)]
