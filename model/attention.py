@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import parallel
-from .batch import ForwardBatch
+from .batch import PREFILL_MIN_QUERIES, ForwardBatch
 from .config import ModelConfig
 from .indexer import Indexer
 from .kv_cache import Store
@@ -29,8 +29,9 @@ SPARSE_GATHER_MAX_ELEMENTS = 1 << 26
 # at T = 8k the gather wins again, 76 vs 86 ms). Decode and verification always gather.
 GATHER_MIN_CONTEXT_RATIO = 4
 
-# Dense attention of a sequence with at least this many queries (a prefill chunk) uses the expanded form.
-EXPAND_MIN_QUERIES = 16
+# Dense attention of a sequence with at least this many queries (a prefill chunk) uses the expanded form (a batch
+# never holds such blocks beside shorter ones: model/batch.py attends those in groups).
+EXPAND_MIN_QUERIES = PREFILL_MIN_QUERIES
 
 TopK = torch.Tensor | list[torch.Tensor | None] | None  # one per group of a grouped batch
 

@@ -20,6 +20,12 @@ from .kv_cache import KVCache, Store
 
 # Attend a batch as one padded [B, Q] block while that pads at most this factor over its real query count.
 PAD_LIMIT = 1.25
+# Query blocks this long (prefill chunks) take other attention paths than decode and verify rows
+# (model/attention.py: the expanded dense form; DSA's choice is made for the block's longest context), so a batch
+# that holds both is attended in groups whatever the padding: one decode whose context passes index_topk beside 11
+# fresh 128-token prompts put all of them through top-k selection and the masked absorbed form, 194 ms for the
+# step instead of 103 ms for 12 such prompts alone (the hidden-64 bench checkpoint, 1 thread).
+PREFILL_MIN_QUERIES = 16
 
 
 @dataclass
@@ -73,7 +79,8 @@ class ForwardBatch:
         device = self.positions.device
         B = len(self.query_lens)
         Q = max(self.query_lens)
-        if self.allow_groups and self.cache is not None and B * Q > PAD_LIMIT * sum(self.query_lens):
+        mixed = min(self.query_lens) < PREFILL_MIN_QUERIES <= Q
+        if self.allow_groups and self.cache is not None and (mixed or B * Q > PAD_LIMIT * sum(self.query_lens)):
             self._split()
             return
         starts = torch.tensor([0] + self.query_lens[:-1], device=device).cumsum(0)
@@ -107,8 +114,9 @@ class ForwardBatch:
         self.uniform = min(self.query_lens) == Q
 
     def _split(self) -> None:
-        """Group the sequences by query length (sorted, each group padded by at most PAD_LIMIT) and build one
-        sub-batch per group. The cache is written through this batch's slot_mapping, read through the groups'."""
+        """Group the sequences by query length (sorted, each group padded by at most PAD_LIMIT, prefill chunks
+        apart from shorter blocks) and build one sub-batch per group. The cache is written through this batch's
+        slot_mapping, read through the groups'."""
         ql = self.query_lens
         starts = [0]
         for n in ql[:-1]:
@@ -116,7 +124,8 @@ class ForwardBatch:
         groups: list[list[int]] = []
         for i in sorted(range(len(ql)), key=ql.__getitem__):  # ascending: the newcomer is the group's longest
             g = groups[-1] if groups else None
-            if g is not None and (len(g) + 1) * ql[i] <= PAD_LIMIT * (sum(ql[j] for j in g) + ql[i]):
+            if (g is not None and (ql[i] < PREFILL_MIN_QUERIES) == (ql[g[0]] < PREFILL_MIN_QUERIES)
+                    and (len(g) + 1) * ql[i] <= PAD_LIMIT * (sum(ql[j] for j in g) + ql[i])):
                 g.append(i)
             else:
                 groups.append([i])

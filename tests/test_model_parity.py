@@ -132,6 +132,46 @@ def test_ragged_batch_equals_each_alone(ckpt, tmp_path, monkeypatch, mode):
     assert (batched - alone).abs().max().item() <= 1e-4
 
 
+def test_a_decode_past_index_topk_beside_dense_prompts_is_attended_apart(tmp_path, monkeypatch):
+    """One decode whose context passes index_topk beside six fresh 16-token prompts (dense by definition): the
+    padding stays under PAD_LIMIT, yet the batch is attended in two groups, so the prompts keep the dense
+    expanded path (no top-k selection: it once sent all of them through DSA at twice the cost) and every row's
+    logits are those of its sequence alone."""
+    from model.indexer import Indexer
+
+    ours = load_model(make_checkpoint(tmp_path / "c", mtp=False, index_topk=16))
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(2, 96, (n,), generator=g) for n in (30, 16, 16, 16, 16, 16, 16)]
+    cached = [29] + [0] * 6
+    bs = 4
+    cache = KVCache(ours.config, 70, bs, torch.float32)
+    tables = torch.arange(70).view(7, 10)
+    selected: list[tuple[int, bool]] = []  # (query block length, chose top-k)
+    select = Indexer.select
+
+    def spy(self, q, w, k, fb):
+        topk, scores = select(self, q, w, k, fb)
+        selected.append((max(fb.query_lens), topk is not None))
+        return topk, scores
+
+    with torch.inference_mode():
+        pos = torch.arange(29)
+        ours(seqs[0][:29], ForwardBatch(pos, [29], [29], tables[:1], tables[0][pos // bs] * bs + pos % bs, cache))
+        new = [s[c:] for s, c in zip(seqs, cached, strict=True)]
+        pos = torch.cat([torch.arange(c, len(s)) for s, c in zip(seqs, cached, strict=True)])
+        slots = torch.cat([tables[b][torch.arange(c, len(s)) // bs] * bs + torch.arange(c, len(s)) % bs
+                           for b, (s, c) in enumerate(zip(seqs, cached, strict=True))])
+        fb = ForwardBatch(pos, [len(n) for n in new], [len(s) for s in seqs], tables, slots, cache)
+        assert len(fb.query_lens) * 16 <= 1.25 * sum(fb.query_lens)  # padding alone would not split it
+        assert [sub.query_lens for sub in fb.groups] == [[1], [16] * 6]
+        monkeypatch.setattr(Indexer, "select", spy)
+        batched = ours.logits(ours(torch.cat(new), fb))
+        monkeypatch.undo()
+    assert selected and all(chose == (q == 1) for q, chose in selected)  # only the decode's group selects
+    alone = torch.cat([ours_full_logits(ours, s)[c:] for s, c in zip(seqs, cached, strict=True)])
+    assert (batched - alone).abs().max().item() <= 1e-4
+
+
 def test_sparse_regime_really_drops_tokens(tmp_path):
     """Above index_topk the selection changes the logits: DSA is on, not silently dense."""
     sparse = load_model(make_checkpoint(tmp_path / "s", mtp=False))
