@@ -57,9 +57,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return y
         weight = fp8.dequantize_weight(weight, x.dtype)
     rows = x.numel() // x.shape[-1] if x.numel() else 0
-    tall = rows == 1 or weight.shape[0] >= TALL_ROWS
     if (x.device.type != "cpu" or weight.stride(-2) == 1 or rows > SMALL_BATCH_ROWS or rows == 0
-            or (rows == 1 and not pad_single) or not skinny_wx_pays(x.dtype, tall)):
+            or (rows == 1 and not pad_single)
+            or not skinny_wx_pays(x.dtype, rows == 1 or weight.shape[0] >= TALL_ROWS)):
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
     if rows == 1:
