@@ -20,8 +20,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from service.engine.config import EngineConfig
 
 ENV_PREFIX = "GLM_SERVE_"
-# The engine's settings keep EngineConfig's defaults (one source); Settings adds their flags and bounds.
-_ENGINE = {f.name: f.default for f in dataclasses.fields(EngineConfig) if f.name != "model"}
+# The engine's settings keep EngineConfig's defaults (one source); Settings adds their flags and bounds. `detokenize`
+# is no setting: the server's EngineClient always detokenizes in the API process.
+_ENGINE = {f.name: f.default for f in dataclasses.fields(EngineConfig) if f.name not in ("model", "detokenize")}
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "model" / "weights"
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from .config import EngineConfig
+from .output_processor import RequestDetokenizer, eos_token_ids
 from .outputs import CompletionOutput, EngineStats, RequestOutput
 from .sampling_params import SamplingParams, validate_request
 
@@ -30,7 +32,7 @@ if TYPE_CHECKING:  # torch and the model load only with an engine, not for `glm-
 
 log = logging.getLogger("glm_serve.engine")
 
-# ("add", (request_id, prompt_token_ids, params)) | ("abort", (request_id,))
+# ("add", (request_id, prompt_token_ids, params)) | ("abort", (request_id,)) | ("finish", (request_id, index))
 Command = tuple[str, tuple]
 # Called by a transport's thread once per step: outputs, stats, requests the engine refused (id, reason).
 Publish = Callable[[list[RequestOutput], EngineStats, list[tuple[str, str]]], None]
@@ -83,6 +85,9 @@ def serve_commands(engine: LLMEngine, take: Callable[[bool], list[Command] | Non
             if kind == "abort":
                 engine.abort_request(*args)
                 continue
+            if kind == "finish":  # a stop string the API process found (output_processor.py)
+                engine.finish_choice(*args)
+                continue
             try:
                 engine.add_request(*args)
             except ValueError as e:  # checked at generate(); only a race (a reused id) can get here
@@ -102,8 +107,10 @@ class _Stream:
     """EngineClient's OutputStream. A consumer that stops early (aclose, or drops the stream after a break or a
     cancellation) aborts the request; its blocks are freed at the next step."""
 
-    def __init__(self, client: EngineClient, request_id: str, queue: asyncio.Queue[RequestOutput]) -> None:
+    def __init__(self, client: EngineClient, request_id: str, queue: asyncio.Queue[RequestOutput],
+                 text: RequestDetokenizer | None) -> None:
         self._client, self._request_id, self._queue = client, request_id, queue
+        self._text = text  # the engine sends token ids only: text and stop strings are done here
         self._done = False
 
     def __aiter__(self) -> _Stream:
@@ -112,7 +119,14 @@ class _Stream:
     async def __anext__(self) -> RequestOutput:
         if self._done:
             raise StopAsyncIteration
-        out = await self._queue.get()
+        while True:
+            out = await self._queue.get()
+            if self._text is None:
+                break
+            for index in self._text.process(out):
+                self._client.transport.send(("finish", (self._request_id, index)))
+            if out.outputs or out.finished:
+                break  # else only tokens past a stop string: nothing to show
         if out.finished:
             self._end(abort=False)
         return out
@@ -148,6 +162,7 @@ class EngineClient:
         self._stats = info.stats
         self._slots: dict[str, _Slot] = {}  # written on the event loop; the transport's thread only reads
         self._started = False
+        self._eos = eos_token_ids(self.model_config, self.tokenizer)
 
     @classmethod
     def in_thread(cls, config: EngineConfig) -> EngineClient:
@@ -155,13 +170,16 @@ class EngineClient:
         from .engine import LLMEngine
         from .transports import ThreadTransport
 
+        config = dataclasses.replace(config, detokenize=False)  # the streams do it (output_processor.py)
         return cls(ThreadTransport(LLMEngine.from_config(config)), config)
 
     @classmethod
     def in_process(cls, config: EngineConfig) -> EngineClient:
-        """Load the model in a child process, which runs the loop; this process keeps only the tokenizer."""
+        """Load the model in a child process, which runs the loop; this process keeps the tokenizer, and
+        detokenizes and checks stop strings off the engine's step (output_processor.py)."""
         from .transports import ProcessTransport
 
+        config = dataclasses.replace(config, detokenize=False)
         return cls(ProcessTransport(config), config)
 
     @property
@@ -208,7 +226,10 @@ class EngineClient:
         slot = _Slot(asyncio.get_running_loop(), asyncio.Queue(), params.n)
         self._slots[request_id] = slot
         self.transport.send(("add", (request_id, list(prompt_token_ids), params)))
-        return _Stream(self, request_id, slot.queue)
+        text = None
+        if not self.engine_config.detokenize and self.tokenizer is not None:
+            text = RequestDetokenizer(self.tokenizer, prompt_token_ids, params, self._eos)
+        return _Stream(self, request_id, slot.queue, text)
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; its stream ends with finish_reason "abort" after the next step."""

@@ -31,6 +31,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     prefix_caching_hash_algo: str = "builtin"  # builtin | sha256 (see prefix_cache.py)
     seed: int = 0
+    # Detokenize and check stop strings in the engine's step. EngineClient turns it off and does both in the API
+    # process instead (output_processor.py); an in-process LLMEngine (tests, benches) keeps it on.
+    detokenize: bool = True
     # CPU only: torch intra-op threads (process-wide). None leaves torch's default. On a small CPU, threads that
     # spin-wait for the event loop's core cost more than they compute (measured in bench/http_overhead.py).
     torch_threads: int | None = None

@@ -24,6 +24,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner, StepResult, graph_mode, num_cache_blocks, resolve_device_dtype
+from .output_processor import eos_token_ids
 from .outputs import CompletionOutput, EngineStats, RequestOutput
 from .sampling_params import SamplingParams, validate_request
 from .scheduler import Scheduler, SchedulerOutput
@@ -82,7 +83,7 @@ class LLMEngine:
             self.block_manager.needs_mtp = self.spec.eligible
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, SequenceGroup] = {}
-        self.eos_token_ids = set(cfg.eos_token_id) | set(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.eos_token_ids = eos_token_ids(cfg, tokenizer)
         self.fault_injector: Callable[[SchedulerOutput], None] | None = None  # tests: raise inside a step
         self.executor = None  # tensor parallelism: relays model calls to the other ranks (from_config sets it)
         self.dsa_tokens_read = 0
@@ -157,7 +158,9 @@ class LLMEngine:
             generator = None
             if params.seed is not None:  # choice i of a seeded request draws from seed + i, whatever the batch
                 generator = torch.Generator(self.runner.device).manual_seed(params.seed + i)
-            detok = IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids, params) if self.tokenizer else None
+            detok = None
+            if self.tokenizer is not None and self.config.detokenize:
+                detok = IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids, params)
             seq = Sequence(group, i, generator, detok)
             if i > 0:
                 seq.status = SequenceStatus.FORKING
@@ -206,6 +209,22 @@ class LLMEngine:
                 self.scheduler.remove(seq)
                 seq.finish("abort")
         self._finished_elsewhere = True
+        return True
+
+    def finish_choice(self, request_id: str, index: int) -> bool:
+        """Stop choice `index` now and free its blocks: a stop string the API process found ended it there
+        (output_processor.py), which has already reported it, so no output of it follows. Returns False when
+        there is nothing to stop (an unknown request or choice, or one already finished)."""
+        group = self.requests.get(request_id)
+        if group is None or not 0 <= index < len(group.seqs) or group.seqs[index].is_finished:
+            return False
+        seq = group.seqs[index]
+        self.scheduler.remove(seq)
+        seq.finish("stop")
+        seq.finish_reported = True
+        seq.new_token_ids, seq.new_text, seq.new_logprobs = [], "", []
+        if group.is_finished:  # its last choice: the API process has ended the request
+            self.requests.pop(request_id, None)
         return True
 
     def has_unfinished(self) -> bool:
