@@ -4,6 +4,7 @@
     python bench/profile_engine.py dsa [--context 16384]               # one decode step, sparse vs dense, by op
     python bench/profile_engine.py server [--concurrency 16]           # py-spy on a live server under load
     python bench/profile_engine.py steps [--batches 1 4 16 64]         # per-step CPU time vs batch size
+    python bench/profile_engine.py steps --detokenize engine           # ...with text made in the step (before)
     python bench/profile_engine.py steps --baseline DIR [--repeats 3]  # the same, A/B against DIR's code
 
 engine: LLMEngine in-process on the shipped model, a closed loop of C greedy requests; wall time of each engine
@@ -162,7 +163,8 @@ def profile_steps(args) -> dict:
     for B in args.batches:
         engine = LLMEngine.from_config(EngineConfig(model=model, device="cpu", max_num_seqs=B,
                                                     max_model_len=L + new + 16, kv_cache_tokens=B * (L + new + 32),
-                                                    num_speculative_tokens=0))
+                                                    num_speculative_tokens=0,
+                                                    detokenize=args.detokenize == "engine"))
         prompts = random_prompts(B, L, engine.model_config.vocab_size, seed=B)
         closed_loop(engine, prompts, 4, B, prefix="w")  # warm-up
         for i, p in enumerate(prompts):
@@ -184,7 +186,8 @@ def profile_steps(args) -> dict:
     cols = [("batch", "B", "d"), ("step_ms", "ms/step", ".2f"), ("ms_per_extra_seq", "ms per extra seq", ".3f")]
     cols += [(k, k[:-3], ".2f") for k in rows[0] if k.endswith("_ms") and k != "step_ms"]
     print_table(f"per-step wall time of decode steps (median), {L}-token prompts, {new} new tokens, "
-                f"{'hidden-64 random checkpoint' if args.model is None else args.model}", cols, rows)
+                f"{'hidden-64 random checkpoint' if args.model is None else args.model}, detokenized in the "
+                f"{'engine' if args.detokenize == 'engine' else 'API process (not timed)'}", cols, rows)
     plot = plot_steps({"step": [(r["batch"], r["step_ms"]) for r in rows]}, args.out_dir / "profile_steps.png")
     print(f"plot: {plot}" if plot else "plot: skipped (matplotlib is not installed)", file=sys.stderr)
     return {"rows": rows, "plot": str(plot) if plot else None}
@@ -338,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     ap.add_argument("--baseline", type=Path, help="steps: a checkout whose code to compare against (A/B)")
     ap.add_argument("--repeats", type=int, default=3, help="steps --baseline: alternating runs of each")
+    ap.add_argument("--detokenize", choices=["api", "engine"], default="api",
+                    help="steps: where text is made: the API process, as the server does (not in the step), or "
+                         "the engine's step (before it moved out)")
     args = ap.parse_args(argv)
     threads = pin_threads(args.threads)
     steps = compare_steps if args.baseline is not None else profile_steps

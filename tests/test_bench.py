@@ -194,7 +194,10 @@ def test_in_process_benchmarks_write_tables_and_json(tiny_ckpt, tmp_path, capsys
                                 "--max-tokens", "5", *out]) == 0
     steps = json.loads((tmp_path / "profile_steps.json").read_text())["summary"]["rows"]
     assert [r["batch"] for r in steps] == [1, 3] and all(r["step_ms"] > 0 and r["forward_ms"] > 0 for r in steps)
-    assert "ms_per_extra_seq" in steps[1] and "per-step wall time of decode steps" in capsys.readouterr().out
+    assert "ms_per_extra_seq" in steps[1] and "API process (not timed)" in capsys.readouterr().out
+    assert profile_engine.main(["steps", "--model", str(tiny_ckpt), "--batches", "2", "--prompt-tokens", "5",
+                                "--max-tokens", "4", "--detokenize", "engine", *out]) == 0
+    assert "detokenized in the engine" in capsys.readouterr().out
 
     rows = run_all.report(tmp_path, ["cache_bytes", "speculative", "dsa"])
     assert any(r["benchmark"] == "speculative" for r in rows) and (tmp_path / "summary.json").is_file()
