@@ -3,7 +3,8 @@
 Behind `EngineClient` the engine runs with `EngineConfig.detokenize` off: its outputs carry token ids and no
 text, and each request's stream turns them into text here, with the same `IncrementalDetokenizer` (and the same
 rules) the in-process engine uses, so what a client sees does not change. A step of the engine then does no
-tokenizer work: 5-8 us per new token on a 2-core CPU, a 256-sequence GPU step's 1.5-2 ms.
+tokenizer work (5.5-8.3 us per new token measured on a 2-core EPYC: 0.3 ms of a 16 ms step at 64 sequences;
+bench/README.md, "Text made in the API process").
 
 Stop strings can only be found here. When one ends a choice, its tokens after the stop are dropped, the choice is
 reported finished ("stop", the string), and the engine is told to stop generating it (`finish_choice`). Until
