@@ -29,6 +29,10 @@ def test_streams_equal_the_sync_engine_and_abort_frees(engine_ckpt) -> None:
     for i, p in enumerate(PROMPTS):
         sync.add_request(str(i), p, greedy(10, n=1 + i % 2))
     expected = run_engine(sync)
+    text = expected["3"][0].text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    sync.add_request("stop", PROMPTS[3], greedy(10, stop=[stop]))
+    stopped = run_engine(sync)["stop"][0]
 
     async def main() -> None:
         engine = EngineClient.in_process(config(engine_ckpt))
@@ -41,6 +45,12 @@ def test_streams_equal_the_sync_engine_and_abort_frees(engine_ckpt) -> None:
             assert outs[-1].finished and not any(o.finished for o in outs[:-1])
             for index, choice in expected[str(i)].items():
                 assert [t for o in outs for c in o.outputs if c.index == index for t in c.token_ids] == choice.token_ids
+                assert "".join(c.text for o in outs for c in o.outputs if c.index == index) == choice.text
+        # A stop string, found in this process (the engine sends token ids): cut where the sync engine cuts.
+        outs = await collect(engine, "stop", PROMPTS[3], greedy(10, stop=[stop]))
+        assert "".join(c.text for o in outs for c in o.outputs) == stopped.text and stopped.stop_reason == stop
+        assert [t for o in outs for c in o.outputs for t in c.token_ids] == stopped.token_ids
+        assert outs[-1].outputs[-1].stop_reason == stop and outs[-1].num_generated_tokens == len(stopped.token_ids)
         # Leaving a stream early aborts the request in the engine process; its blocks come back.
         gen = engine.generate("long", PROMPTS[0], greedy(200))
         first = await anext(gen)
